@@ -1,0 +1,20 @@
+"""
+pgtls: a protocol-aware TLS-terminating proxy for PostgreSQL, on Twisted.
+
+Embedding::
+
+    from pgtls_twisted import load_config, make_service
+    make_service(load_config("routes.toml")).setServiceParent(application)
+
+Where a byte goes, by module: L{frontend} (client leg: SSLRequest, TLS,
+startup packet), L{session} (startup and authentication between the legs),
+L{backend} (backend leg: SSLRequest, TLS, verification), L{pump}
+(pass-through after startup), L{cancel} (CancelRequest), L{wire} (the
+codec), L{tlsconfig} (TLS policy), L{route}/L{service} (listeners).
+"""
+
+from ._version import __version__
+from .config import Config, ConfigError, load_config
+from .service import make_service
+
+__all__ = ["Config", "ConfigError", "__version__", "load_config", "make_service"]

@@ -1,0 +1,379 @@
+# -*- test-case-name: tests.test_frontend -*-
+"""
+The client leg: everything a client sends before its session starts.
+
+A client connection goes through, at most: a GSSENCRequest (answered
+C{N}), an SSLRequest (answered C{S}, then TLS) or a direct TLS ClientHello,
+and then exactly one startup packet inside the chosen layer: a
+StartupMessage, which starts a L{pgtls_twisted.session.Session}, or a
+CancelRequest, which is handed to L{pgtls_twisted.cancel}. Each request is
+allowed once, so alternating requests cannot loop (CVE-2026-6479).
+
+All parsing here is of startup packets, whose lengths are bounded before
+any bytes are buffered for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from . import wire
+from .logs import Logger
+from .tlsconfig import ALPN_POSTGRESQL, describe_tls
+
+if TYPE_CHECKING:
+    from .route import Route
+
+_ids = itertools.count(1)
+
+#: How long a closing TLS connection may wait for the peer's close_notify
+#: before it is aborted (Twisted issue #7926: TLS close waits for ever).
+CLOSE_TIMEOUT = 10.0
+
+
+@implementer(IHandshakeListener)
+class _Decrypted(Protocol):
+    """The protocol inside the client's TLS session: reports to its leg."""
+
+    def __init__(self, leg: ClientProtocol) -> None:
+        self.leg = leg
+
+    def handshakeCompleted(self) -> None:
+        self.leg.handshakeCompleted()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.leg.deliver(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.leg.appConnectionLost(reason)
+
+
+class ClientProtocol(Protocol):
+    """
+    One client connection, from accept to close.
+
+    @ivar out: where application bytes for the client are written: the TLS
+        protocol once TLS is up, else the TCP transport.
+    @ivar deliver: where application bytes from the client go; the startup
+        parser until a session takes over.
+    @ivar stats: what the close log line reports, filled in by whoever
+        learns it (this leg, the session, the backend leg).
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.connId = next(_ids)
+        self.out: Any = None
+        self.tls: Any = None
+        self.session: Any = None
+        self.deliver: Callable[[bytes], None] = self._startupData
+        self.onLost: Callable[[Failure], None] | None = None
+        self.verifyError: str | None = None
+        self.startup: wire.StartupMessage | None = None
+        self._buf = bytearray()
+        self._gssDone = False
+        self._direct = False
+        self.startupDone = False
+        self._closing = False
+        self._closeTimer: Any = None
+        self._deadline: Any = None
+        self._started = time.monotonic()
+        self.stats: dict[str, Any] = {"reason": None, "bytes_in": 0, "bytes_out": 0}
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.out = self.transport
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        _nodelay(self.transport)
+        self._deadline = self.route.clock.callLater(
+            self.route.config.listener.startup_timeout, self._startupExpired
+        )
+        self.route.clientOpened(self)
+        self._log.info(
+            "conn={conn} open peer={peer} route={route}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+        )
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        if self.tls is not None:
+            self.tls.connectionLost(reason)
+        else:
+            self.appConnectionLost(reason)
+
+    def appConnectionLost(self, reason: Failure) -> None:
+        """The client is gone (after TLS, if any, has shut down)."""
+        self._cancelTimers()
+        if self.stats["reason"] is None:
+            self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
+        self.route.clientClosed(self)
+        if self.onLost is not None:
+            onLost, self.onLost = self.onLost, None
+            onLost(reason)
+        self._logClose()
+
+    def _cancelTimers(self) -> None:
+        for timer in (self._deadline, self._closeTimer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._deadline = self._closeTimer = None
+
+    def startupComplete(self) -> None:
+        """The session is established; the startup deadline no longer applies."""
+        self.startupDone = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _startupExpired(self) -> None:
+        self._deadline = None
+        timeout = self.route.config.listener.startup_timeout
+        text = f"pgtls: connection startup did not complete within {timeout:g}s"
+        if self.tls is not None and not getattr(self.tls, "_handshakeDone", False):
+            self.abort(text)  # no channel to speak on yet
+        elif self.startup is None and self.tls is None:
+            self.abort(text)
+        else:
+            self.fail("08006", text)
+
+    def _logClose(self) -> None:
+        s = self.stats
+        self._log.info(
+            "conn={conn} close peer={peer} route={route} user={user} database={database} "
+            "client_tls={client_tls} backend_tls={backend_tls} bytes_in={bytes_in} "
+            "bytes_out={bytes_out} duration={duration:.3f}s reason={reason}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            user=self.startup.user if self.startup else None,
+            database=self.startup.database if self.startup else None,
+            client_tls=s.get("client_tls"),
+            backend_tls=s.get("backend_tls"),
+            bytes_in=s["bytes_in"],
+            bytes_out=s["bytes_out"],
+            duration=time.monotonic() - self._started,
+            reason=s["reason"],
+        )
+
+    # -- closing -------------------------------------------------------------
+
+    def fail(self, sqlstate: str, text: str, detail: str | None = None) -> None:
+        """Send a FATAL ErrorResponse (if a channel is open) and close."""
+        if self._closing:
+            return
+        self.stats["reason"] = f"{sqlstate} {text}"
+        self._log.warn(
+            "conn={conn} refused peer={peer} route={route}: {sqlstate} {text}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            sqlstate=sqlstate,
+            text=text,
+        )
+        self.out.write(wire.error_response(sqlstate, text, detail=detail))
+        self.close()
+
+    def close(self) -> None:
+        """Close gracefully (TLS close_notify), aborting if the peer stalls."""
+        if self._closing:
+            return
+        self._closing = True
+        self.deliver = _discard
+        self.out.unregisterProducer()
+        self.out.loseConnection()
+        self._closeTimer = self.route.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once: nothing may be sent (or trusted)."""
+        if self.stats["reason"] is None:
+            self.stats["reason"] = reason
+        self._log.warn(
+            "conn={conn} dropped peer={peer} route={route}: {reason}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            reason=reason,
+        )
+        self._closing = True
+        self.deliver = _discard
+        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.transport.abortConnection()
+
+    # -- before TLS ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Plaintext bytes before any TLS: encryption requests and the like."""
+        buf = self._buf
+        first = not buf and not self._gssDone
+        buf += data
+        if first and buf[0] == wire.TLS_HANDSHAKE_RECORD:
+            self._directTLS()
+            return
+        while buf:
+            try:
+                parsed = wire.parse_startup_packet(buf)
+            except wire.ProtocolViolation as e:
+                self._violation(e)
+                return
+            if parsed is None:
+                return
+            packet, used = parsed
+            if isinstance(packet, wire.SSLRequest):
+                if len(buf) != used:
+                    # CVE-2021-23214: bytes pipelined after the request were
+                    # sent before any encryption and must never be trusted.
+                    self.fail("08P01", "received unencrypted data after SSL request")
+                    return
+                del buf[:used]
+                self.transport.write(b"S")
+                self._startTLS(b"")
+                return
+            if isinstance(packet, wire.GSSENCRequest):
+                if self._gssDone:
+                    self.fail("08P01", "pgtls: duplicate GSSAPI encryption request")
+                    return
+                if len(buf) != used:
+                    self.fail("08P01", "received unencrypted data after GSSAPI encryption request")
+                    return
+                self._gssDone = True
+                del buf[:used]
+                self.transport.write(b"N")
+                continue
+            del buf[:used]
+            self.stats["client_tls"] = None
+            self.deliver = self._startupData
+            self._packet(packet, bytes(buf))
+            buf.clear()
+            return
+
+    def _violation(self, e: wire.ProtocolViolation) -> None:
+        if e.sqlstate is None:
+            self.abort(e.message)
+        else:
+            self.fail(e.sqlstate, e.message)
+
+    def _directTLS(self) -> None:
+        if not self.route.config.listener.direct_tls:
+            self.abort("direct TLS connection refused: listener.direct_tls is off")
+            return
+        self._direct = True
+        received = bytes(self._buf)
+        self._buf.clear()
+        self._startTLS(received)
+
+    def _startTLS(self, received: bytes) -> None:
+        self.deliver = self._startupData
+        self.tls = self.route.clientTLS.attach(self, _Decrypted(self), received)
+        if not self._closing:
+            self.out = self.tls
+
+    # -- inside TLS ----------------------------------------------------------
+
+    def handshakeCompleted(self) -> None:
+        conn = self.tls.getHandle()
+        self.stats["client_tls"] = describe_tls(conn)
+        if self._direct and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:
+            self.abort("direct TLS connection without ALPN protocol negotiation extension")
+
+    def _startupData(self, data: bytes) -> None:
+        """Application bytes before the session: exactly one startup packet."""
+        buf = self._buf
+        buf += data
+        try:
+            parsed = wire.parse_startup_packet(buf)
+        except wire.ProtocolViolation as e:
+            self._violation(e)
+            return
+        if parsed is None:
+            return
+        packet, used = parsed
+        rest = bytes(buf[used:])
+        buf.clear()
+        self._packet(packet, rest)
+
+    def _packet(self, packet: wire.StartupPacket, rest: bytes) -> None:
+        if isinstance(packet, (wire.SSLRequest, wire.GSSENCRequest)):
+            code = (
+                wire.SSL_REQUEST_CODE
+                if isinstance(packet, wire.SSLRequest)
+                else wire.GSSENC_REQUEST_CODE
+            )
+            self.fail(
+                "08P01",
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: encryption is already in use",
+            )
+        elif isinstance(packet, wire.CancelRequest):
+            self.stats["reason"] = "cancel request"
+            self.route.cancels.cancel(packet, self)
+            self.close()
+        else:
+            self._startupMessage(packet, rest)
+
+    def _startupMessage(self, startup: wire.StartupMessage, rest: bytes) -> None:
+        self.startup = startup
+        listener = self.route.config.listener
+        if self.tls is None and listener.tls == "require":
+            self.fail("28000", "pgtls: this listener requires TLS (sslmode=require or stronger)")
+            return
+        refusal = self.route.admission(self)
+        if refusal is not None:
+            self.fail(*refusal)
+            return
+        if self.tls is not None:
+            problem = self._clientCertificateProblem(startup.user)
+            if problem is not None:
+                self.fail("28000", problem)
+                return
+        # Nothing more is read from the client until its backend is ready.
+        self.transport.pauseProducing()
+        self.deliver = self._early
+        self.pending = bytearray(rest)
+        self.route.startSession(self, startup)
+
+    def _clientCertificateProblem(self, user: str) -> str | None:
+        listener = self.route.config.listener
+        if not listener.mtls:
+            return None
+        cert = self.tls.getHandle().get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            return "pgtls: connection requires a valid client certificate"
+        if self.verifyError is not None:
+            return f"pgtls: client certificate refused: {self.verifyError}"
+        if listener.cert_user_match:
+            from cryptography.x509.oid import NameOID
+
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            cn = cns[0].value if cns else None
+            if cn != user:
+                return f'pgtls: certificate authentication failed for user "{user}": certificate CN is "{cn}"'
+        return None
+
+    def _early(self, data: bytes) -> None:
+        """Bytes that arrive while the backend is being connected."""
+        self.pending += data
+
+
+def _discard(data: bytes) -> None:
+    pass
+
+
+def _nodelay(transport: Any) -> None:
+    setNoDelay = getattr(transport, "setTcpNoDelay", None)
+    if setNoDelay is not None:
+        try:
+            setNoDelay(True)
+        except OSError:
+            pass

@@ -1,0 +1,288 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+A pass-through session: one client leg joined to one backend leg.
+
+From the client's StartupMessage to the backend's first ReadyForQuery the
+session reads every message both ways, because three things must happen
+there:
+
+ - authentication through two TLS legs (see L{pgtls_twisted.scram}): pgtls
+   runs SCRAM itself when the backend asks for it over TLS and the client
+   leg is TLS too; with a plaintext client and a TLS backend it strips
+   C{-PLUS} from the offer; everything else is relayed unchanged;
+ - the backend's BackendKeyData is replaced by a key minted in
+   L{pgtls_twisted.cancel};
+ - errors and the backend's closing are turned into ErrorResponses.
+
+After ReadyForQuery the session becomes a L{pgtls_twisted.pump.Pump}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.python.failure import Failure
+
+from . import wire
+from .backend import BackendError, ServerProtocol, connect_backend
+from .logs import Logger
+from .pump import Pump
+from .scram import SCRAM_SHA_256_PLUS, ScramLogin, ScramLoginError
+from .tlsconfig import channel_binding_data
+
+if TYPE_CHECKING:
+    from .frontend import ClientProtocol
+    from .route import Route
+
+
+class Session:
+    """
+    @ivar server: the backend leg, once connected.
+    @ivar scram: the proxy's own SCRAM exchange, when it runs one.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
+        self.route = route
+        self.client = client
+        self.startup = startup
+        self.server: ServerProtocol | None = None
+        self.scram: ScramLogin | None = None
+        self._awaitingPassword = False
+        self._clientReader = wire.MessageReader()
+        self._serverReader = wire.MessageReader()
+        self._backendKey: tuple[int, bytes] | None = None
+        self._mintedPid: int | None = None
+        self._done = False
+        client.session = self
+
+    # -- connecting ------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.onLost = self._clientLostEarly
+        connect_backend(self.route).addCallbacks(self._backendReady, self._backendFailed)
+
+    def _clientLostEarly(self, reason: Failure) -> None:
+        self._done = True
+
+    def _backendFailed(self, failure: Failure) -> None:
+        if self._done:
+            return
+        if failure.check(BackendError):
+            err = failure.value
+            self.client.fail(err.sqlstate, f'pgtls route "{self.route.name}": {err.message}')
+        else:
+            self._log.failure("unexpected error connecting to the backend", failure)
+            self.client.fail(
+                "08001", f'pgtls route "{self.route.name}": could not connect to backend'
+            )
+
+    def _backendReady(self, server: ServerProtocol) -> None:
+        if self._done:
+            server.close()
+            return
+        self.server = server
+        client = self.client
+        client.stats["backend_tls"] = server.tlsInfo
+        client.onLost = self._clientLost
+        server.onLost = self._serverLost
+        server.deliver = self._serverData
+        client.deliver = self._clientData
+        server.out.write(self.startup.raw)
+        pending = bytes(client.pending)
+        client.pending = bytearray()
+        client.transport.resumeProducing()
+        if pending:
+            self._clientData(pending)
+
+    # -- authentication phase ------------------------------------------------
+
+    def _clientData(self, data: bytes) -> None:
+        reader = self._clientReader
+        reader.feed(data)
+        while True:
+            try:
+                msg = reader.next()
+            except wire.ProtocolViolation as e:
+                self._abandon("08P01", e.message)
+                return
+            if msg is None:
+                return
+            self._clientMessage(*msg)
+            if self._done:
+                return
+
+    def _clientMessage(self, mtype: bytes, body: bytes) -> None:
+        assert self.server is not None
+        if self._awaitingPassword:
+            if mtype != b"p":
+                self._abandon("08P01", f"expected a password response, got message type {mtype!r}")
+                return
+            self._awaitingPassword = False
+            try:
+                password = wire.password_from_message(body)
+            except wire.ProtocolViolation as e:
+                self._abandon("08P01", e.message)
+                return
+            assert self.scram is not None
+            self.server.out.write(self.scram.start(password))
+            return
+        if mtype == b"X":
+            self._finish("client terminated during startup")
+            return
+        self.server.out.write(wire.message(mtype, body))
+
+    def _serverData(self, data: bytes) -> None:
+        reader = self._serverReader
+        reader.feed(data)
+        while not self._done:
+            try:
+                msg = reader.next()
+            except wire.ProtocolViolation as e:
+                self._abandon("08006", f"backend protocol violation: {e.message}")
+                return
+            if msg is None:
+                return
+            mtype, body = msg
+            if self._serverMessage(mtype, body):
+                self._startPump()
+                return
+
+    def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
+        """Handle one backend message; C{True} at the first ReadyForQuery."""
+        out = self.client.out
+        if mtype == b"R":
+            self._authentication(body)
+        elif mtype == b"K":
+            pid, key = wire.parse_backend_key_data(body)
+            self._backendKey = (pid, key)
+            self._mintedPid, mintedKey = self.route.cancels.mint(self, len(key))
+            out.write(wire.backend_key_data(self._mintedPid, mintedKey))
+        elif mtype == b"E":
+            fields = wire.parse_error_fields(body)
+            self.client.stats["reason"] = f"backend error {fields.get('C')} {fields.get('M')}"
+            out.write(wire.message(mtype, body))
+        elif mtype == b"Z":
+            out.write(wire.message(mtype, body))
+            return True
+        else:
+            out.write(wire.message(mtype, body))
+        return False
+
+    def _authentication(self, body: bytes) -> None:
+        assert self.server is not None
+        out = self.client.out
+        code = wire.auth_code(body)
+        if self.scram is not None and code in (
+            wire.AUTH_SASL_CONTINUE,
+            wire.AUTH_SASL_FINAL,
+            wire.AUTH_OK,
+        ):
+            try:
+                if code == wire.AUTH_SASL_CONTINUE:
+                    self.server.out.write(self.scram.challenge(body[4:]))
+                elif code == wire.AUTH_SASL_FINAL:
+                    self.scram.finish(body[4:])
+                elif not self.scram.done:
+                    raise ScramLoginError(
+                        "server accepted the login without proving it knows the password"
+                    )
+                else:
+                    out.write(wire.AUTHENTICATION_OK)
+            except ScramLoginError as e:
+                self._abandon("08006", f"backend authentication failed: {e}")
+            return
+        if code == wire.AUTH_SASL and self.server.tls is not None:
+            offered = wire.sasl_mechanisms(body)
+            if self.client.tls is not None:
+                self._startScram(offered)
+                return
+            # A plaintext client must not see -PLUS: libpq would (rightly)
+            # take it as TLS stripped by a man in the middle.
+            kept = [m for m in offered if not m.endswith("-PLUS")]
+            if not kept:
+                self._abandon("28000", "backend offers only channel-bound SASL mechanisms")
+                return
+            out.write(wire.authentication_sasl(kept))
+            return
+        out.write(wire.message(b"R", body))
+
+    def _startScram(self, offered: list[str]) -> None:
+        assert self.server is not None
+        binding = None
+        if SCRAM_SHA_256_PLUS in offered:
+            der = self.server.tls.getHandle().get_peer_certificate(as_cryptography=True)
+            if der is not None:
+                from cryptography.hazmat.primitives.serialization import Encoding
+
+                binding = channel_binding_data(der.public_bytes(Encoding.DER))
+        try:
+            self.scram = ScramLogin(offered, self.startup.user, binding)
+        except ScramLoginError as e:
+            self._abandon("28000", str(e))
+            return
+        self._awaitingPassword = True
+        self.client.out.write(wire.AUTHENTICATION_CLEARTEXT_PASSWORD)
+
+    # -- after startup ---------------------------------------------------------
+
+    def _startPump(self) -> None:
+        server, client = self.server, self.client
+        assert server is not None
+        client.startupComplete()
+        self._log.info(
+            "conn={conn} session started route={route} user={user} database={database}",
+            conn=client.connId,
+            route=self.route.name,
+            user=self.startup.user,
+            database=self.startup.database,
+        )
+        Pump(client, server, client.stats).start()
+        rest = self._serverReader.drain()
+        if rest:
+            server.deliver(rest)
+        early = self._clientReader.drain()
+        if early:
+            client.deliver(early)
+
+    def cancelTarget(self) -> tuple[Route, int, bytes] | None:
+        if self._backendKey is None or self._done:
+            return None
+        return self.route, self._backendKey[0], self._backendKey[1]
+
+    # -- ending ----------------------------------------------------------------
+
+    def _abandon(self, sqlstate: str, text: str) -> None:
+        """A failure during startup: tell the client, close both legs."""
+        if self._done:
+            return
+        self.client.fail(sqlstate, text)
+        self._finish(text)
+
+    def _finish(self, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._mintedPid is not None:
+            self.route.cancels.forget(self._mintedPid)
+        if self.client.stats["reason"] is None:
+            self.client.stats["reason"] = reason
+        if self.server is not None:
+            self.server.close()
+        self.client.close()
+
+    def _clientLost(self, reason: Failure) -> None:
+        self._finish("client closed")
+
+    def _serverLost(self, reason: Failure) -> None:
+        if not self._done and not self.client.startupDone:
+            # The backend went away before the session started: without an
+            # ErrorResponse of its own (those were relayed above) the
+            # client must still learn why.
+            if self.client.stats["reason"] is None:
+                self.client.fail(
+                    "08006",
+                    f'pgtls route "{self.route.name}": backend closed the connection unexpectedly',
+                )
+        self._finish("backend closed")

@@ -1,0 +1,377 @@
+# -*- test-case-name: tests.test_tlsconfig -*-
+"""
+TLS policy: the pyOpenSSL contexts for both legs, and what a verification
+failure means in words a person can act on.
+
+One L{OpenSSL.SSL.Context} is built per route and leg, never per
+connection: building one parses certificates and cipher lists, and
+pyOpenSSL forbids changing a context once a connection has used it, so a
+reload builds a new one and swaps the reference (see L{ServerTLS.reload}).
+
+We build contexts ourselves rather than through
+L{twisted.internet.ssl.CertificateOptions}/C{optionsForClientTLS} because
+the policy we need is PostgreSQL's, not a web browser's: C{verify-ca}
+(chain without hostname), C{require} (no verification at all), ALPN that
+is fatal only on the direct-TLS path, and error messages that say which
+check failed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from OpenSSL import SSL, crypto
+from service_identity import CertificateError, VerificationError
+from service_identity.pyopenssl import verify_hostname, verify_ip_address
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator,
+    IOpenSSLServerConnectionCreator,
+)
+from zope.interface import implementer
+
+from .logs import Logger
+
+if TYPE_CHECKING:
+    from .config import BackendConfig, ListenerConfig
+
+ALPN_POSTGRESQL = b"postgresql"
+
+_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+
+# The PostgreSQL server's hardening (be_tls_init): no compression, no
+# renegotiation, no session resumption, server cipher preference.
+_HARDENING = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_NO_TICKET
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_SINGLE_ECDH_USE
+    | SSL.OP_SINGLE_DH_USE
+)
+
+# X.509 verification results worth a sentence of their own (OpenSSL's
+# X509_V_ERR_* numbers); anything else is reported by number.
+_X509_ERRORS = {
+    2: "unable to get issuer certificate (unknown CA)",
+    9: "certificate is not yet valid",
+    10: "certificate has expired",
+    18: "self-signed certificate (unknown CA)",
+    19: "self-signed certificate in certificate chain (unknown CA)",
+    20: "unable to get local issuer certificate (unknown CA)",
+    21: "unable to verify the first certificate (unknown CA)",
+    23: "certificate has been revoked",
+    26: "unsupported certificate purpose",
+}
+
+
+def describe_x509_error(errno: int) -> str:
+    return _X509_ERRORS.get(errno, f"certificate verify failed (X509 error {errno})")
+
+
+class TLSConfigError(Exception):
+    """A certificate, key or CA file could not be used."""
+
+
+def _load_error(what: str, path: Path | None, exc: Exception) -> TLSConfigError:
+    return TLSConfigError(f"{what} {path}: {exc}")
+
+
+def _tls_version(text: str) -> int:
+    return _VERSIONS[text]
+
+
+def _hardened_context(method: int, min_version: str) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(_tls_version(min_version))
+    ctx.set_options(_HARDENING)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    return ctx
+
+
+def _use_certificate(ctx: SSL.Context, cert: Path, key: Path, what: str) -> None:
+    try:
+        ctx.use_certificate_chain_file(str(cert))
+    except SSL.Error as e:
+        raise _load_error(f"{what} certificate", cert, e) from None
+    try:
+        ctx.use_privatekey_file(str(key))
+    except SSL.Error as e:
+        raise _load_error(f"{what} key", key, e) from None
+    try:
+        ctx.check_privatekey()
+    except SSL.Error:
+        raise TLSConfigError(f"{what} key {key} does not match certificate {cert}") from None
+
+
+# ---------------------------------------------------------------------------
+# Client-facing leg (pgtls is the TLS server)
+
+
+def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    """
+    PostgreSQL's ALPN rule: choose C{postgresql} when offered; a client that
+    offers other protocols but not ours gets the fatal no_application_protocol
+    alert (raising from the callback makes pyOpenSSL return
+    SSL_TLSEXT_ERR_ALERT_FATAL). A client that offers nothing never reaches
+    this callback; the direct-TLS path checks for that after the handshake.
+    """
+    if ALPN_POSTGRESQL in offered:
+        return ALPN_POSTGRESQL
+    raise SSL.Error("client offered ALPN protocols without postgresql")
+
+
+def _leg_of(conn: SSL.Connection) -> Any:
+    """The leg (client or backend protocol) a TLS connection belongs to."""
+    return getattr(getattr(conn.get_app_data(), "wrappedProtocol", None), "leg", None)
+
+
+def _record_client_verify(
+    conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+) -> bool:
+    """
+    Remember why a client certificate failed, but let the handshake finish:
+    like PostgreSQL, pgtls decides after the handshake, when it can tell the
+    client why in a FATAL ErrorResponse instead of a bare TLS alert.
+    L{pgtls_twisted.frontend} refuses the session before anything else
+    happens when C{verifyError} is set.
+    """
+    if not ok:
+        leg = _leg_of(conn)
+        if leg is not None and leg.verifyError is None:
+            leg.verifyError = describe_x509_error(errno)
+    return True
+
+
+def build_server_context(listener: ListenerConfig) -> SSL.Context:
+    """
+    The listener's context: the route's certificate chain and key, TLS 1.2 or
+    later, forward-secret AEAD ciphers, ALPN C{postgresql}, and with C{mtls}
+    a client certificate that must chain to C{client_ca} (and not be revoked
+    by C{client_crl}).
+    """
+    ctx = _hardened_context(SSL.TLS_SERVER_METHOD, listener.min_tls_version)
+    try:
+        ctx.set_cipher_list(listener.ciphers.encode())
+    except SSL.Error as e:
+        raise TLSConfigError(f"listener ciphers {listener.ciphers!r}: {e}") from None
+    _use_certificate(ctx, listener.server_cert, listener.server_key, "listener server")
+    ctx.set_alpn_select_callback(_select_alpn)
+    if listener.client_ca is not None:
+        try:
+            ctx.load_verify_locations(str(listener.client_ca))
+            ctx.load_client_ca(str(listener.client_ca).encode())
+        except SSL.Error as e:
+            raise _load_error("client CA", listener.client_ca, e) from None
+        if listener.client_crl is not None:
+            try:
+                crl = crypto.load_crl(crypto.FILETYPE_PEM, listener.client_crl.read_bytes())
+            except (OSError, crypto.Error) as e:
+                raise _load_error("client CRL", listener.client_crl, e) from None
+            store = ctx.get_cert_store()
+            store.add_crl(crl)
+            store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE, _record_client_verify)
+    return ctx
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """
+    Makes the server-side L{SSL.Connection} for each client, from the
+    route's current context. Reloading swaps the context for new
+    handshakes; live sessions keep the one they started with.
+    """
+
+    _log = Logger()
+
+    def __init__(self, listener: ListenerConfig) -> None:
+        self._listener = listener
+        self.context = build_server_context(listener)
+        self._stamp = self._files_stamp()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+    def _files(self) -> list[Path]:
+        lst = self._listener
+        return [
+            p
+            for p in (lst.server_cert, lst.server_key, lst.client_ca, lst.client_crl)
+            if p is not None
+        ]
+
+    def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
+        stamp = []
+        for path in self._files():
+            try:
+                st = path.stat()
+            except OSError:
+                stamp.append((str(path), -1, -1))
+            else:
+                stamp.append((str(path), st.st_mtime_ns, st.st_size))
+        return tuple(stamp)
+
+    def reload(self, force: bool = False) -> bool:
+        """
+        Rebuild the context if any file changed (or C{force}). A file that
+        fails to load keeps the last good context and logs why.
+
+        @return: whether a new context is now in use.
+        """
+        stamp = self._files_stamp()
+        if not force and stamp == self._stamp:
+            return False
+        try:
+            context = build_server_context(self._listener)
+        except TLSConfigError as e:
+            self._log.error("keeping the previous TLS context: {error}", error=str(e))
+            return False
+        self.context = context
+        self._stamp = stamp
+        self._log.info("listener certificates reloaded")
+        return True
+
+
+# ---------------------------------------------------------------------------
+# Backend leg (pgtls is the TLS client)
+
+VERIFYING_MODES = ("verify-ca", "verify-full")
+
+
+@dataclass
+class BackendVerification:
+    """
+    What the backend leg learned while verifying the server, so a failure
+    can be explained to the client and the log.
+    """
+
+    chain_error: str | None = None
+    names: list[str] = field(default_factory=list)
+
+
+def _record_server_verify(
+    conn: SSL.Connection, cert: crypto.X509, errno: int, depth: int, ok: int
+) -> bool:
+    if not ok:
+        leg = _leg_of(conn)
+        if leg is not None and leg.verification.chain_error is None:
+            leg.verification.chain_error = describe_x509_error(errno)
+    return bool(ok)
+
+
+def build_backend_context(backend: BackendConfig) -> SSL.Context:
+    ctx = _hardened_context(SSL.TLS_CLIENT_METHOD, backend.min_tls_version)
+    ctx.set_alpn_protos([ALPN_POSTGRESQL])
+    if backend.tls in VERIFYING_MODES:
+        try:
+            if backend.root_ca is not None:
+                ctx.load_verify_locations(str(backend.root_ca))
+            else:
+                ctx.set_default_verify_paths()
+        except SSL.Error as e:
+            raise _load_error("backend root CA", backend.root_ca, e) from None
+        ctx.set_verify(SSL.VERIFY_PEER, _record_server_verify)
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE, lambda *a: True)
+    if backend.client_cert is not None and backend.client_key is not None:
+        _use_certificate(ctx, backend.client_cert, backend.client_key, "backend client")
+    return ctx
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class BackendTLS:
+    """
+    Makes the client-side L{SSL.Connection} to a backend: SNI set to the
+    route's C{server_name} (not for IP literals, as libpq does), and after
+    the handshake L{check_hostname} applies C{verify-full}.
+    """
+
+    def __init__(self, backend: BackendConfig) -> None:
+        self.mode = backend.tls
+        self.server_name = backend.server_name
+        self.context = build_backend_context(backend)
+
+    def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        if not _is_ip(self.server_name):
+            conn.set_tlsext_host_name(self.server_name.encode("idna"))
+        return conn
+
+    def check_hostname(self, conn: SSL.Connection) -> str | None:
+        """
+        @return: C{None} if the certificate names the server (or the mode
+            does not ask), else the reason, naming what the certificate
+            does carry.
+        """
+        if self.mode != "verify-full":
+            return None
+        try:
+            if _is_ip(self.server_name):
+                verify_ip_address(conn, self.server_name)
+            else:
+                verify_hostname(conn, self.server_name)
+        except VerificationError:
+            names = certificate_names(conn.get_peer_certificate(as_cryptography=True))
+            return (
+                f'server certificate for "{", ".join(names) or "?"}" does not match '
+                f'host name "{self.server_name}"'
+            )
+        except CertificateError:
+            return (
+                "server certificate has no subjectAltName: pgtls verifies host names "
+                "against subjectAltName only (use verify-ca, or reissue the certificate)"
+            )
+        return None
+
+
+def certificate_names(cert: object) -> list[str]:
+    """DNS and IP subjectAltNames of a C{cryptography} certificate."""
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value  # type: ignore[attr-defined]
+    except x509.ExtensionNotFound:
+        return []
+    return [str(n) for n in san.get_values_for_type(x509.DNSName)] + [
+        str(n) for n in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def channel_binding_data(der: bytes) -> bytes | None:
+    """
+    The C{tls-server-end-point} channel binding (RFC 5929 section 4.1) of a
+    server certificate: its hash with the certificate's own signature hash,
+    SHA-256 in place of MD5 or SHA-1. C{None} for certificates without a
+    single hash algorithm (Ed25519/Ed448), where binding is undefined.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_der_x509_certificate(der)
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:
+        return None
+    if isinstance(algorithm, (hashes.MD5, hashes.SHA1)):
+        algorithm = hashes.SHA256()
+    digest = hashes.Hash(algorithm)
+    digest.update(der)
+    return digest.finalize()
+
+
+def describe_tls(conn: SSL.Connection | None) -> dict[str, str | None]:
+    """The TLS version and cipher of a finished handshake, for logs."""
+    if conn is None:
+        return {"version": None, "cipher": None}
+    return {"version": conn.get_protocol_version_name(), "cipher": conn.get_cipher_name()}
