@@ -118,7 +118,10 @@ class ClientProtocol(Protocol):
         """The client is gone (after TLS, if any, has shut down)."""
         self._cancelTimers()
         if self.stats["reason"] is None:
-            self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
+            if self.tls is not None and not self.tls._handshakeDone:
+                self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
+            else:
+                self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
         self.route.clientClosed(self)
         if self.onLost is not None:
             onLost, self.onLost = self.onLost, None
@@ -255,6 +258,9 @@ class ClientProtocol(Protocol):
             del buf[:used]
             self.stats["client_tls"] = None
             self.deliver = self._startupData
+            # Plaintext from here on: what the socket delivers is
+            # application data, routed like decrypted bytes would be.
+            self.dataReceived = lambda data: self.deliver(data)  # type: ignore[method-assign]
             self._packet(packet, bytes(buf))
             buf.clear()
             return
@@ -364,6 +370,16 @@ class ClientProtocol(Protocol):
     def _early(self, data: bytes) -> None:
         """Bytes that arrive while the backend is being connected."""
         self.pending += data
+
+
+def _tls_error(reason: Failure | None) -> str:
+    """The OpenSSL reason of a failed handshake, for the close log line."""
+    if reason is None:
+        return "connection lost"
+    args = getattr(reason.value, "args", ())
+    if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
+        return "; ".join(str(item[-1]) for item in args[0])
+    return reason.getErrorMessage()
 
 
 def _discard(data: bytes) -> None:

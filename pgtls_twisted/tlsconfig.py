@@ -121,7 +121,9 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     """
     if ALPN_POSTGRESQL in offered:
         return ALPN_POSTGRESQL
-    raise SSL.Error("client offered ALPN protocols without postgresql")
+    # pyOpenSSL re-raises this from do_handshake; Twisted's TLS layer
+    # expects the shape of OpenSSL's error queue in it.
+    raise SSL.Error([("SSL routines", "", "client offered ALPN protocols without postgresql")])
 
 
 def _leg_of(conn: SSL.Connection) -> Any:

@@ -159,7 +159,9 @@ def parse_startup_packet(buf: bytes | bytearray) -> tuple[StartupPacket, int] | 
 
 def _parse_startup_message(raw: bytes, major: int, minor: int) -> StartupMessage:
     body = raw[8:]
-    if not body or body[-1] != 0:
+    # The last value's own NUL is not the terminator: a non-empty list
+    # ends in two NULs, as PostgreSQL requires.
+    if not body or body[-1] != 0 or (body != b"\0" and not body.endswith(b"\0\0")):
         raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
     parts = body[:-1].split(b"\0")
     if parts == [b""]:

@@ -1,0 +1,50 @@
+# Developer and CI entry points. `make test` is what CI runs (.ci/run).
+#
+# The package is installed into .venv as a regular (non-editable) install, and
+# the tests run from a place where the source tree is not on sys.path, so they
+# exercise what a user would install: a module missing from the wheel fails
+# the suite instead of being found in the checkout.
+
+PY ?= python3
+VENV ?= .venv
+PYTEST_ARGS ?=
+
+ROOT := $(abspath .)
+BIN := $(ROOT)/$(VENV)/bin
+# Dependencies are (re)installed only when pyproject.toml changes.
+DEPS_STAMP := $(VENV)/.deps-installed
+
+.PHONY: venv install test lint demo clean
+
+venv: $(BIN)/python
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(DEPS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
+	$(BIN)/pip install -q ".[test]"
+	touch $@
+
+# Always reinstall the package itself, so the tests run the current code;
+# without build isolation (setuptools is already in the venv) this is quick.
+install: $(DEPS_STAMP)
+	$(BIN)/pip install -q --force-reinstall --no-deps --no-build-isolation .
+
+# pytest's console script, unlike `python -m pytest`, does not put the current
+# directory on sys.path; PYTHONPATH is cleared for the same reason.
+# PGTLS_EXPECT_INSTALLED makes tests/test_infra.py check that this worked.
+test: install
+	env -u PYTHONPATH PGTLS_EXPECT_INSTALLED=1 $(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
+
+lint: $(DEPS_STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+demo: install
+	$(BIN)/python -m pgtls_twisted.testing.demo
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name dropin.cache -type f -delete

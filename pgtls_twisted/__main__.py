@@ -1,0 +1,96 @@
+"""
+The C{pgtls} command line.
+
+Today it has one subcommand, C{check}, which validates a configuration and
+prints what it would run; more (C{run}, ...) are added as subparsers.
+C{check} exists so that a configuration can be tested in CI or before a
+restart without binding any port: a typo must never be found by a proxy
+that fails to come back up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pgtls_twisted._version import __version__
+from pgtls_twisted.config import ConfigError, describe_config, load_config
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+
+
+def _check(args: argparse.Namespace) -> int:
+    """
+    Validate the configuration and print its summary.
+
+    @return: L{EXIT_OK}, or L{EXIT_INVALID} after printing every problem
+        to stderr.
+    """
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        count = len(e.messages)
+        print(
+            f"pgtls: configuration is invalid ({count} problem{'s' if count != 1 else ''})",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    sys.stdout.write(describe_config(config))
+    count = len(config.routes)
+    print(f"\nconfiguration OK: {count} route{'s' if count != 1 else ''}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    Build the argument parser; separate from L{main} so later subcommands
+    (and tests) can extend or inspect it.
+    """
+    parser = argparse.ArgumentParser(
+        prog="pgtls",
+        description="A TLS-terminating proxy for PostgreSQL.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    check = commands.add_parser(
+        "check",
+        help="validate a configuration file and print the routes it defines",
+        description=(
+            "Validate a configuration file (including that the certificate files it names"
+            " exist and are readable) and print the routes it would run. Binds nothing."
+        ),
+    )
+    check.add_argument(
+        "-c", "--config", required=True, metavar="FILE", help="the TOML configuration file"
+    )
+    check.set_defaults(handler=_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run the command line.
+
+    Usage errors and C{--help}/C{--version} make argparse exit; that is
+    turned into a return value so L{main} can be called from tests.
+
+    @param argv: the arguments, without the program name; L{None} means
+        C{sys.argv[1:]}.
+    @return: the process exit status.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    handler = args.handler
+    status: int = handler(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
