@@ -66,7 +66,10 @@ class Route:
         Session(self, client, startup).start()
 
     def reloadCertificates(self, force: bool = False) -> bool:
-        return self.serverTLS.reload(force)
+        """Re-read changed certificate files (all of them with C{force})."""
+        listener = self.serverTLS.reload(force)
+        backend = self.backendCreator.reload(force)
+        return listener or backend
 
 
 class _RouteFactory(Factory):

@@ -102,3 +102,9 @@ def make_service(config: Config, reactor: Any = None) -> MultiService:
 def route_services(top: MultiService) -> list[RouteService]:
     """The route services of a tree built by L{make_service}, in order."""
     return [s for s in top if isinstance(s, RouteService)]
+
+
+def reload_certificates(top: MultiService) -> None:
+    """Re-read every route's certificate, key, CA and CRL files now."""
+    for service in route_services(top):
+        service.route.reloadCertificates(force=True)

@@ -180,33 +180,28 @@ def build_server_context(listener: ListenerConfig) -> SSL.Context:
     return ctx
 
 
-@implementer(IOpenSSLServerConnectionCreator)
-class ServerTLS:
+class _ReloadableContext:
     """
-    Makes the server-side L{SSL.Connection} for each client, from the
-    route's current context. Reloading swaps the context for new
-    handshakes; live sessions keep the one they started with.
+    A context built from files, rebuilt when they change. Connections made
+    after a reload use the new context; live sessions keep the one they
+    started with. A file that fails to load keeps the last good context
+    and logs why: a half-written certificate must not take a route down.
     """
 
     _log = Logger()
+    what = "TLS"
 
-    def __init__(self, listener: ListenerConfig) -> None:
-        self._listener = listener
-        self.context = build_server_context(listener)
-        self._stamp = self._files_stamp()
+    def __init__(self) -> None:
+        self.context = self._build()
+        self._stamp = self._filesStamp()
 
-    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        return SSL.Connection(self.context, None)
+    def _build(self) -> SSL.Context:
+        raise NotImplementedError
 
     def _files(self) -> list[Path]:
-        lst = self._listener
-        return [
-            p
-            for p in (lst.server_cert, lst.server_key, lst.client_ca, lst.client_crl)
-            if p is not None
-        ]
+        raise NotImplementedError
 
-    def _files_stamp(self) -> tuple[tuple[str, int, int], ...]:
+    def _filesStamp(self) -> tuple[tuple[str, int, int], ...]:
         stamp = []
         for path in self._files():
             try:
@@ -219,23 +214,49 @@ class ServerTLS:
 
     def reload(self, force: bool = False) -> bool:
         """
-        Rebuild the context if any file changed (or C{force}). A file that
-        fails to load keeps the last good context and logs why.
+        Rebuild the context if any file changed, or always with C{force}.
 
         @return: whether a new context is now in use.
         """
-        stamp = self._files_stamp()
+        stamp = self._filesStamp()
         if not force and stamp == self._stamp:
             return False
         try:
-            context = build_server_context(self._listener)
+            context = self._build()
         except TLSConfigError as e:
-            self._log.error("keeping the previous TLS context: {error}", error=str(e))
+            self._log.error(
+                "keeping the previous {what} context: {error}", what=self.what, error=str(e)
+            )
             return False
         self.context = context
         self._stamp = stamp
-        self._log.info("listener certificates reloaded")
+        self._log.info("{what} certificates reloaded", what=self.what)
         return True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS(_ReloadableContext):
+    """Makes the server-side L{SSL.Connection} for each client."""
+
+    what = "listener TLS"
+
+    def __init__(self, listener: ListenerConfig) -> None:
+        self._listener = listener
+        super().__init__()
+
+    def _build(self) -> SSL.Context:
+        return build_server_context(self._listener)
+
+    def _files(self) -> list[Path]:
+        lst = self._listener
+        return [
+            p
+            for p in (lst.server_cert, lst.server_key, lst.client_ca, lst.client_crl)
+            if p is not None
+        ]
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
 
 
 # ---------------------------------------------------------------------------
@@ -293,17 +314,27 @@ def _is_ip(host: str) -> bool:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class BackendTLS:
+class BackendTLS(_ReloadableContext):
     """
     Makes the client-side L{SSL.Connection} to a backend: SNI set to the
     route's C{server_name} (not for IP literals, as libpq does), and after
     the handshake L{check_hostname} applies C{verify-full}.
     """
 
+    what = "backend TLS"
+
     def __init__(self, backend: BackendConfig) -> None:
+        self._backend = backend
         self.mode = backend.tls
         self.server_name = backend.server_name
-        self.context = build_backend_context(backend)
+        super().__init__()
+
+    def _build(self) -> SSL.Context:
+        return build_backend_context(self._backend)
+
+    def _files(self) -> list[Path]:
+        b = self._backend
+        return [p for p in (b.root_ca, b.client_cert, b.client_key) if p is not None]
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         conn = SSL.Connection(self.context, None)

@@ -273,3 +273,55 @@ def test_make_demo_serves_a_verify_full_psql_session() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "through pgtls" in result.stdout and "TLSv1.3" in result.stdout
     assert "demo stopped and cleaned up" in result.stdout
+
+
+def served_serial(pki, port: int) -> int:
+    from cryptography import x509
+
+    sock = rawclient.request_tls(rawclient.connect(port), pki.cert("ca"))
+    try:
+        return x509.load_der_x509_certificate(sock.getpeercert(binary_form=True)).serial_number
+    finally:
+        sock.close()
+
+
+def test_sighup_reloads_certificates(pki, pg_tls, tmp_path) -> None:
+    import shutil
+
+    from pgtls_twisted.testing.pki import write_leaf
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    cert, key = certs / "server.crt", certs / "server.key"
+    shutil.copy(pki.cert("server"), cert)
+    shutil.copy(pki.key("server"), key)
+    port = free_port()
+    config = write_config(tmp_path, pki, pg_tls, port)
+    config.write_text(
+        config.read_text()
+        .replace(str(pki.cert("server")), str(cert))
+        .replace(str(pki.key("server")), str(key))
+    )
+    proc = spawn(
+        [str(BIN / "twist"), "--log-format", "text", "pgtls", "--config", str(config)], tmp_path
+    )
+    try:
+        wait_for_port(port, proc)
+        before = served_serial(pki, port)
+        live = psycopg.connect(dsn(pki, port))
+        new_cert, new_key = write_leaf(pki, "rotated", ["DNS:localhost", "IP:127.0.0.1"])
+        shutil.copy(new_cert, cert)
+        shutil.copy(new_key, key)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        after = before
+        while after == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after = served_serial(pki, port)
+        assert after != before
+        # The session that started before the reload goes on.
+        assert live.execute("SELECT 1").fetchone() == (1,)
+        live.close()
+    finally:
+        out = stop(proc)
+    assert "SIGHUP: re-reading certificate files" in out
