@@ -23,7 +23,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(DEPS_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade "setuptools>=68" wheel
+	$(BIN)/pip install -q --upgrade "setuptools>=77" wheel
 	$(BIN)/pip install -q ".[test]"
 	touch $@
 

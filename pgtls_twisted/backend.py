@@ -184,6 +184,10 @@ class ServerProtocol(Protocol):
         self.deliver = _discard
         self.out.unregisterProducer()
         self.out.loseConnection()
+        # A paused socket would not notice the peer's close_notify or FIN
+        # (it may have been paused for flow control, or while a backend was
+        # being connected): read again so the close can complete.
+        self.transport.resumeProducing()
         self._closeTimer = self.route.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
 
 

@@ -197,6 +197,10 @@ class ClientProtocol(Protocol):
         self.deliver = _discard
         self.out.unregisterProducer()
         self.out.loseConnection()
+        # A paused socket would not notice the peer's close_notify or FIN
+        # (it may have been paused for flow control, or while a backend was
+        # being connected): read again so the close can complete.
+        self.transport.resumeProducing()
         self._closeTimer = self.route.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
 
     def abort(self, reason: str) -> None:
@@ -363,13 +367,26 @@ class ClientProtocol(Protocol):
 
             cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             cn = cns[0].value if cns else None
-            if cn != user:
+            if cn != _role_name(user):
                 return f'pgtls: certificate authentication failed for user "{user}": certificate CN is "{cn}"'
         return None
 
     def _early(self, data: bytes) -> None:
         """Bytes that arrive while the backend is being connected."""
         self.pending += data
+
+
+#: PostgreSQL's NAMEDATALEN - 1: longer names in the startup packet are cut.
+_MAX_NAME_BYTES = 63
+
+
+def _role_name(user: str) -> str:
+    """
+    The role PostgreSQL will log in for C{user}: cut to 63 bytes without
+    splitting a character. A certificate must match that name, not a longer
+    one that merely starts the same way.
+    """
+    return user.encode("utf-8")[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
 
 
 def _tls_error(reason: Failure | None) -> str:

@@ -515,3 +515,59 @@ async def test_two_routes_at_once(pki, pg_tls, pg_plain, tmp_path):
         await deferToThread(conn_b.close)
     finally:
         await proxy.stop()
+
+
+def login_error(proxy, pki, user=SCRAM_USER, password=SCRAM_PASSWORD, database="postgres"):
+    """The ErrorResponse fields a raw TLS client gets when its login fails."""
+    from support import rawclient
+
+    sock = rawclient.request_tls(rawclient.connect(proxy.port()), pki.cert("ca"))
+    try:
+        rawclient.startup_cleartext(sock, user, password, database)
+    except rawclient.ServerError as e:
+        return e.fields
+    finally:
+        sock.close()
+    raise AssertionError("login unexpectedly succeeded")
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlstates_of_failures(pki, pg_tls, tmp_path):
+    """The SQLSTATEs (which psycopg does not expose for connection errors)."""
+    import socket
+
+    from support.tlsbackend import tls_backend
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    fake = tls_backend(pki, "server_other_ca")
+    routes = [
+        route(pki, pg_tls, name="ok"),
+        route(pki, pg_tls, name="dead", backend={"address": f"127.0.0.1:{closed_port}"}),
+        route(
+            pki, pg_tls, name="untrusted", backend={"address": f"127.0.0.1:{fake.getHost().port}"}
+        ),
+    ]
+    proxy = start_proxy(routes, tmp_path)
+    try:
+
+        class One:
+            def __init__(self, name):
+                self.name = name
+
+            def port(self):
+                return proxy.port(self.name)
+
+        wrong = await deferToThread(login_error, One("ok"), pki, password="wrong")
+        assert (wrong["S"], wrong["C"]) == ("FATAL", "28P01")
+        nodb = await deferToThread(login_error, One("ok"), pki, database="nope")
+        assert nodb["C"] == "3D000"
+        dead = await deferToThread(login_error, One("dead"), pki)
+        assert (dead["S"], dead["C"]) == ("FATAL", "08001")
+        untrusted = await deferToThread(login_error, One("untrusted"), pki)
+        assert (untrusted["S"], untrusted["C"]) == ("FATAL", "08006")
+        assert "unknown CA" in untrusted["M"]
+    finally:
+        await proxy.stop()
+        await fake.stopListening()
