@@ -13,6 +13,9 @@ ROOT := $(abspath .)
 BIN := $(ROOT)/$(VENV)/bin
 # Dependencies are (re)installed only when pyproject.toml changes.
 DEPS_STAMP := $(VENV)/.deps-installed
+# sslyze (the TLS scanner the suite runs against a listener) pins an older
+# cryptography than pyOpenSSL needs, so it gets a virtualenv of its own.
+SSLYZE := $(ROOT)/.venv-sslyze/bin/sslyze
 
 .PHONY: venv install test lint demo clean
 
@@ -35,8 +38,13 @@ install: $(DEPS_STAMP)
 # pytest's console script, unlike `python -m pytest`, does not put the current
 # directory on sys.path; PYTHONPATH is cleared for the same reason.
 # PGTLS_EXPECT_INSTALLED makes tests/test_infra.py check that this worked.
-test: install
-	env -u PYTHONPATH PGTLS_EXPECT_INSTALLED=1 $(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
+$(SSLYZE):
+	$(PY) -m venv .venv-sslyze
+	.venv-sslyze/bin/pip install -q --upgrade pip
+	.venv-sslyze/bin/pip install -q "sslyze>=6,<7"
+
+test: install $(SSLYZE)
+	env -u PYTHONPATH PGTLS_EXPECT_INSTALLED=1 PGTLS_SSLYZE=$(SSLYZE) $(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
 
 lint: $(DEPS_STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -45,6 +53,6 @@ demo: install
 	$(BIN)/python -m pgtls_twisted.testing.demo
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-sslyze build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name dropin.cache -type f -delete

@@ -87,6 +87,7 @@ class ServerProtocol(Protocol):
         self.deliver: Callable[[bytes], None] = self._unexpected
         self.onLost: Callable[[Failure], None] | None = None
         self._closing = False
+        self._lost = False
         self._closeTimer: Any = None
         self._waitingForSSLReply = False
 
@@ -166,6 +167,7 @@ class ServerProtocol(Protocol):
             self.appConnectionLost(reason)
 
     def appConnectionLost(self, reason: Failure) -> None:
+        self._lost = True
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
         ready, self._ready = self._ready, None
@@ -178,7 +180,7 @@ class ServerProtocol(Protocol):
             onLost(reason)
 
     def close(self) -> None:
-        if self._closing:
+        if self._closing or self._lost:
             return
         self._closing = True
         self.deliver = _discard

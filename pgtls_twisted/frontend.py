@@ -84,7 +84,9 @@ class ClientProtocol(Protocol):
         self._gssDone = False
         self._direct = False
         self.startupDone = False
+        self._handshakeDone = False
         self._closing = False
+        self._lost = False
         self._closeTimer: Any = None
         self._deadline: Any = None
         self._started = time.monotonic()
@@ -116,9 +118,10 @@ class ClientProtocol(Protocol):
 
     def appConnectionLost(self, reason: Failure) -> None:
         """The client is gone (after TLS, if any, has shut down)."""
+        self._lost = True
         self._cancelTimers()
         if self.stats["reason"] is None:
-            if self.tls is not None and not self.tls._handshakeDone:
+            if self.tls is not None and not self._handshakeDone:
                 self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
             else:
                 self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
@@ -145,7 +148,7 @@ class ClientProtocol(Protocol):
         self._deadline = None
         timeout = self.route.config.listener.startup_timeout
         text = f"pgtls: connection startup did not complete within {timeout:g}s"
-        if self.tls is not None and not getattr(self.tls, "_handshakeDone", False):
+        if self.tls is not None and not self._handshakeDone:
             self.abort(text)  # no channel to speak on yet
         elif self.startup is None and self.tls is None:
             self.abort(text)
@@ -191,7 +194,7 @@ class ClientProtocol(Protocol):
 
     def close(self) -> None:
         """Close gracefully (TLS close_notify), aborting if the peer stalls."""
-        if self._closing:
+        if self._closing or self._lost:
             return
         self._closing = True
         self.deliver = _discard
@@ -293,6 +296,7 @@ class ClientProtocol(Protocol):
     # -- inside TLS ----------------------------------------------------------
 
     def handshakeCompleted(self) -> None:
+        self._handshakeDone = True
         conn = self.tls.getHandle()
         self.stats["client_tls"] = describe_tls(conn)
         if self._direct and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
@@ -83,12 +85,36 @@ def _tls_version(text: str) -> int:
     return _VERSIONS[text]
 
 
+#: Key exchange groups: Mozilla's "intermediate" set. OpenSSL's defaults
+#: also offer X448 and P-521, which that profile rejects.
+_GROUPS = b"X25519:P-256:P-384"
+
+
+def _set_groups(ctx: SSL.Context) -> None:
+    """
+    Restrict the key exchange groups. pyOpenSSL has no public setter for a
+    group list (only C{set_tmp_ecdh}, one curve, which would drop X25519),
+    so this calls OpenSSL's C{SSL_CTX_set1_curves_list} (set1_groups_list's
+    older name) through pyOpenSSL's
+    binding, and falls back to P-256 alone where that is not available.
+    """
+    try:
+        from OpenSSL._util import lib
+
+        ok = lib.SSL_CTX_set1_curves_list(ctx._context, _GROUPS)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError):
+        ok = 0
+    if ok != 1:
+        ctx.set_tmp_ecdh(ec.SECP256R1())
+
+
 def _hardened_context(method: int, min_version: str) -> SSL.Context:
     ctx = SSL.Context(method)
     ctx.set_min_proto_version(_tls_version(min_version))
     ctx.set_options(_HARDENING)
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+    _set_groups(ctx)
     return ctx
 
 
@@ -170,8 +196,8 @@ def build_server_context(listener: ListenerConfig) -> SSL.Context:
             raise _load_error("client CA", listener.client_ca, e) from None
         if listener.client_crl is not None:
             try:
-                crl = crypto.load_crl(crypto.FILETYPE_PEM, listener.client_crl.read_bytes())
-            except (OSError, crypto.Error) as e:
+                crl = x509.load_pem_x509_crl(listener.client_crl.read_bytes())
+            except (OSError, ValueError) as e:
                 raise _load_error("client CRL", listener.client_crl, e) from None
             store = ctx.get_cert_store()
             store.add_crl(crl)

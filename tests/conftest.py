@@ -115,12 +115,16 @@ def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[list[dict[str, 
     Yields the list of error events, so a test marked
     C{@pytest.mark.allow_logged_errors} can assert on what was logged.
     """
-    from twisted.logger import ILogObserver, globalLogPublisher
+    from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
     errors: list[dict[str, Any]] = []
 
     def collect(event: dict[str, Any]) -> None:
-        if event.get("isError") or "log_failure" in event:
+        if (
+            event.get("isError")
+            or "log_failure" in event
+            or event.get("log_level") in (LogLevel.error, LogLevel.critical)
+        ):
             errors.append(event)
 
     # Twisted accepts any callable as an observer; the cast is for mypy.
