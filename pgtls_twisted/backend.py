@@ -11,7 +11,6 @@ ErrorResponse and names the route.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -21,13 +20,11 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from . import wire
-from .frontend import CLOSE_TIMEOUT, _discard, _nodelay
+from .leg import Decrypted, Leg
 from .tlsconfig import BackendVerification, describe_tls
 
 if TYPE_CHECKING:
@@ -48,54 +45,31 @@ class BackendError(Exception):
         self.message = message
 
 
-@implementer(IHandshakeListener)
-class _Decrypted(Protocol):
-    """The protocol inside the backend TLS session: reports to its leg."""
-
-    def __init__(self, leg: ServerProtocol) -> None:
-        self.leg = leg
-
-    def handshakeCompleted(self) -> None:
-        self.leg.handshakeCompleted()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.leg.deliver(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.leg.appConnectionLost(reason)
-
-
-class ServerProtocol(Protocol):
+class ServerProtocol(Leg):
     """
     One connection to the backend.
 
     Before it is ready it answers to its L{connect_backend} Deferred; after,
     to whoever sets C{deliver} and C{onLost} (a session, or a cancel).
 
-    @ivar out: where application bytes for the server are written.
     @ivar tlsInfo: TLS version and cipher, or C{None} for plaintext.
     """
 
     def __init__(self, route: Route, ready: defer.Deferred[ServerProtocol]) -> None:
+        super().__init__()
         self.route = route
+        self.clock = route.clock
         self.mode = route.config.backend.tls
         self._ready: defer.Deferred[ServerProtocol] | None = ready
-        self.out: Any = None
-        self.tls: Any = None
         self.tlsInfo: dict[str, str | None] | None = None
         self.verification = BackendVerification()
-        self.deliver: Callable[[bytes], None] = self._unexpected
-        self.onLost: Callable[[Failure], None] | None = None
-        self._closing = False
-        self._lost = False
-        self._closeTimer: Any = None
+        self.deliver = self._unexpected
         self._waitingForSSLReply = False
 
     # -- establishing --------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.out = self.transport
-        _nodelay(self.transport)
+        super().connectionMade()
         if self.mode == "disable":
             self._succeed()
             return
@@ -113,7 +87,7 @@ class ServerProtocol(Protocol):
             # protected by the TLS session we are about to start.
             self._fail("08006", "received unencrypted data after SSL response")
         elif answer == b"S":
-            self.tls = self.route.backendTLS.attach(self, _Decrypted(self))
+            self.tls = self.route.backendTLS.attach(self, Decrypted(self))
             self.out = self.tls
         elif answer == b"N":
             if self.mode == "prefer":
@@ -160,37 +134,14 @@ class ServerProtocol(Protocol):
 
     # -- lifecycle -------------------------------------------------------------
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.tls is not None:
-            self.tls.connectionLost(reason)
-        else:
-            self.appConnectionLost(reason)
-
     def appConnectionLost(self, reason: Failure) -> None:
-        self._lost = True
-        if self._closeTimer is not None and self._closeTimer.active():
-            self._closeTimer.cancel()
         ready, self._ready = self._ready, None
         if ready is not None:
+            self._lost = True
             if not ready.called:
                 ready.errback(_explain_handshake_failure(self, reason))
             return
-        if self.onLost is not None:
-            onLost, self.onLost = self.onLost, None
-            onLost(reason)
-
-    def close(self) -> None:
-        if self._closing or self._lost:
-            return
-        self._closing = True
-        self.deliver = _discard
-        self.out.unregisterProducer()
-        self.out.loseConnection()
-        # A paused socket would not notice the peer's close_notify or FIN
-        # (it may have been paused for flow control, or while a backend was
-        # being connected): read again so the close can complete.
-        self.transport.resumeProducing()
-        self._closeTimer = self.route.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+        super().appConnectionLost(reason)
 
 
 def _explain_handshake_failure(leg: ServerProtocol, reason: Failure) -> BackendError:

@@ -92,9 +92,10 @@ def forward_cancel(route: Route, request: wire.CancelRequest) -> None:
     backend TLS mode like every other backend connection.
     """
     from .backend import connect_backend
+    from .leg import discard
 
     def send(server: Any) -> None:
-        server.deliver = lambda data: None
+        server.deliver = discard
         server.out.write(request.encode())
         server.close()
 

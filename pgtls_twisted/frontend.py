@@ -17,15 +17,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from . import wire
+from .leg import Decrypted, Leg, discard
 from .logs import Logger
 from .tlsconfig import ALPN_POSTGRESQL, describe_tls
 
@@ -34,36 +31,13 @@ if TYPE_CHECKING:
 
 _ids = itertools.count(1)
 
-#: How long a closing TLS connection may wait for the peer's close_notify
-#: before it is aborted (Twisted issue #7926: TLS close waits for ever).
-CLOSE_TIMEOUT = 10.0
 
-
-@implementer(IHandshakeListener)
-class _Decrypted(Protocol):
-    """The protocol inside the client's TLS session: reports to its leg."""
-
-    def __init__(self, leg: ClientProtocol) -> None:
-        self.leg = leg
-
-    def handshakeCompleted(self) -> None:
-        self.leg.handshakeCompleted()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.leg.deliver(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.leg.appConnectionLost(reason)
-
-
-class ClientProtocol(Protocol):
+class ClientProtocol(Leg):
     """
     One client connection, from accept to close.
 
-    @ivar out: where application bytes for the client are written: the TLS
-        protocol once TLS is up, else the TCP transport.
-    @ivar deliver: where application bytes from the client go; the startup
-        parser until a session takes over.
+    C{deliver} is the startup parser until a session takes over.
+
     @ivar stats: what the close log line reports, filled in by whoever
         learns it (this leg, the session, the backend leg).
     """
@@ -71,13 +45,12 @@ class ClientProtocol(Protocol):
     _log = Logger()
 
     def __init__(self, route: Route) -> None:
+        super().__init__()
         self.route = route
+        self.clock = route.clock
         self.connId = next(_ids)
-        self.out: Any = None
-        self.tls: Any = None
         self.session: Any = None
-        self.deliver: Callable[[bytes], None] = self._startupData
-        self.onLost: Callable[[Failure], None] | None = None
+        self.deliver = self._startupData
         self.verifyError: str | None = None
         self.startup: wire.StartupMessage | None = None
         self._buf = bytearray()
@@ -85,9 +58,6 @@ class ClientProtocol(Protocol):
         self._direct = False
         self.startupDone = False
         self._handshakeDone = False
-        self._closing = False
-        self._lost = False
-        self._closeTimer: Any = None
         self._deadline: Any = None
         self._started = time.monotonic()
         self.stats: dict[str, Any] = {"reason": None, "bytes_in": 0, "bytes_out": 0}
@@ -95,10 +65,9 @@ class ClientProtocol(Protocol):
     # -- connection lifecycle ------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.out = self.transport
+        super().connectionMade()
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        _nodelay(self.transport)
         self._deadline = self.route.clock.callLater(
             self.route.config.listener.startup_timeout, self._startupExpired
         )
@@ -110,32 +79,19 @@ class ClientProtocol(Protocol):
             route=self.route.name,
         )
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        if self.tls is not None:
-            self.tls.connectionLost(reason)
-        else:
-            self.appConnectionLost(reason)
-
     def appConnectionLost(self, reason: Failure) -> None:
         """The client is gone (after TLS, if any, has shut down)."""
-        self._lost = True
-        self._cancelTimers()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         if self.stats["reason"] is None:
             if self.tls is not None and not self._handshakeDone:
                 self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
             else:
                 self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
         self.route.clientClosed(self)
-        if self.onLost is not None:
-            onLost, self.onLost = self.onLost, None
-            onLost(reason)
+        super().appConnectionLost(reason)
         self._logClose()
-
-    def _cancelTimers(self) -> None:
-        for timer in (self._deadline, self._closeTimer):
-            if timer is not None and timer.active():
-                timer.cancel()
-        self._deadline = self._closeTimer = None
 
     def startupComplete(self) -> None:
         """The session is established; the startup deadline no longer applies."""
@@ -192,20 +148,6 @@ class ClientProtocol(Protocol):
         self.out.write(wire.error_response(sqlstate, text, detail=detail))
         self.close()
 
-    def close(self) -> None:
-        """Close gracefully (TLS close_notify), aborting if the peer stalls."""
-        if self._closing or self._lost:
-            return
-        self._closing = True
-        self.deliver = _discard
-        self.out.unregisterProducer()
-        self.out.loseConnection()
-        # A paused socket would not notice the peer's close_notify or FIN
-        # (it may have been paused for flow control, or while a backend was
-        # being connected): read again so the close can complete.
-        self.transport.resumeProducing()
-        self._closeTimer = self.route.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
-
     def abort(self, reason: str) -> None:
         """Drop the connection at once: nothing may be sent (or trusted)."""
         if self.stats["reason"] is None:
@@ -218,8 +160,8 @@ class ClientProtocol(Protocol):
             reason=reason,
         )
         self._closing = True
-        self.deliver = _discard
-        self.dataReceived = _discard  # type: ignore[method-assign]
+        self.deliver = discard
+        self.dataReceived = discard  # type: ignore[method-assign]
         self.transport.abortConnection()
 
     # -- before TLS ----------------------------------------------------------
@@ -233,11 +175,7 @@ class ClientProtocol(Protocol):
             self._directTLS()
             return
         while buf:
-            try:
-                parsed = wire.parse_startup_packet(buf)
-            except wire.ProtocolViolation as e:
-                self._violation(e)
-                return
+            parsed = self._nextPacket()
             if parsed is None:
                 return
             packet, used = parsed
@@ -272,11 +210,16 @@ class ClientProtocol(Protocol):
             buf.clear()
             return
 
-    def _violation(self, e: wire.ProtocolViolation) -> None:
-        if e.sqlstate is None:
-            self.abort(e.message)
-        else:
-            self.fail(e.sqlstate, e.message)
+    def _nextPacket(self) -> tuple[wire.StartupPacket, int] | None:
+        """The next startup packet, or C{None} (incomplete, or refused)."""
+        try:
+            return wire.parse_startup_packet(self._buf)
+        except wire.ProtocolViolation as e:
+            if e.sqlstate is None:
+                self.abort(e.message)
+            else:
+                self.fail(e.sqlstate, e.message)
+            return None
 
     def _directTLS(self) -> None:
         if not self.route.config.listener.direct_tls:
@@ -289,7 +232,7 @@ class ClientProtocol(Protocol):
 
     def _startTLS(self, received: bytes) -> None:
         self.deliver = self._startupData
-        self.tls = self.route.clientTLS.attach(self, _Decrypted(self), received)
+        self.tls = self.route.clientTLS.attach(self, Decrypted(self), received)
         if not self._closing:
             self.out = self.tls
 
@@ -306,11 +249,7 @@ class ClientProtocol(Protocol):
         """Application bytes before the session: exactly one startup packet."""
         buf = self._buf
         buf += data
-        try:
-            parsed = wire.parse_startup_packet(buf)
-        except wire.ProtocolViolation as e:
-            self._violation(e)
-            return
+        parsed = self._nextPacket()
         if parsed is None:
             return
         packet, used = parsed
@@ -401,16 +340,3 @@ def _tls_error(reason: Failure | None) -> str:
     if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
         return "; ".join(str(item[-1]) for item in args[0])
     return reason.getErrorMessage()
-
-
-def _discard(data: bytes) -> None:
-    pass
-
-
-def _nodelay(transport: Any) -> None:
-    setNoDelay = getattr(transport, "setTcpNoDelay", None)
-    if setNoDelay is not None:
-        try:
-            setNoDelay(True)
-        except OSError:
-            pass

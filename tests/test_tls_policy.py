@@ -341,19 +341,6 @@ async def test_no_session_ticket_in_tls12(pki, pg_tls, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
-async def test_tls13_tickets_cannot_resume(pki, pg_tls, tmp_path):
-    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
-        _, reused = await deferToThread(
-            resume, proxy.port(), pki.cert("ca"), ssl.TLSVersion.TLSv1_3
-        )
-        # Known difference from PostgreSQL (README, Limits): OpenSSL still sends
-        # stateful TLS 1.3 tickets, because pyOpenSSL cannot call
-        # SSL_CTX_set_num_tickets(0); with the session cache off they can
-        # never resume a session, which is what matters.
-        assert not reused
-
-
-@pytest_twisted.ensureDeferred
 async def test_default_ciphers_tls12_forward_secret_aead_only(pki, pg_tls, tmp_path):
     async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         ca = pki.cert("ca")
