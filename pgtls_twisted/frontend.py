@@ -286,7 +286,7 @@ class ClientProtocol(Leg):
             self.fail(*refusal)
             return
         if self.tls is not None:
-            problem = self._clientCertificateProblem(startup.user)
+            problem = self._clientCertificateProblem(startup.rawParameter(b"user") or b"")
             if problem is not None:
                 self.fail("28000", problem)
                 return
@@ -296,7 +296,7 @@ class ClientProtocol(Leg):
         self.pending = bytearray(rest)
         self.route.startSession(self, startup)
 
-    def _clientCertificateProblem(self, user: str) -> str | None:
+    def _clientCertificateProblem(self, user: bytes) -> str | None:
         listener = self.route.config.listener
         if not listener.mtls:
             return None
@@ -310,8 +310,10 @@ class ClientProtocol(Leg):
 
             cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
             cn = cns[0].value if cns else None
-            if cn != _role_name(user):
-                return f'pgtls: certificate authentication failed for user "{user}": certificate CN is "{cn}"'
+            role = _role_name(user)
+            if role is None or not isinstance(cn, str) or cn.encode("utf-8") != role:
+                shown = user.decode("utf-8", "replace")
+                return f'pgtls: certificate authentication failed for user "{shown}": certificate CN is "{cn}"'
         return None
 
     def _early(self, data: bytes) -> None:
@@ -323,13 +325,19 @@ class ClientProtocol(Leg):
 _MAX_NAME_BYTES = 63
 
 
-def _role_name(user: str) -> str:
+def _role_name(user: bytes) -> bytes | None:
     """
-    The role PostgreSQL will log in for C{user}: cut to 63 bytes without
-    splitting a character. A certificate must match that name, not a longer
-    one that merely starts the same way.
+    The role PostgreSQL will log in for C{user} (the startup packet's raw
+    bytes): cut to 63 bytes without splitting a character. A certificate
+    must match that name exactly, not a longer one that merely starts the
+    same way, nor a different byte string that decodes alike. C{None} for a
+    name that is not UTF-8, which no certificate can vouch for.
     """
-    return user.encode("utf-8")[:_MAX_NAME_BYTES].decode("utf-8", "ignore")
+    try:
+        user.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return user[:_MAX_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
 def _tls_error(reason: Failure | None) -> str:

@@ -115,6 +115,14 @@ class StartupMessage:
     def database(self) -> str:
         return self.parameters.get("database") or self.user
 
+    def rawParameter(self, name: bytes) -> bytes | None:
+        """A parameter's value exactly as sent (before any decoding)."""
+        parts = self.raw[8:].split(b"\0")
+        for i in range(0, len(parts) - 1, 2):
+            if parts[i] == name:
+                return parts[i + 1]
+        return None
+
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
 

@@ -567,3 +567,14 @@ def test_alpn_without_postgresql_is_refused(route: Route, pki: PKI, direct: bool
     assert "no application protocol" in client.alert()
     assert serverIO.disconnecting
     assert sessions(route) == []
+
+
+def test_role_name_is_what_postgresql_logs_in_as() -> None:
+    from pgtls_twisted.frontend import _role_name
+
+    assert _role_name(b"alice") == b"alice"
+    assert _role_name(b"v" * 63 + b"x") == b"v" * 63
+    # Cut at 63 bytes without splitting a character (62 + a 2-byte char).
+    assert _role_name(b"v" * 62 + "é".encode()) == b"v" * 62
+    # Not UTF-8: no certificate can vouch for it.
+    assert _role_name(b"a\xff") is None

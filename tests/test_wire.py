@@ -741,3 +741,16 @@ def test_fuzz_encode_startup_message_round_trip(
     assert (msg.major << 16) | msg.minor == version
     assert msg.raw == raw
     assert msg.user == user
+
+
+def test_raw_parameter_is_the_undecoded_value() -> None:
+    raw = struct.pack("!II", 0, wire.PROTOCOL_3_0) + b"user\0a\xff\0database\0db\0\0"
+    raw = struct.pack("!I", len(raw)) + raw[4:]
+    parsed = wire.parse_startup_packet(raw)
+    assert parsed is not None
+    message = parsed[0]
+    assert isinstance(message, wire.StartupMessage)
+    assert message.rawParameter(b"user") == b"a\xff"
+    assert message.user == "a\ufffd"
+    assert message.rawParameter(b"database") == b"db"
+    assert message.rawParameter(b"options") is None
