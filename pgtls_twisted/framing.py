@@ -96,7 +96,7 @@ class MessageSplitter:
     def __init__(
         self,
         watch: Iterable[int | bytes] | None = None,
-        peek: Mapping[int | bytes, int] | None = None,
+        peek: Mapping[int, int] | Mapping[bytes, int] | None = None,
         maxLength: int = MAX_MESSAGE_LENGTH,
     ) -> None:
         """
@@ -116,7 +116,8 @@ class MessageSplitter:
             for t in watch:
                 table[_typeCode(t)] = 0
         maxPeek = 0
-        for t, size in (peek or {}).items():
+        peeks: Iterable[tuple[int | bytes, int]] = peek.items() if peek else ()
+        for t, size in peeks:
             if size < 0:
                 raise ValueError("a peek size cannot be negative")
             table[_typeCode(t)] = size

@@ -53,7 +53,8 @@ _COPY_BOTH_RESPONSE = ord("W")
 _COMMAND_COMPLETE = ord("C")
 _ERROR_RESPONSE = ord("E")
 
-_STATUSES = {ord("I"): "I", ord("T"): "T", ord("E"): "E"}
+#: ReadyForQuery's status, as the splitter's peek (bytes) or as text.
+_STATUSES: dict[bytes | str, str] = {b"I": "I", b"T": "T", b"E": "E", "I": "I", "T": "T", "E": "E"}
 
 #: The frontend types L{TransactionTracker.clientMessage} needs: all of them
 #: but CopyData, which never changes the state and is by far the most
@@ -219,7 +220,7 @@ class TransactionTracker:
 
     def clientMessage(self, mtype: int | bytes) -> None:
         """The client sent a message of this type (an int, or one byte)."""
-        t = _code(mtype)
+        t = mtype if type(mtype) is int else _code(mtype)
         copyingIn = self._clientCopying and self._serverCopying and self._copyMode == "in"
         if t == _SYNC:
             if copyingIn:
@@ -263,9 +264,27 @@ class TransactionTracker:
             one-byte peek); ignored for other types.
         @raise ProtocolViolation: a ReadyForQuery without a valid status.
         """
-        t = _code(mtype)
-        if t == _READY_FOR_QUERY:
+        t = mtype if type(mtype) is int else _code(mtype)
+        # The two types every statement brings come first: this is per
+        # message on the pooler's hot path.
+        if t == _COMMAND_COMPLETE:
+            if self._serverCopying and self._copyMode == "in":
+                if self._clientCopying:
+                    self._pin("COPY FROM STDIN completed before the client's CopyDone")
+                # The server read the CopyDone in copy mode, so it read every
+                # Sync sent before it in copy mode too, and ignored them.
+                self._serverCopying = False
+                self._ignoredSyncs = 0
+        elif t == _READY_FOR_QUERY:
             self._readyForQuery(status)
+        elif t == _ERROR_RESPONSE:
+            if self._serverCopying:
+                self._serverCopying = False
+                if self._copyMode == "in" and self._ignoredSyncs:
+                    self._pin(
+                        "error during COPY FROM STDIN: unknown whether the server "
+                        "ignored the Syncs sent with it"
+                    )
         elif t == _COPY_IN_RESPONSE:
             self._copyInStarts()
         elif t == _COPY_OUT_RESPONSE:
@@ -275,29 +294,12 @@ class TransactionTracker:
         elif t == _COPY_DONE:
             if self._copyMode in ("out", "both"):
                 self._serverCopying = False
-        elif t == _COMMAND_COMPLETE:
-            if self._serverCopying and self._copyMode == "in":
-                if self._clientCopying:
-                    self._pin("COPY FROM STDIN completed before the client's CopyDone")
-                # The server read the CopyDone in copy mode, so it read every
-                # Sync sent before it in copy mode too, and ignored them.
-                self._serverCopying = False
-                self._ignoredSyncs = 0
-        elif t == _ERROR_RESPONSE:
-            if self._serverCopying:
-                self._serverCopying = False
-                if self._copyMode == "in" and self._ignoredSyncs:
-                    self._pin(
-                        "error during COPY FROM STDIN: unknown whether the server "
-                        "ignored the Syncs sent with it"
-                    )
 
     def _readyForQuery(self, status: bytes | str | None) -> None:
-        if isinstance(status, str):
-            status = status.encode("ascii", "replace")
-        if not status or len(status) != 1 or status[0] not in _STATUSES:
+        value = None if status is None else _STATUSES.get(status)
+        if value is None:
             raise ProtocolViolation(f"invalid ReadyForQuery status {status!r}")
-        self.transactionStatus = _STATUSES[status[0]]
+        self.transactionStatus = value
         if self._serverCopying:
             self._pin("ReadyForQuery during COPY")
             self._serverCopying = False
