@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import wire
@@ -28,8 +29,11 @@ if TYPE_CHECKING:
 class CancelTarget(Protocol):
     """Whatever a minted key stands for (a session)."""
 
-    def cancelTarget(self) -> tuple[Route, int, bytes] | None:
-        """The route, backend PID and backend key to cancel now, if any."""
+    def cancelTarget(self) -> tuple[Route, int, bytes, Callable[[], None] | None] | None:
+        """
+        The route, backend PID and backend key to cancel now, if any, and
+        what to call once the cancel has been delivered (or has failed).
+        """
 
 
 class CancelRegistry:
@@ -76,17 +80,19 @@ class CancelRegistry:
                 conn=client.connId,
             )
             return
-        route, pid, key = where
+        route, pid, key, done = where
         self._log.info(
             "conn={conn} cancel request forwarded to route={route} backend_pid={pid}",
             conn=client.connId,
             route=route.name,
             pid=pid,
         )
-        forward_cancel(route, wire.CancelRequest(pid, key))
+        forward_cancel(route, wire.CancelRequest(pid, key), done)
 
 
-def forward_cancel(route: Route, request: wire.CancelRequest) -> None:
+def forward_cancel(
+    route: Route, request: wire.CancelRequest, done: Callable[[], None] | None = None
+) -> None:
     """
     Send C{request} over a new backend connection, following the route's
     backend TLS mode like every other backend connection.
@@ -106,4 +112,6 @@ def forward_cancel(route: Route, request: wire.CancelRequest) -> None:
             error=failure.getErrorMessage(),
         )
 
-    connect_backend(route).addCallbacks(send, failed)
+    d = connect_backend(route).addCallbacks(send, failed)
+    if done is not None:
+        d.addBoth(lambda _: done())

@@ -174,17 +174,46 @@ class BackendConfig:
             object.__setattr__(self, "server_name", self.host)
 
 
+POOL_MODES = ("session", "transaction")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """
+    C{[proxy.pool]}: pooled server connections that log in as a service
+    user (absent: 1:1 pass-through).
+
+    @ivar service_password: resolved at load time from
+        C{service_password_file}, C{service_password_env} or
+        C{service_password}; never shown in reprs or logs.
+    @ivar password_source: C{"file"}, C{"env"}, C{"literal"} or C{None}.
+    """
+
+    service_user: str
+    mode: str = "transaction"
+    service_password: str | None = field(default=None, repr=False)
+    password_source: str | None = None
+    max_size: int = 5
+    min_size: int = 0
+    acquire_timeout: float = 30.0
+    idle_timeout: float = 1800.0
+    max_lifetime: float = 3600.0
+    reset_query: str = "DISCARD ALL"
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """
     One C{[[proxy]]} entry: a listener and the backend it forwards to.
 
     @ivar name: unique among routes; used in logs and messages.
+    @ivar pool: pooling, or C{None} for pass-through.
     """
 
     name: str
     listener: ListenerConfig
     backend: BackendConfig
+    pool: PoolConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -597,6 +626,35 @@ _BACKEND: dict[str, _Key] = {
     "client_key": _Key(_existing_file, None),
 }
 
+
+def _non_negative_int(value: object, base_dir: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an integer, got {_show(value)}")
+    if value < 0:
+        raise _Invalid(f"must be 0 or more, got {value}")
+    return value
+
+
+def _any_string(value: object, base_dir: Path) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got {_show(value)}")
+    return value
+
+
+_POOL: dict[str, _Key] = {
+    "mode": _Key(_choice(POOL_MODES), "transaction"),
+    "service_user": _Key(_string, _REQUIRED),
+    "service_password_file": _Key(_existing_file, None),
+    "service_password_env": _Key(_string, None),
+    "service_password": _Key(_any_string, None),
+    "max_size": _Key(_positive_int, 5),
+    "min_size": _Key(_non_negative_int, 0),
+    "acquire_timeout": _Key(_duration, 30.0),
+    "idle_timeout": _Key(_duration, 1800.0),
+    "max_lifetime": _Key(_duration, 3600.0),
+    "reset_query": _Key(_any_string, "DISCARD ALL"),
+}
+
 _HINTS: dict[tuple[str, str], str] = {
     ("backend", "tls_enabled"): (
         'the Rust pgtls\'s tls_enabled is replaced by tls = "disable", "prefer", "require",'
@@ -720,6 +778,44 @@ def _build_backend(values: dict[str, Any]) -> BackendConfig:
     )
 
 
+def _check_pool(values: dict[str, Any], where: str, report: _Report) -> None:
+    """One password source at most; min_size within max_size; the env variable set."""
+    sources = [
+        k
+        for k in ("service_password_file", "service_password_env", "service_password")
+        if values[k] is not None
+    ]
+    if len(sources) > 1:
+        report.add(f"{where}{sources[1]}", f"conflicts with {sources[0]}: give one password source")
+    env = values["service_password_env"]
+    if env not in (None, _BAD) and env not in os.environ:
+        report.add(f"{where}service_password_env", f"environment variable {env} is not set")
+    if values["min_size"] not in (None, _BAD) and values["max_size"] not in (None, _BAD):
+        if values["min_size"] > values["max_size"]:
+            report.add(f"{where}min_size", f"must not exceed max_size ({values['max_size']})")
+    path = values["service_password_file"]
+    if path not in (None, _BAD):
+        try:
+            path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            report.add(f"{where}service_password_file", f"cannot read {path}: {e}")
+
+
+def _build_pool(values: dict[str, Any]) -> PoolConfig:
+    values = dict(values)
+    path = values.pop("service_password_file")
+    env = values.pop("service_password_env")
+    literal = values.pop("service_password")
+    password, source = None, None
+    if path is not None:
+        password, source = path.read_text().rstrip("\r\n"), "file"
+    elif env is not None:
+        password, source = os.environ[env], "env"
+    elif literal is not None:
+        password, source = literal, "literal"
+    return PoolConfig(service_password=password, password_source=source, **values)
+
+
 def _no_checks(values: dict[str, Any], where: str, report: _Report) -> None:
     """The default for sections whose keys are independent of each other."""
 
@@ -748,6 +844,7 @@ class _Section:
 _ROUTE_SECTIONS: dict[str, _Section] = {
     "listener": _Section(_LISTENER, _build_listener, _check_listener),
     "backend": _Section(_BACKEND, _build_backend, _check_backend),
+    "pool": _Section(_POOL, _build_pool, _check_pool, required=False),
 }
 """
 The tables inside each C{[[proxy]]}, in file order; the key is both the TOML

@@ -40,6 +40,11 @@ class Route:
         self.backendCreator = BackendTLS(config.backend)
         self.backendTLS = TLSLayer(self.backendCreator, True, reactor)
         self.clients: set[ClientProtocol] = set()
+        self.pools: Any = None
+        if config.pool is not None:
+            from .pooled import PoolManager
+
+            self.pools = PoolManager(self)
 
     def factory(self) -> Factory:
         return _RouteFactory(self)
@@ -61,9 +66,14 @@ class Route:
         return None
 
     def startSession(self, client: ClientProtocol, startup: Any) -> None:
-        from .session import Session
+        if self.pools is not None:
+            from .pooled import PooledSession
 
-        Session(self, client, startup).start()
+            PooledSession(self, client, startup).start()
+        else:
+            from .session import Session
+
+            Session(self, client, startup).start()
 
     def reloadCertificates(self, force: bool = False) -> bool:
         """Re-read changed certificate files (all of them with C{force})."""

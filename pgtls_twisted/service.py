@@ -67,10 +67,15 @@ class RouteService(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self.route.pools is not None:
+            self.route.pools.close()
         port, self.port = self.port, None
         if port is None:
             return defer.succeed(None)
         return defer.maybeDeferred(port.stopListening)
+
+
+_log = Logger()
 
 
 def make_service(config: Config, reactor: Any = None) -> MultiService:
@@ -96,6 +101,18 @@ def make_service(config: Config, reactor: Any = None) -> MultiService:
         refresh = TimerService(routeConfig.listener.cert_refresh_interval, route.reloadCertificates)
         refresh.clock = reactor
         refresh.setServiceParent(top)
+        if route.pools is not None:
+            pool = routeConfig.pool
+            if pool.password_source == "literal":
+                _log.warn(
+                    "route={route}: pool.service_password is written in the configuration file; "
+                    "prefer service_password_file or service_password_env",
+                    route=route.name,
+                )
+            interval = max(0.5, min(30.0, pool.idle_timeout / 4))
+            reaper = TimerService(interval, route.pools.reap)
+            reaper.clock = reactor
+            reaper.setServiceParent(top)
     return top
 
 

@@ -246,10 +246,10 @@ class Session:
         if early:
             client.deliver(early)
 
-    def cancelTarget(self) -> tuple[Route, int, bytes] | None:
+    def cancelTarget(self) -> tuple[Route, int, bytes, None] | None:
         if self._backendKey is None or self._done:
             return None
-        return self.route, self._backendKey[0], self._backendKey[1]
+        return self.route, self._backendKey[0], self._backendKey[1], None
 
     # -- ending ----------------------------------------------------------------
 

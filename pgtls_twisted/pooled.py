@@ -1,0 +1,438 @@
+# -*- test-case-name: tests.test_pooling -*-
+"""
+A pooled session: the client's credentials are checked by the real server
+over a temporary connection, then its queries run on pooled server
+connections that logged in as the route's service user (the pooling seed's
+design).
+
+Login is L{pgtls_twisted.session.Session}'s startup phase unchanged (the
+same TLS-leg rules, SCRAM included); at the backend's ReadyForQuery the
+temporary connection is closed instead of becoming a pump. The client has
+by then received AuthenticationOk, the server's ParameterStatus set, a
+minted BackendKeyData and ReadyForQuery.
+
+From then on both directions are framed by their headers only
+(L{pgtls_twisted.framing}), never parsed, and a
+L{pgtls_twisted.txstate.TransactionTracker} says when the server
+connection may go back to the pool: when the client leaves (session
+mode), or at every ReadyForQuery that leaves the connection idle
+(transaction mode). Nothing goes back dirty: a connection the client
+leaves in a transaction, a COPY or a pending request is closed, and in
+session mode an idle one is rolled back and reset first.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from . import wire
+from .backend import connect_backend
+from .framing import MessageSplitter
+from .leg import discard
+from .logs import Logger
+from .pool import Pool, PooledServer, PoolTimeout
+from .pump import _Valve
+from .serverlogin import ServerLogin, ServerLoginError
+from .session import Session
+from .txstate import (
+    CLIENT_WATCH,
+    SERVER_PEEK,
+    SERVER_WATCH,
+    ParameterTracker,
+    TransactionTracker,
+    parameterStatusFromPeek,
+)
+
+if TYPE_CHECKING:
+    from .frontend import ClientProtocol
+    from .route import Route
+
+_TERMINATE = ord("X")
+_READY = ord("Z")
+_PARAMETER_STATUS = ord("S")
+_ERROR = ord("E")
+#: Enough of an ErrorResponse to see a FATAL severity field.
+_ERROR_PEEK = 16
+
+
+class PooledSession(Session):
+    """
+    @ivar attached: the pooled server connection serving the client now.
+    @ivar params: the session parameters the client should see on any server.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
+        super().__init__(route, client, startup)
+        self.pools = route.pools
+        self.pool = route.pools.poolFor(startup.database)
+        self.transactionMode = route.config.pool.mode == "transaction"
+        self.params = ParameterTracker(startup.parameters)
+        self.attached: PooledServer | None = None
+        self._tracker: TransactionTracker | None = None
+        self._clientSplitter = MessageSplitter(CLIENT_WATCH)
+        self._serverSplitter: MessageSplitter | None = None
+        self._waiting: defer.Deferred[PooledServer] | None = None
+        self._held: list[bytes] = []
+        self._heldTypes: list[int] = []
+        self._serverSaidFatal = False
+
+    # -- the end of login ----------------------------------------------------------
+
+    def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
+        if mtype == b"S":
+            name, value = wire.parse_parameter_status(body)
+            self.params.serverReported(name, value)
+        return super()._serverMessage(mtype, body)
+
+    def _startPump(self) -> None:
+        """The temporary connection said ReadyForQuery: the login is done."""
+        temp, self.server = self.server, None
+        assert temp is not None
+        temp.onLost = None
+        temp.close()
+        client = self.client
+        client.startupComplete()
+        self._log.info(
+            "conn={conn} session started route={route} user={user} database={database} pool={pool} mode={mode}",
+            conn=client.connId,
+            route=self.route.name,
+            user=self.startup.user,
+            database=self.startup.database,
+            pool=self.pool.name,
+            mode=self.route.config.pool.mode,
+        )
+        client.deliver = self._fromClient
+        client.onLost = self._clientLost
+        early = self._clientReader.drain()
+        if early:
+            self._fromClient(early)
+
+    def cancelTarget(self) -> tuple[Route, int, bytes, Any] | None:
+        server = self.attached
+        if server is None or server.backendKey is None or self._done:
+            return None
+        server.cancels += 1
+        return (
+            self.route,
+            server.backendKey[0],
+            server.backendKey[1],
+            lambda: self.pool.cancelDone(server),
+        )
+
+    # -- client to server ----------------------------------------------------------
+
+    def _fromClient(self, data: bytes) -> None:
+        try:
+            out, events = self._clientSplitter.feed(data)
+        except wire.ProtocolViolation as e:
+            self._abandon("08P01", e.message)
+            return
+        types = [event[1] for event in events]
+        if _TERMINATE in types:
+            # Never forwarded: the server connection outlives this client.
+            cut = events[types.index(_TERMINATE)][0]
+            out, types = out[:cut], types[: types.index(_TERMINATE)]
+            self._send(out, types)
+            self._finish("client terminated")
+            return
+        self._send(out, types)
+
+    def _send(self, out: bytes, types: list[int]) -> None:
+        self.client.stats["bytes_in"] += len(out)
+        if self.attached is not None:
+            tracker = self._tracker
+            assert tracker is not None
+            for t in types:
+                tracker.clientMessage(t)
+            if out:
+                self.attached.leg.out.write(out)
+            return
+        if not out:
+            return
+        self._held.append(out)
+        self._heldTypes.extend(types)
+        if self._waiting is None:
+            # Read no more from the client until it has a server.
+            self.client.transport.pauseProducing()
+            self._waiting = self.pool.acquire()
+            self._waiting.addCallbacks(self._acquired, self._notAcquired)
+
+    def _acquired(self, server: PooledServer) -> None:
+        self._waiting = None
+        if self._done:
+            self.pool.release(server)
+            return
+        self._attach(server)
+
+    def _notAcquired(self, failure: Failure) -> None:
+        self._waiting = None
+        if self._done or failure.check(defer.CancelledError):
+            return
+        if failure.check(PoolTimeout):
+            self._abandon("53300", f"pgtls: {failure.value}")
+        elif failure.check(ServerLoginError):
+            err = failure.value
+            self._abandon(err.sqlstate, f'pgtls pool "{self.pool.name}": {err.message}')
+        else:
+            self._abandon("08001", f'pgtls pool "{self.pool.name}": {failure.getErrorMessage()}')
+
+    # -- attaching and detaching ----------------------------------------------------
+
+    def _attach(self, server: PooledServer) -> None:
+        self.attached = server
+        server.holder = self
+        self._tracker = TransactionTracker()
+        self._serverSplitter = MessageSplitter(
+            SERVER_WATCH, peek={**SERVER_PEEK, b"E": _ERROR_PEEK}
+        )
+        leg = server.leg
+        leg.onLost = self._attachedLost
+        self.client.out.registerProducer(_Valve(leg.transport), True)
+        leg.out.registerProducer(_Valve(self.client.transport), True)
+        diff = self.params.differences(server.parameters)
+        if diff:
+            self._internal(ParameterTracker.applySQL(diff), self._flushHeld)
+        else:
+            self._flushHeld()
+
+    def _flushHeld(self) -> None:
+        server = self.attached
+        assert server is not None and self._tracker is not None
+        server.leg.deliver = self._fromServer
+        held, types = b"".join(self._held), self._heldTypes
+        self._held, self._heldTypes = [], []
+        for t in types:
+            self._tracker.clientMessage(t)
+        if held:
+            server.leg.out.write(held)
+        self.client.transport.resumeProducing()
+
+    def _detach(self) -> PooledServer:
+        server = self.attached
+        assert server is not None
+        self.attached = None
+        self._tracker = None
+        leg = server.leg
+        self.client.out.unregisterProducer()
+        leg.out.unregisterProducer()
+        leg.transport.resumeProducing()
+        leg.deliver = discard
+        leg.onLost = lambda reason: self.pool.lost(server)
+        return server
+
+    # -- server to client ----------------------------------------------------------
+
+    def _fromServer(self, data: bytes) -> None:
+        splitter, tracker = self._serverSplitter, self._tracker
+        assert splitter is not None and tracker is not None and self.attached is not None
+        try:
+            out, events = splitter.feed(data)
+        except wire.ProtocolViolation as e:
+            self.attached.dirty = True
+            self._abandon("08006", f"backend protocol violation: {e.message}")
+            return
+        for _, mtype, length, peek in events:
+            if mtype == _PARAMETER_STATUS:
+                param = parameterStatusFromPeek(length, peek)
+                if param is not None:
+                    self.attached.parameters[param[0]] = param[1]
+                    self.params.serverReported(*param)
+            elif mtype == _ERROR:
+                if b"SFATAL\0" in peek:
+                    self._serverSaidFatal = True
+                tracker.serverMessage(mtype)
+            else:
+                tracker.serverMessage(mtype, peek or None)
+        self.client.stats["bytes_out"] += len(out)
+        self.client.out.write(out)
+        if (
+            self.transactionMode
+            and tracker.idle
+            and splitter.atBoundary
+            and self._clientSplitter.atBoundary
+        ):
+            self.pool.release(self._detach())
+
+    # -- the proxy's own statements ----------------------------------------------------
+
+    def _internal(self, sql: str, then: Any) -> None:
+        """
+        Run C{sql} on the attached server, swallowing its answers, then call
+        C{then}. A failure marks the connection dirty (closed on release)
+        and ends the client's session: its state could not be restored.
+        """
+        server = self.attached
+        assert server is not None
+        reader = wire.MessageReader()
+        failed: list[str] = []
+
+        def answer(data: bytes) -> None:
+            reader.feed(data)
+            while True:
+                try:
+                    msg = reader.next()
+                except wire.ProtocolViolation as e:
+                    server.dirty = True
+                    self._abandon("08006", f"backend protocol violation: {e.message}")
+                    return
+                if msg is None:
+                    return
+                mtype, body = msg
+                if mtype == b"E":
+                    failed.append(wire.parse_error_fields(body).get("M", "error"))
+                elif mtype == b"S":
+                    name, value = wire.parse_parameter_status(body)
+                    server.parameters[name] = value
+                elif mtype == b"Z":
+                    server.leg.deliver = discard
+                    if failed:
+                        server.dirty = True
+                        self._log.warn(
+                            "conn={conn} pool={pool}: {sql!r} failed: {error}",
+                            conn=self.client.connId,
+                            pool=self.pool.name,
+                            sql=sql,
+                            error=failed[0],
+                        )
+                    then()
+                    return
+
+        server.leg.deliver = answer
+        server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
+
+    # -- ending ----------------------------------------------------------------------
+
+    def _finish(self, reason: str) -> None:
+        if self._done:
+            return
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
+        if self.attached is not None:
+            self._giveBack()
+        super()._finish(reason)
+
+    def _giveBack(self) -> None:
+        """The client is leaving: return its server connection clean, or close it."""
+        tracker = self._tracker
+        assert tracker is not None
+        quiet = (
+            tracker.pendingSyncs == 0
+            and tracker.inCopy is None
+            and not tracker.batchOpen
+            and tracker.pinned is None
+            and self._clientSplitter.atBoundary
+            and self._serverSplitter is not None
+            and self._serverSplitter.atBoundary
+        )
+        server = self._detach()
+        if not quiet:
+            # Mid-request: what the server is doing is unknown, so nobody
+            # else may have it.
+            server.dirty = True
+            self.pool.release(server)
+            return
+        if self.transactionMode and tracker.transactionStatus == "I":
+            self.pool.release(server)
+            return
+        statements = []
+        if tracker.transactionStatus != "I":
+            statements.append("ROLLBACK")
+        if not self.transactionMode and self.route.config.pool.reset_query:
+            statements.append(self.route.config.pool.reset_query)
+        self.attached = server  # for _internal
+        self._internal("; ".join(statements), lambda: self._resetDone(server))
+
+    def _resetDone(self, server: PooledServer) -> None:
+        self.attached = None
+        server.leg.deliver = discard
+        server.leg.onLost = lambda reason: self.pool.lost(server)
+        # Parameters are back to the service user's defaults after a reset.
+        self.pool.release(server)
+
+    def _attachedLost(self, reason: Failure) -> None:
+        server = self.attached
+        if server is None:
+            return
+        self.attached = None
+        self.pool.lost(server)
+        if not self._done:
+            if self._serverSaidFatal:
+                self._finish("server connection closed by the server")
+            else:
+                self._abandon("08006", f'pgtls pool "{self.pool.name}": server connection lost')
+
+
+class PoolManager:
+    """
+    The pools of one route, one per database (the service user is the
+    route's), created on first use and dropped when empty and idle.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.config = route.config.pool
+        self.pools: dict[str, Pool] = {}
+
+    def poolFor(self, database: str) -> Pool:
+        pool = self.pools.get(database)
+        if pool is None:
+            config = self.config
+            pool = Pool(
+                f"{config.service_user}/{database}",
+                lambda: self._open(database),
+                self.route.clock,
+                maxSize=config.max_size,
+                minSize=config.min_size,
+                acquireTimeout=config.acquire_timeout,
+                idleTimeout=config.idle_timeout,
+                maxLifetime=config.max_lifetime,
+            )
+            self.pools[database] = pool
+        return pool
+
+    def _open(self, database: str) -> defer.Deferred[PooledServer]:
+        """A new server connection, logged in as the service user."""
+        config = self.config
+        clock = self.route.clock
+
+        def login(leg: Any) -> defer.Deferred[PooledServer]:
+            attempt = ServerLogin(
+                leg,
+                config.service_user,
+                database,
+                config.service_password,
+                {"application_name": "pgtls"},
+            )
+
+            def ready(result: Any) -> PooledServer:
+                return PooledServer(
+                    leg,
+                    clock.seconds(),
+                    dict(result.parameters),
+                    result.backendKey,
+                    clock.seconds(),
+                )
+
+            return attempt.done.addCallback(ready)
+
+        return connect_backend(self.route).addCallback(login)
+
+    def reap(self) -> None:
+        """Close idle and over-age connections; forget pools nobody uses."""
+        for database, pool in list(self.pools.items()):
+            pool.reap()
+            if pool.size == 0 and pool.unused:
+                del self.pools[database]
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()

@@ -1,0 +1,335 @@
+"""
+End-to-end pooling: real psycopg clients log in as themselves (verified by
+the real server over a temporary connection), then run on pooled server
+connections of the service user, in transaction and session mode.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+import pytest_twisted
+from support.proxy import route, start_proxy
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
+
+from pgtls_twisted.testing.cluster import (
+    APP_DB,
+    MD5_PASSWORD,
+    MD5_USER,
+    POOL_PASSWORD,
+    POOL_USER,
+    SCRAM_PASSWORD,
+    SCRAM_USER,
+)
+
+
+def pooled_route(pki, cluster, mode="transaction", **pool):
+    table = route(pki, cluster, name=f"pool-{mode}")
+    table["pool"] = {
+        "mode": mode,
+        "service_user": POOL_USER,
+        "service_password": POOL_PASSWORD,
+        "max_size": 5,
+        "acquire_timeout": "10s",
+        **pool,
+    }
+    return table
+
+
+def dsn(proxy, pki, user=SCRAM_USER, password=SCRAM_PASSWORD, dbname=APP_DB, **extra):
+    params = dict(
+        user=user,
+        password=password,
+        dbname=dbname,
+        sslmode="verify-full",
+        sslrootcert=pki.cert("ca"),
+    )
+    params.update(extra)
+    return proxy.dsn(**params)
+
+
+async def sleep(seconds):
+    d = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
+
+
+def pooled_count(cluster):
+    return int(
+        cluster.psql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{POOL_USER}' AND datname = '{APP_DB}'"
+        )
+    )
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+@pytest_twisted.ensureDeferred
+async def test_login_as_self_run_as_service_user(pki, pg_tls, tmp_path, mode):
+    proxy = start_proxy([pooled_route(pki, pg_tls, mode)], tmp_path)
+    try:
+
+        def run():
+            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+                user = conn.execute("SELECT current_user").fetchone()[0]
+                ssl = conn.execute(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+                ).fetchone()[0]
+                return user, ssl, conn.info.backend_pid != 0
+
+        assert await deferToThread(run) == (POOL_USER, True, True)
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_failures_are_the_servers_own(pki, pg_tls, tmp_path):
+    proxy = start_proxy([pooled_route(pki, pg_tls)], tmp_path)
+    try:
+
+        def attempt(**kw):
+            try:
+                psycopg.connect(dsn(proxy, pki, **kw)).close()
+            except psycopg.OperationalError as e:
+                return str(e)
+            return None
+
+        assert "password authentication failed" in await deferToThread(attempt, password="wrong")
+        assert 'database "nope" does not exist' in await deferToThread(attempt, dbname="nope")
+        assert "password authentication failed" in await deferToThread(
+            attempt, user=MD5_USER, password="wrong"
+        )
+        ok = await deferToThread(attempt, user=MD5_USER, password=MD5_PASSWORD)
+        assert ok is None
+    finally:
+        await proxy.stop()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+@pytest_twisted.ensureDeferred
+async def test_pipeline_extended_protocol_and_copy(pki, pg_tls, tmp_path, mode):
+    proxy = start_proxy([pooled_route(pki, pg_tls, mode)], tmp_path)
+    table = f"copy_{mode}"
+    try:
+
+        def run():
+            with psycopg.connect(dsn(proxy, pki)) as conn:
+                with conn.pipeline():
+                    curs = [conn.execute("SELECT %s::int + 1", (i,)) for i in range(50)]
+                piped = [c.fetchone()[0] for c in curs]
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+                conn.execute(f"CREATE TABLE {table} (id int, t text)")
+                with conn.cursor().copy(f"COPY {table} FROM STDIN") as copy:
+                    for i in range(100_000):
+                        copy.write_row((i, "x"))
+                conn.commit()
+                count = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                out = []
+                with conn.cursor().copy(
+                    f"COPY (SELECT id FROM {table} ORDER BY id LIMIT 5) TO STDOUT"
+                ) as copy:
+                    for row in copy.rows():
+                        out.append(row[0])
+                conn.execute(f"DROP TABLE {table}")
+                conn.commit()
+                return piped, count, out
+
+        piped, count, out = await deferToThread(run)
+        assert piped == [i + 1 for i in range(50)]
+        assert count == 100_000
+        assert out == ["0", "1", "2", "3", "4"]
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_clients_share_max_size_connections(pki, pg_tls, tmp_path):
+    """40 clients x 25 short transactions on max_size = 5."""
+    baseline = await deferToThread(pooled_count, pg_tls)
+    proxy = start_proxy([pooled_route(pki, pg_tls, max_size=5)], tmp_path)
+    peak = [0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            peak[0] = max(peak[0], pooled_count(pg_tls) - baseline)
+            stop.wait(0.05)
+
+    try:
+        await deferToThread(
+            lambda: (
+                psycopg.connect(dsn(proxy, pki), autocommit=True)
+                .execute("CREATE TABLE IF NOT EXISTS pooled_counter (id int)")
+                .connection.close()
+            )
+        )
+
+        def client(n):
+            with psycopg.connect(dsn(proxy, pki)) as conn:
+                # Named prepared statements live in one server session: in
+                # transaction mode they must be off (README, Pooling limits).
+                conn.prepare_threshold = None
+                for i in range(25):
+                    conn.execute("INSERT INTO pooled_counter VALUES (%s)", (n * 1000 + i,))
+                    conn.commit()
+
+        watcher = deferToThread(watch)
+        reactor.getThreadPool().adjustPoolsize(maxthreads=50)
+        await defer.gatherResults([deferToThread(client, n) for n in range(40)], consumeErrors=True)
+        stop.set()
+        await watcher
+        total = await deferToThread(
+            lambda: (
+                psycopg.connect(dsn(proxy, pki))
+                .execute("SELECT count(*) FROM pooled_counter")
+                .fetchone()[0]
+            )
+        )
+        assert total >= 1000
+        assert 0 < peak[0] <= 5
+    finally:
+        stop.set()
+        await deferToThread(pg_tls.psql, "DROP TABLE IF EXISTS pooled_counter", dbname=APP_DB)
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_session_state_is_gone_for_the_next_client(pki, pg_tls, tmp_path):
+    proxy = start_proxy([pooled_route(pki, pg_tls, "session", max_size=1)], tmp_path)
+    try:
+
+        def first():
+            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+                conn.execute("SET work_mem = '7MB'")
+                conn.execute("CREATE TEMP TABLE mine (x int)")
+                return conn.info.backend_pid
+
+        def second():
+            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+                mem = conn.execute("SHOW work_mem").fetchone()[0]
+                temp = conn.execute(
+                    "SELECT count(*) FROM pg_class WHERE relname = 'mine'"
+                ).fetchone()[0]
+                return mem, temp
+
+        await deferToThread(first)
+        mem, temp = await deferToThread(second)
+        assert mem != "7MB" and temp == 0
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_transaction_mode_reapplies_client_parameters(pki, pg_tls, tmp_path):
+    proxy = start_proxy([pooled_route(pki, pg_tls, max_size=2)], tmp_path)
+    try:
+
+        def run():
+            a = psycopg.connect(
+                dsn(proxy, pki, options=None, application_name="client-a"), autocommit=True
+            )
+            b = psycopg.connect(dsn(proxy, pki, application_name="client-b"), autocommit=True)
+            a.execute("SET TimeZone = 'Asia/Tokyo'")
+            seen = []
+            for _ in range(5):
+                seen.append(b.execute("SHOW TimeZone").fetchone()[0])
+                seen.append(a.execute("SHOW TimeZone").fetchone()[0])
+            names = {
+                a.execute("SHOW application_name").fetchone()[0],
+                b.execute("SHOW application_name").fetchone()[0],
+            }
+            a.close()
+            b.close()
+            return seen, names
+
+        seen, names = await deferToThread(run)
+        assert seen[1::2] == ["Asia/Tokyo"] * 5
+        assert "Asia/Tokyo" not in seen[0::2]
+        assert names == {"client-a", "client-b"}
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_acquire_timeout_names_the_pool(pki, pg_tls, tmp_path):
+    proxy = start_proxy(
+        [pooled_route(pki, pg_tls, "session", max_size=1, acquire_timeout="1s")], tmp_path
+    )
+    try:
+        holder = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+        await deferToThread(holder.execute, "SELECT 1")
+
+        def second():
+            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+                try:
+                    conn.execute("SELECT 1")
+                except psycopg.OperationalError as e:
+                    return str(e)
+            return None
+
+        text = await deferToThread(second)
+        assert text is not None and f'pool "{POOL_USER}/{APP_DB}"' in text
+        assert "no server connection available" in text
+        await deferToThread(holder.close)
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_reaches_the_attached_server(pki, pg_tls, tmp_path):
+    proxy = start_proxy([pooled_route(pki, pg_tls)], tmp_path)
+    try:
+        conn = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+
+        def slow():
+            try:
+                conn.execute("SELECT pg_sleep(20)")
+            except psycopg.errors.QueryCanceled as e:
+                return e
+            return None
+
+        running = deferToThread(slow)
+        await sleep(0.5)
+        await deferToThread(conn.cancel_safe)
+        err = await running
+        assert err is not None and "canceling statement due to user request" in str(err)
+        assert (await deferToThread(lambda: conn.execute("SELECT 7").fetchone())) == (7,)
+        await deferToThread(conn.close)
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_aborted_and_dropped_clients_leave_nothing_behind(pki, pg_tls, tmp_path):
+    proxy = start_proxy([pooled_route(pki, pg_tls, max_size=3)], tmp_path)
+    try:
+        await deferToThread(
+            pg_tls.psql,
+            "CREATE TABLE IF NOT EXISTS leftovers (x int); GRANT ALL ON leftovers TO PUBLIC",
+            dbname=APP_DB,
+        )
+
+        def client(n):
+            conn = psycopg.connect(dsn(proxy, pki))
+            conn.execute("INSERT INTO leftovers VALUES (%s)", (n,))
+            if n % 2:
+                conn.rollback()
+                conn.close()
+            else:
+                # Dropped mid-transaction, without a word.
+                conn.pgconn.finish()
+
+        await defer.gatherResults([deferToThread(client, n) for n in range(20)], consumeErrors=True)
+        await sleep(0.5)
+        count = await deferToThread(pg_tls.psql, "SELECT count(*) FROM leftovers", dbname=APP_DB)
+        assert count == "0"
+        idle_in_tx = await deferToThread(
+            pg_tls.psql,
+            f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{POOL_USER}' AND state LIKE 'idle in transaction%'",
+        )
+        assert idle_in_tx == "0"
+    finally:
+        await deferToThread(pg_tls.psql, "DROP TABLE IF EXISTS leftovers", dbname=APP_DB)
+        await proxy.stop()
