@@ -199,6 +199,7 @@ class PoolConfig:
     idle_timeout: float = 1800.0
     max_lifetime: float = 3600.0
     reset_query: str = "DISCARD ALL"
+    log_queries: bool = False
 
 
 @dataclass(frozen=True)
@@ -653,6 +654,7 @@ _POOL: dict[str, _Key] = {
     "idle_timeout": _Key(_duration, 1800.0),
     "max_lifetime": _Key(_duration, 3600.0),
     "reset_query": _Key(_any_string, "DISCARD ALL"),
+    "log_queries": _Key(_boolean, False),
 }
 
 _HINTS: dict[tuple[str, str], str] = {

@@ -35,6 +35,7 @@ from .leg import discard
 from .logs import Logger
 from .pool import Pool, PooledServer, PoolTimeout
 from .pump import _Valve
+from .querylog import PEEK, QueryLog
 from .serverlogin import ServerLogin, ServerLoginError
 from .session import Session
 from .txstate import (
@@ -74,7 +75,19 @@ class PooledSession(Session):
         self.params = ParameterTracker(startup.parameters)
         self.attached: PooledServer | None = None
         self._tracker: TransactionTracker | None = None
-        self._clientSplitter = MessageSplitter(CLIENT_WATCH)
+        self.queryLog: QueryLog | None = None
+        if route.config.pool.log_queries:
+            self.queryLog = QueryLog(
+                route.clock,
+                conn=client.connId,
+                client=client.peer,
+                user=startup.user,
+                route=route.name,
+                database=startup.database,
+            )
+            self._clientSplitter = MessageSplitter(CLIENT_WATCH, peek={b"Q": PEEK, b"P": PEEK})
+        else:
+            self._clientSplitter = MessageSplitter(CLIENT_WATCH)
         self._serverSplitter: MessageSplitter | None = None
         self._waiting: defer.Deferred[PooledServer] | None = None
         self._held: list[bytes] = []
@@ -133,6 +146,9 @@ class PooledSession(Session):
             self._abandon("08P01", e.message)
             return
         types = [event[1] for event in events]
+        if self.queryLog is not None:
+            for _, mtype, length, peek in events:
+                self.queryLog.clientMessage(mtype, length, peek)
         if _TERMINATE in types:
             # Never forwarded: the server connection outlives this client.
             cut = events[types.index(_TERMINATE)][0]
@@ -248,6 +264,8 @@ class PooledSession(Session):
                 tracker.serverMessage(mtype)
             else:
                 tracker.serverMessage(mtype, peek or None)
+                if mtype == _READY and self.queryLog is not None:
+                    self.queryLog.readyForQuery()
         self.client.stats["bytes_out"] += len(out)
         self.client.out.write(out)
         if (

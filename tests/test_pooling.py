@@ -333,3 +333,33 @@ async def test_aborted_and_dropped_clients_leave_nothing_behind(pki, pg_tls, tmp
     finally:
         await deferToThread(pg_tls.psql, "DROP TABLE IF EXISTS leftovers", dbname=APP_DB)
         await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_query_log_has_statements_and_never_parameters(pki, pg_tls, tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    proxy = start_proxy([pooled_route(pki, pg_tls, log_queries=True)], tmp_path)
+    try:
+
+        def run():
+            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+                conn.execute("SELECT 'simple'", prepare=False)
+                conn.execute("SELECT %s::text", ("secret-parameter-value",))
+
+        await deferToThread(run)
+        await sleep(0.2)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+        await proxy.stop()
+    logged = [e for e in seen if "statement" in e]
+    texts = [e["statement"] for e in logged]
+    assert "SELECT 'simple'" in texts
+    assert any(t.startswith("SELECT $1::text") for t in texts)
+    assert not any("secret-parameter-value" in repr(e) for e in seen)
+    entry = logged[0]
+    assert entry["user"] == SCRAM_USER and entry["database"] == APP_DB
+    assert entry["route"] == "pool-transaction" and entry["client"].startswith("127.0.0.1:")
+    assert entry["duration_ms"] >= 0
