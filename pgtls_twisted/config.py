@@ -1123,6 +1123,16 @@ def _describe_route(route: RouteConfig) -> list[str]:
         if be.client_cert is not None:
             lines.append(f"             client cert {be.client_cert} (key {be.client_key})")
     lines.append(f"             connect timeout {format_duration(be.connect_timeout)}")
+    pool = route.pool
+    if pool is None:
+        lines.append("  pooling    none (1:1 pass-through)")
+    else:
+        source = pool.password_source or "no password"
+        lines.append(
+            f"  pooling    {pool.mode} mode as {pool.service_user} ({source}),"
+            f" {pool.min_size}..{pool.max_size} connections per database,"
+            f" wait {format_duration(pool.acquire_timeout)}"
+        )
     return lines
 
 

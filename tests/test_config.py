@@ -21,6 +21,7 @@ import pytest
 
 from pgtls_twisted import __main__ as cli
 from pgtls_twisted.config import (
+    PoolConfig,
     DEFAULT_CIPHERS,
     BackendConfig,
     Config,
@@ -46,6 +47,7 @@ SAMPLE = REPO / "etc" / "routes.toml"
 FILE_KEYS = {
     "listener": ("server_cert", "server_key", "client_ca", "client_crl"),
     "backend": ("root_ca", "client_cert", "client_key"),
+    "pool": ("service_password_file",),
 }
 DUMMY_FILES = (
     "server.crt",
@@ -1107,7 +1109,7 @@ def sample_with_real_files(tmp_path: Path) -> dict[str, Any]:
     for route in data["proxy"]:
         for section, keys in FILE_KEYS.items():
             for key in keys:
-                if key in route[section]:
+                if key in route.get(section, {}):
                     target = tmp_path / Path(route[section][key]).name
                     target.write_text("dummy\n")
                     route[section][key] = str(target)
@@ -1117,7 +1119,7 @@ def sample_with_real_files(tmp_path: Path) -> dict[str, Any]:
 def test_sample_parses(tmp_path: Path) -> None:
     """The shipped sample must stay valid as the schema changes."""
     config = parse_config(sample_with_real_files(tmp_path), path=SAMPLE, base_dir=tmp_path)
-    assert [r.name for r in config.routes] == ["app", "reporting"]
+    assert [r.name for r in config.routes] == ["app", "reporting", "pooled"]
     assert describe_config(config)
 
 
@@ -1129,6 +1131,10 @@ def test_sample_shows_every_key(tmp_path: Path) -> None:
         expected = {f.name for f in fields(cls)} - {"host", "port"}
         shown = set().union(*(route[section].keys() for route in data["proxy"]))
         assert expected == shown, section
+    pool_keys = {f.name for f in fields(PoolConfig)} - {"service_password", "password_source"}
+    pool_keys |= {"service_password_file"}
+    shown_pool = set().union(*(route.get("pool", {}).keys() for route in data["proxy"]))
+    assert pool_keys == shown_pool
 
 
 def test_sample_first_route_is_all_defaults(tmp_path: Path) -> None:
@@ -1144,3 +1150,42 @@ def test_sample_first_route_is_all_defaults(tmp_path: Path) -> None:
             if key in ("bind_address", "server_cert", "server_key", "address"):
                 continue
             assert getattr(parsed, key) == defaults[key], f"{section}.{key}"
+
+
+def pool_doc(**pool: Any) -> dict[str, Any]:
+    doc = minimal_doc()
+    doc["proxy"][0]["pool"] = {"service_user": "svc", **pool}
+    return doc
+
+
+def test_pool_defaults_and_password_sources(
+    certs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    route = parse(pool_doc(), certs).routes[0]
+    assert route.pool is not None
+    assert (route.pool.mode, route.pool.max_size, route.pool.min_size) == ("transaction", 5, 0)
+    assert route.pool.acquire_timeout == 30 and route.pool.reset_query == "DISCARD ALL"
+    assert route.pool.service_password is None and route.pool.password_source is None
+    assert parse(minimal_doc(), certs).routes[0].pool is None
+    (certs / "pool.pw").write_text("s3cret\n")
+    from_file = parse(pool_doc(service_password_file="pool.pw"), certs).routes[0].pool
+    assert from_file is not None and from_file.service_password == "s3cret"
+    assert "s3cret" not in repr(from_file)
+    monkeypatch.setenv("PGTLS_TEST_POOL_PW", "from-env")
+    from_env = parse(pool_doc(service_password_env="PGTLS_TEST_POOL_PW"), certs).routes[0].pool
+    assert from_env is not None and from_env.password_source == "env"
+    assert from_env.service_password == "from-env"
+
+
+def test_pool_errors(certs: Path) -> None:
+    (certs / "pool.pw").write_text("x\n")
+    both = single_error(pool_doc(service_password="a", service_password_file="pool.pw"), certs)
+    assert "pool.service_password" in both and "conflicts with service_password_file" in both
+    missing = single_error(pool_doc(service_password_env="PGTLS_SURELY_UNSET_VARIABLE"), certs)
+    assert "environment variable PGTLS_SURELY_UNSET_VARIABLE is not set" in missing
+    sizes = single_error(pool_doc(min_size=6, max_size=5), certs)
+    assert "pool.min_size: must not exceed max_size (5)" in sizes
+    mode = single_error(pool_doc(mode="statement"), certs)
+    assert "pool.mode" in mode
+    no_user = single_error({"proxy": [{**minimal_route(), "pool": {}}]}, certs)
+    assert "pool.service_user" in no_user
