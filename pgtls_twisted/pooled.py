@@ -93,6 +93,7 @@ class PooledSession(Session):
         self._held: list[bytes] = []
         self._heldTypes: list[int] = []
         self._serverSaidFatal = False
+        self._internalRunning = False
 
     # -- the end of login ----------------------------------------------------------
 
@@ -160,7 +161,7 @@ class PooledSession(Session):
 
     def _send(self, out: bytes, types: list[int]) -> None:
         self.client.stats["bytes_in"] += len(out)
-        if self.attached is not None:
+        if self.attached is not None and not self._internalRunning:
             tracker = self._tracker
             assert tracker is not None
             for t in types:
@@ -172,7 +173,7 @@ class PooledSession(Session):
             return
         self._held.append(out)
         self._heldTypes.extend(types)
-        if self._waiting is None:
+        if self._waiting is None and self.attached is None:
             # Read no more from the client until it has a server.
             self.client.transport.pauseProducing()
             self._waiting = self.pool.acquire()
@@ -307,6 +308,7 @@ class PooledSession(Session):
                     name, value = wire.parse_parameter_status(body)
                     server.parameters[name] = value
                 elif mtype == b"Z":
+                    self._internalRunning = False
                     server.leg.deliver = discard
                     if failed:
                         server.dirty = True
@@ -318,8 +320,13 @@ class PooledSession(Session):
                             error=failed[0],
                         )
                     then()
+                    rest = reader.drain()
+                    if rest:
+                        # Asynchronous messages right behind our answer.
+                        server.leg.deliver(rest)
                     return
 
+        self._internalRunning = True
         server.leg.deliver = answer
         server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
 
