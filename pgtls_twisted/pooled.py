@@ -55,6 +55,9 @@ _TERMINATE = ord("X")
 _READY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR = ord("E")
+#: Client bytes held while it waits for a server connection, before pgtls
+#: stops reading from it.
+_MAX_HELD = 256 * 1024
 #: Enough of an ErrorResponse to see a FATAL severity field.
 _ERROR_PEEK = 16
 
@@ -91,6 +94,7 @@ class PooledSession(Session):
         self._serverSplitter: MessageSplitter | None = None
         self._waiting: defer.Deferred[PooledServer] | None = None
         self._held: list[bytes] = []
+        self._heldBytes = 0
         self._heldTypes: list[int] = []
         self._serverSaidFatal = False
         self._internalRunning = False
@@ -173,9 +177,13 @@ class PooledSession(Session):
             return
         self._held.append(out)
         self._heldTypes.extend(types)
-        if self._waiting is None and self.attached is None:
-            # Read no more from the client until it has a server.
+        self._heldBytes += len(out)
+        if self._heldBytes > _MAX_HELD:
+            # Enough held for a client without a server: read no more. (Not
+            # sooner: a paused socket would not notice the client leaving
+            # the queue, Twisted #11168.)
             self.client.transport.pauseProducing()
+        if self._waiting is None and self.attached is None:
             self._waiting = self.pool.acquire()
             self._waiting.addCallbacks(self._acquired, self._notAcquired)
 
@@ -222,7 +230,7 @@ class PooledSession(Session):
         assert server is not None and self._tracker is not None
         server.leg.deliver = self._fromServer
         held, types = b"".join(self._held), self._heldTypes
-        self._held, self._heldTypes = [], []
+        self._held, self._heldTypes, self._heldBytes = [], [], 0
         for t in types:
             self._tracker.clientMessage(t)
         if held:
