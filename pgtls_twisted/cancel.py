@@ -19,6 +19,8 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet import defer
+
 from . import wire
 from .logs import Logger
 
@@ -90,6 +92,11 @@ class CancelRegistry:
         forward_cancel(route, wire.CancelRequest(pid, key), done)
 
 
+#: How long a forwarded cancel may wait for the server to close the
+#: connection (to have acted on it) before pgtls closes it.
+CANCEL_WAIT = 10.0
+
+
 def forward_cancel(
     route: Route, request: wire.CancelRequest, done: Callable[[], None] | None = None
 ) -> None:
@@ -100,10 +107,22 @@ def forward_cancel(
     from .backend import connect_backend
     from .leg import discard
 
-    def send(server: Any) -> None:
+    def send(server: Any) -> defer.Deferred[None]:
+        # The server closes the connection once it has acted on the
+        # request: only then is the cancel no longer in flight (a pool
+        # hands the cancelled server connection on no sooner).
+        acted: defer.Deferred[None] = defer.Deferred()
         server.deliver = discard
+        server.onLost = lambda reason: None if acted.called else acted.callback(None)
         server.out.write(request.encode())
-        server.close()
+        timer = route.clock.callLater(CANCEL_WAIT, server.close)
+
+        def stopTimer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return acted.addBoth(stopTimer)
 
     def failed(failure: Any) -> None:
         CancelRegistry._log.warn(

@@ -22,6 +22,10 @@ from twisted.internet import defer
 
 from .logs import Logger
 
+#: After a failed attempt to open a connection, how long before the next
+#: one for the clients still waiting.
+RETRY_DELAY = 0.5
+
 
 class PoolTimeout(Exception):
     """No server connection became available within C{acquire_timeout}."""
@@ -96,6 +100,7 @@ class Pool:
         self.waiters: deque[_Waiter] = deque()
         self.lastUsed = clock.seconds()
         self.closed = False
+        self._retry: Any = None
 
     @property
     def size(self) -> int:
@@ -174,6 +179,9 @@ class Pool:
     def close(self) -> None:
         """Close every idle connection now and every busy one when released."""
         self.closed = True
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         for server in self.idle:
             self._drop(server)
         self.idle.clear()
@@ -225,11 +233,19 @@ class Pool:
             error=failure.getErrorMessage(),
         )
         # The client waiting longest learns why (with the server's own
-        # error when it refused the service user), instead of timing out.
+        # error when it refused the service user), instead of timing out;
+        # the others keep waiting, and the pool tries again shortly, so
+        # they are served as soon as the server is back.
         if self.waiters:
             waiter = self.waiters.popleft()
             waiter.timer.cancel()
             waiter.deferred.errback(failure)
+        if self.waiters and self._retry is None:
+            self._retry = self._clock.callLater(RETRY_DELAY, self._retryGrow)
+
+    def _retryGrow(self) -> None:
+        self._retry = None
+        self._grow()
 
     def _expire(self, waiter: _Waiter) -> None:
         if waiter in self.waiters:

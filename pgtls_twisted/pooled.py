@@ -446,13 +446,14 @@ class PoolManager:
             )
 
             def ready(result: Any) -> PooledServer:
-                return PooledServer(
-                    leg,
-                    clock.seconds(),
-                    dict(result.parameters),
-                    result.backendKey,
-                    clock.seconds(),
-                )
+                now = clock.seconds()
+                server = PooledServer(leg, now, dict(result.parameters), result.backendKey, now)
+                # Until a client holds it, the pool watches it: one that
+                # dies while idle must leave the pool, not be handed out.
+                pool = self.pools.get(database)
+                leg.deliver = discard
+                leg.onLost = (lambda reason: pool.lost(server)) if pool is not None else None
+                return server
 
             return attempt.done.addCallback(ready)
 
