@@ -101,6 +101,8 @@ class Pool:
         self.lastUsed = clock.seconds()
         self.closed = False
         self._retry: Any = None
+        #: Logged-in client sessions using this pool (holding a server or not).
+        self.sessions = 0
 
     @property
     def size(self) -> int:
@@ -168,11 +170,15 @@ class Pool:
 
     @property
     def unused(self) -> bool:
-        """Nothing held, awaited or opening, and nothing used for C{idleTimeout}."""
+        """
+        No session uses it, nothing is held, awaited or opening, and nothing
+        was used for C{idleTimeout}.
+        """
         return (
             not self.busy
             and not self.waiters
             and not self.connecting
+            and not self.sessions
             and self._clock.seconds() - self.lastUsed >= self.idleTimeout
         )
 

@@ -74,6 +74,7 @@ class PooledSession(Session):
         super().__init__(route, client, startup)
         self.pools = route.pools
         self.pool = route.pools.poolFor(startup.database)
+        self._counted = False
         self.transactionMode = route.config.pool.mode == "transaction"
         self.params = ParameterTracker(startup.parameters)
         self.attached: PooledServer | None = None
@@ -113,6 +114,10 @@ class PooledSession(Session):
         assert temp is not None
         temp.onLost = None
         temp.close()
+        # A logged-in client may come back for a server any time: its pool
+        # must not be dropped meanwhile (PoolManager.reap).
+        self.pool.sessions += 1
+        self._counted = True
         client = self.client
         client.startupComplete()
         self._log.info(
@@ -343,6 +348,9 @@ class PooledSession(Session):
     def _finish(self, reason: str) -> None:
         if self._done:
             return
+        if self._counted:
+            self._counted = False
+            self.pool.sessions -= 1
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()

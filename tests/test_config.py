@@ -21,12 +21,12 @@ import pytest
 
 from pgtls_twisted import __main__ as cli
 from pgtls_twisted.config import (
-    PoolConfig,
     DEFAULT_CIPHERS,
     BackendConfig,
     Config,
     ConfigError,
     ListenerConfig,
+    PoolConfig,
     RouteConfig,
     describe_config,
     format_duration,
@@ -1158,9 +1158,7 @@ def pool_doc(**pool: Any) -> dict[str, Any]:
     return doc
 
 
-def test_pool_defaults_and_password_sources(
-    certs: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pool_defaults_and_password_sources(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     route = parse(pool_doc(), certs).routes[0]
     assert route.pool is not None
     assert (route.pool.mode, route.pool.max_size, route.pool.min_size) == ("transaction", 5, 0)
