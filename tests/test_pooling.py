@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.testing.cluster import (
     APP_DB,
+    CERT_USER,
     MD5_PASSWORD,
     MD5_USER,
     POOL_PASSWORD,
@@ -103,6 +104,11 @@ async def test_login_failures_are_the_servers_own(pki, pg_tls, tmp_path):
         )
         ok = await deferToThread(attempt, user=MD5_USER, password=MD5_PASSWORD)
         assert ok is None
+        unknown = await deferToThread(attempt, user="nobody_here", password="x")
+        assert 'password authentication failed for user "nobody_here"' in unknown
+        # pg_hba.conf says "cert" for this role: the server's own refusal.
+        hba = await deferToThread(attempt, user=CERT_USER, password="x")
+        assert "certificate" in hba
     finally:
         await proxy.stop()
 
