@@ -11,7 +11,8 @@ import threading
 import psycopg
 import pytest
 import pytest_twisted
-from support.proxy import route, start_proxy
+from support.pooling import dsn, pooled_route
+from support.proxy import start_proxy
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
@@ -20,36 +21,9 @@ from pgtls_twisted.testing.cluster import (
     CERT_USER,
     MD5_PASSWORD,
     MD5_USER,
-    POOL_PASSWORD,
     POOL_USER,
-    SCRAM_PASSWORD,
     SCRAM_USER,
 )
-
-
-def pooled_route(pki, cluster, mode="transaction", **pool):
-    table = route(pki, cluster, name=f"pool-{mode}")
-    table["pool"] = {
-        "mode": mode,
-        "service_user": POOL_USER,
-        "service_password": POOL_PASSWORD,
-        "max_size": 5,
-        "acquire_timeout": "10s",
-        **pool,
-    }
-    return table
-
-
-def dsn(proxy, pki, user=SCRAM_USER, password=SCRAM_PASSWORD, dbname=APP_DB, **extra):
-    params = dict(
-        user=user,
-        password=password,
-        dbname=dbname,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-    )
-    params.update(extra)
-    return proxy.dsn(**params)
 
 
 async def sleep(seconds):

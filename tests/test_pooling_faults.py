@@ -28,14 +28,14 @@ import pytest
 import pytest_twisted
 from psycopg import pq
 from support import rawclient
-from support.proxy import route, start_proxy
+from support.pooling import dsn, pooled_route
+from support.proxy import start_proxy
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted import wire
 from pgtls_twisted.testing.cluster import (
     APP_DB,
-    POOL_PASSWORD,
     POOL_USER,
     SCRAM_PASSWORD,
     SCRAM_USER,
@@ -44,32 +44,6 @@ from pgtls_twisted.testing.cluster import (
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-
-def pooled_route(pki, cluster, mode="transaction", **pool):
-    table = route(pki, cluster, name=f"pool-{mode}")
-    table["pool"] = {
-        "mode": mode,
-        "service_user": POOL_USER,
-        "service_password": POOL_PASSWORD,
-        "max_size": 5,
-        "acquire_timeout": "10s",
-        **pool,
-    }
-    return table
-
-
-def dsn(proxy, pki, user=SCRAM_USER, password=SCRAM_PASSWORD, dbname=APP_DB, **extra):
-    params = dict(
-        user=user,
-        password=password,
-        dbname=dbname,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=10,
-    )
-    params.update(extra)
-    return proxy.dsn(**params)
 
 
 def connect(proxy, pki, **kwargs) -> psycopg.Connection:
