@@ -40,7 +40,8 @@ import psycopg
 import pytest
 import pytest_twisted
 from support.fakebackend import FakeBackend, answer_ssl_request, answer_startup
-from support.proxy import RunningProxy, route, start_proxy
+from support.proxy import RunningProxy, route
+from support.proxy import running as shared_running
 from support.rawclient import (
     GSSENC_REQUEST,
     SSL_REQUEST,
@@ -88,11 +89,10 @@ async def running(
     tmp_path: Path, routes: list[dict[str, Any]], *fakes: FakeBackend
 ) -> AsyncIterator[RunningProxy]:
     """The proxy for C{routes}; on exit it and C{fakes} are stopped."""
-    proxy = start_proxy(routes, tmp_path)
     try:
-        yield proxy
+        async with shared_running(tmp_path, routes) as proxy:
+            yield proxy
     finally:
-        await proxy.stop()
         for fake in fakes:
             await fake.stop()
 

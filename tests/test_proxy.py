@@ -12,7 +12,7 @@ import time
 import psycopg
 import pytest
 import pytest_twisted
-from support.proxy import route, start_proxy
+from support.proxy import route, running, start_proxy
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.logger import globalLogPublisher
@@ -72,44 +72,32 @@ def events():
 @pytest_twisted.ensureDeferred
 async def test_verify_full_scram_through_two_tls_legs(pki, pg_tls, tmp_path):
     """The default libpq client (channel_binding=prefer) logs in with SCRAM."""
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         rows = await deferToThread(fetch, client_dsn(proxy, pki, channel_binding="prefer"), SSL_ROW)
         assert rows == [(True, SCRAM_USER)]
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_gets_the_servers_own_error(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         text = await deferToThread(connect_error, client_dsn(proxy, pki, password="wrong"))
         assert f'password authentication failed for user "{SCRAM_USER}"' in text
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_md5_is_relayed_unchanged(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         rows = await deferToThread(fetch, client_dsn(proxy, pki, MD5_USER, MD5_PASSWORD), SSL_ROW)
         assert rows == [(True, MD5_USER)]
         bad = await deferToThread(connect_error, client_dsn(proxy, pki, MD5_USER, "nope"))
         assert "password authentication failed" in bad
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_trust_is_relayed(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         rows = await deferToThread(fetch, client_dsn(proxy, pki, TRUST_USER, None), SSL_ROW)
         assert rows == [(True, TRUST_USER)]
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -118,46 +106,34 @@ async def test_plaintext_client_tls_backend_strips_plus(pki, pg_tls, tmp_path):
     libpq aborts when -PLUS is offered over a plaintext connection; pgtls
     strips it, and the client logs in with plain SCRAM ('n' flag).
     """
-    proxy = start_proxy([route(pki, pg_tls, listener={"tls": "allow"})], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls, listener={"tls": "allow"})]) as proxy:
         dsn = proxy.dsn(user=SCRAM_USER, password=SCRAM_PASSWORD, sslmode="disable")
         assert await deferToThread(fetch, dsn, SSL_ROW) == [(True, SCRAM_USER)]
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_tls_client_plaintext_backend_relays_scram(pki, pg_plain, tmp_path):
     """Over a plaintext backend leg the server offers no -PLUS: relayed as is."""
-    proxy = start_proxy([route(pki, pg_plain)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_plain)]) as proxy:
         rows = await deferToThread(fetch, client_dsn(proxy, pki, channel_binding="prefer"), SSL_ROW)
         assert rows == [(False, SCRAM_USER)]
         bad = await deferToThread(connect_error, client_dsn(proxy, pki, password="x"))
         assert "password authentication failed" in bad
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_channel_binding_require_is_refused_by_libpq(pki, pg_tls, tmp_path):
     """Documented limit: pgtls asks for a password, so binding cannot be required."""
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         text = await deferToThread(connect_error, client_dsn(proxy, pki, channel_binding="require"))
         assert "channel binding" in text
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_unknown_database_error_is_relayed(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         text = await deferToThread(connect_error, client_dsn(proxy, pki, dbname="no_such_db"))
         assert 'database "no_such_db" does not exist' in text
-    finally:
-        await proxy.stop()
 
 
 # -- 2, 5: policy and the pump ---------------------------------------------------------
@@ -165,13 +141,10 @@ async def test_unknown_database_error_is_relayed(pki, pg_tls, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_plaintext_client_refused_on_require_listener(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         dsn = proxy.dsn(user=SCRAM_USER, password=SCRAM_PASSWORD, sslmode="disable")
         text = await deferToThread(connect_error, dsn)
         assert "pgtls: this listener requires TLS (sslmode=require or stronger)" in text
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -220,8 +193,7 @@ async def test_close_propagates_both_ways(pki, pg_tls, tmp_path):
 async def test_tcp_nodelay_on_both_legs(pki, pg_tls, tmp_path):
     import socket
 
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         conn = await deferToThread(psycopg.connect, client_dsn(proxy, pki))
         try:
             [client] = proxy.route().clients
@@ -231,14 +203,11 @@ async def test_tcp_nodelay_on_both_legs(pki, pg_tls, tmp_path):
                 assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         finally:
             await deferToThread(conn.close)
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_copy_from_stdin_50k_rows(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
 
         def copy_in():
             with psycopg.connect(client_dsn(proxy, pki, dbname="app")) as conn:
@@ -249,14 +218,11 @@ async def test_copy_from_stdin_50k_rows(pki, pg_tls, tmp_path):
                 return conn.execute("SELECT count(*), sum(id) FROM t").fetchone()
 
         assert await deferToThread(copy_in) == (50_000, sum(range(50_000)))
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_extended_protocol_and_pipeline(pki, pg_tls, tmp_path):
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
 
         def run():
             with psycopg.connect(client_dsn(proxy, pki)) as conn:
@@ -265,8 +231,6 @@ async def test_extended_protocol_and_pipeline(pki, pg_tls, tmp_path):
                 return [c.fetchone()[0] for c in curs]
 
         assert await deferToThread(run) == [i * 2 for i in range(100)]
-    finally:
-        await proxy.stop()
 
 
 # -- 6: cancel --------------------------------------------------------------------------
@@ -280,8 +244,7 @@ async def test_cancel_inside_tls(pki, pg_tls, tmp_path):
     tested through psql below: psycopg's cancel() holds the GIL while it
     waits, which would freeze the in-process proxy.)
     """
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         conn = await deferToThread(psycopg.connect, client_dsn(proxy, pki), autocommit=True)
 
         def sleep_query():
@@ -291,25 +254,22 @@ async def test_cancel_inside_tls(pki, pg_tls, tmp_path):
                 return e
             return None
 
-        running = deferToThread(sleep_query)
+        query = deferToThread(sleep_query)
         await sleep(0.5)
         await deferToThread(conn.cancel_safe)
         started = time.monotonic()
-        err = await running
+        err = await query
         assert err is not None and "canceling statement due to user request" in str(err)
         assert time.monotonic() - started < 10
         # The session goes on after the cancel.
         assert (await deferToThread(lambda: conn.execute("SELECT 42").fetchone())) == (42,)
         await deferToThread(conn.close)
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_psql_ctrl_c_cancels(pki, pg_tls, tmp_path):
     """psql's SIGINT handler sends a plaintext CancelRequest (PQcancel)."""
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         from twisted.internet import protocol
 
         done = defer.Deferred()
@@ -333,16 +293,13 @@ async def test_psql_ctrl_c_cancels(pki, pg_tls, tmp_path):
         proc.signalProcess(signal.SIGINT)
         out = await done
         assert b"canceling statement due to user request" in out
-    finally:
-        await proxy.stop()
 
 
 @pytest_twisted.ensureDeferred
 async def test_cancel_with_a_wrong_key_does_nothing(pki, pg_tls, tmp_path):
     from pgtls_twisted import wire
 
-    proxy = start_proxy([route(pki, pg_tls)], tmp_path)
-    try:
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         conn = await deferToThread(psycopg.connect, client_dsn(proxy, pki))
         [client] = proxy.route().clients
         minted = client.session._mintedPid
@@ -354,13 +311,11 @@ async def test_cancel_with_a_wrong_key_does_nothing(pki, pg_tls, tmp_path):
                 s.sendall(wire.CancelRequest(minted, b"\0\0\0\0").encode())
                 return s.recv(10)
 
-        running = deferToThread(lambda: conn.execute("SELECT pg_sleep(1.5), 'finished'").fetchone())
+        query = deferToThread(lambda: conn.execute("SELECT pg_sleep(1.5), 'finished'").fetchone())
         await sleep(0.3)
         assert await deferToThread(forged_cancel) == b""
-        assert (await running)[1] == "finished"
+        assert (await query)[1] == "finished"
         await deferToThread(conn.close)
-    finally:
-        await proxy.stop()
 
 
 # -- 7: failures reach the client ---------------------------------------------------------

@@ -31,8 +31,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,7 +41,7 @@ import pytest_twisted
 from cryptography import x509
 from OpenSSL import SSL
 from support import rawclient
-from support.proxy import RunningProxy, route, start_proxy
+from support.proxy import RunningProxy, route, running
 from support.rawclient import (
     SSL_REQUEST,
     ServerError,
@@ -87,15 +86,6 @@ async def sleep(seconds: float) -> None:
     d: defer.Deferred[None] = defer.Deferred()
     reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
     await d
-
-
-@asynccontextmanager
-async def running(tmp_path: Path, routes: list[dict[str, Any]]) -> AsyncIterator[RunningProxy]:
-    proxy = start_proxy(routes, tmp_path)
-    try:
-        yield proxy
-    finally:
-        await proxy.stop()
 
 
 def client_dsn(

@@ -10,6 +10,8 @@ that needs the proxy to answer, or the reactor (and the proxy) stops.
 from __future__ import annotations
 
 import copy
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,3 +94,13 @@ def start_proxy(routes: list[dict[str, Any]], base_dir: Path, **top: Any) -> Run
     service = make_service(config)
     service.startService()
     return RunningProxy(service, config)
+
+
+@asynccontextmanager
+async def running(tmp_path: Path, routes: list[dict[str, Any]]) -> AsyncIterator[RunningProxy]:
+    """The proxy for C{routes}, stopped on exit."""
+    proxy = start_proxy(routes, tmp_path)
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
