@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import pytest_twisted
 from support.pooling import dsn, pooled_route
-from support.proxy import start_proxy
+from support.proxy import running, start_proxy
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
@@ -343,3 +343,22 @@ async def test_query_log_has_statements_and_never_parameters(pki, pg_tls, tmp_pa
     assert entry["user"] == SCRAM_USER and entry["database"] == APP_DB
     assert entry["route"] == "pool-transaction" and entry["client"].startswith("127.0.0.1:")
     assert entry["duration_ms"] >= 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancel_from_an_unattached_client_does_nothing(pki, pg_tls, tmp_path):
+    """
+    Transaction mode, one server connection: B's query runs on it while A,
+    logged in but between transactions, holds no server. A's cancel must
+    not reach B's query.
+    """
+    async with running(tmp_path, [pooled_route(pki, pg_tls, max_size=1)]) as proxy:
+        a = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+        b = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+        await deferToThread(a.execute, "SELECT 1")
+        query = deferToThread(lambda: b.execute("SELECT pg_sleep(1.5), 'B done'").fetchone())
+        await sleep(0.5)
+        await deferToThread(a.cancel_safe)
+        assert (await query)[1] == "B done"
+        await deferToThread(a.close)
+        await deferToThread(b.close)
