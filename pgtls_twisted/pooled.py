@@ -34,7 +34,7 @@ from .framing import MessageSplitter
 from .leg import discard
 from .logs import Logger
 from .pool import Pool, PooledServer, PoolTimeout
-from .pump import _Valve
+from .pump import join, separate
 from .querylog import PEEK, QueryLog
 from .serverlogin import ServerLogin, ServerLoginError
 from .session import Session
@@ -119,15 +119,8 @@ class PooledSession(Session):
         self.pool.sessions += 1
         self._counted = True
         client = self.client
-        client.startupComplete()
-        self._log.info(
-            "conn={conn} session started route={route} user={user} database={database} pool={pool} mode={mode}",
-            conn=client.connId,
-            route=self.route.name,
-            user=self.startup.user,
-            database=self.startup.database,
-            pool=self.pool.name,
-            mode=self.route.config.pool.mode,
+        self._started(
+            " pool={pool} mode={mode}", pool=self.pool.name, mode=self.route.config.pool.mode
         )
         client.deliver = self._fromClient
         client.onLost = self._clientLost
@@ -222,8 +215,7 @@ class PooledSession(Session):
         )
         leg = server.leg
         leg.onLost = self._attachedLost
-        self.client.out.registerProducer(_Valve(leg.transport), True)
-        leg.out.registerProducer(_Valve(self.client.transport), True)
+        join(self.client, leg)
         diff = self.params.differences(server.parameters)
         if diff:
             self._internal(ParameterTracker.applySQL(diff), self._flushHeld)
@@ -248,9 +240,7 @@ class PooledSession(Session):
         self.attached = None
         self._tracker = None
         leg = server.leg
-        self.client.out.unregisterProducer()
-        leg.out.unregisterProducer()
-        leg.transport.resumeProducing()
+        separate(self.client, leg)
         leg.deliver = discard
         leg.onLost = lambda reason: self.pool.lost(server)
         return server

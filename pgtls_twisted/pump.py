@@ -72,7 +72,23 @@ class Pump:
 
         client.deliver = fromClient
         server.deliver = fromServer
-        client.out.registerProducer(_Valve(server.transport), True)
-        server.out.registerProducer(_Valve(client.transport), True)
+        join(client, server)
         client.transport.resumeProducing()
         server.transport.resumeProducing()
+
+
+def join(client: Any, server: Any) -> None:
+    """Flow control between two legs: each one's backlog pauses the other's reading."""
+    client.out.registerProducer(_Valve(server.transport), True)
+    server.out.registerProducer(_Valve(client.transport), True)
+
+
+def separate(client: Any, server: Any) -> None:
+    """
+    Undo L{join} (a pooled server going back to its pool), leaving both
+    sockets reading: a paused one would not notice its peer closing.
+    """
+    client.out.unregisterProducer()
+    server.out.unregisterProducer()
+    client.transport.resumeProducing()
+    server.transport.resumeProducing()

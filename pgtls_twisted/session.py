@@ -19,7 +19,7 @@ After ReadyForQuery the session becomes a L{pgtls_twisted.pump.Pump}.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.python.failure import Failure
 
@@ -230,14 +230,7 @@ class Session:
     def _startPump(self) -> None:
         server, client = self.server, self.client
         assert server is not None
-        client.startupComplete()
-        self._log.info(
-            "conn={conn} session started route={route} user={user} database={database}",
-            conn=client.connId,
-            route=self.route.name,
-            user=self.startup.user,
-            database=self.startup.database,
-        )
+        self._started()
         Pump(client, server, client.stats).start()
         rest = self._serverReader.drain()
         if rest:
@@ -245,6 +238,18 @@ class Session:
         early = self._clientReader.drain()
         if early:
             client.deliver(early)
+
+    def _started(self, format: str = "", **fields: Any) -> None:
+        """Startup is over: no more startup deadline, and one log event."""
+        self.client.startupComplete()
+        self._log.info(
+            "conn={conn} session started route={route} user={user} database={database}" + format,
+            conn=self.client.connId,
+            route=self.route.name,
+            user=self.startup.user,
+            database=self.startup.database,
+            **fields,
+        )
 
     def cancelTarget(self) -> tuple[Route, int, bytes, None] | None:
         if self._backendKey is None or self._done:

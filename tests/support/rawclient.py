@@ -11,15 +11,15 @@ timeout, so a proxy that never answers fails the test instead of hanging it.
 
 from __future__ import annotations
 
-import hashlib
 import select
 import socket
 import ssl
 import struct
 import time
 from pathlib import Path
+from typing import Any
 
-from pgtls_twisted import wire
+from pgtls_twisted import serverlogin, wire
 
 #: Seconds any single blocking operation may take before the test fails.
 TIMEOUT = 5.0
@@ -85,9 +85,8 @@ def password_message(password: str) -> bytes:
 
 
 def md5_password(user: str, password: str, salt: bytes) -> str:
-    """libpq's C{md5} answer: md5(md5(password + user) + salt), hex, prefixed."""
-    inner = hashlib.md5((password + user).encode()).hexdigest()
-    return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
+    """libpq's C{md5} answer (pgtls's own implementation, also used to log in pools)."""
+    return serverlogin.md5_password(user, password, salt).decode()
 
 
 # ---------------------------------------------------------------------------
@@ -214,24 +213,13 @@ def tls_wrap(
     ca: Path | str | None,
     *,
     server_hostname: str = "localhost",
-    alpn: list[str] | None = None,
-    minimum_version: ssl.TLSVersion | None = None,
-    maximum_version: ssl.TLSVersion | None = None,
-    ciphers: str | None = None,
-    cert: Path | str | None = None,
-    key: Path | str | None = None,
+    **options: Any,
 ) -> ssl.SSLSocket:
-    """Run a TLS handshake on C{sock} (already negotiated, or direct)."""
-    ctx = tls_context(
-        ca,
-        alpn=alpn,
-        minimum_version=minimum_version,
-        maximum_version=maximum_version,
-        ciphers=ciphers,
-        cert=cert,
-        key=key,
-    )
-    return ctx.wrap_socket(sock, server_hostname=server_hostname)
+    """
+    Run a TLS handshake on C{sock} (already negotiated, or direct);
+    C{options} are L{tls_context}'s.
+    """
+    return tls_context(ca, **options).wrap_socket(sock, server_hostname=server_hostname)
 
 
 def request_tls(sock: socket.socket, ca: Path | str | None, **kwargs: object) -> ssl.SSLSocket:
