@@ -1,8 +1,9 @@
 """
 The C{pgtls} command line.
 
-Today it has one subcommand, C{check}, which validates a configuration and
-prints what it would run; more (C{run}, ...) are added as subparsers.
+C{check} validates a configuration and prints what it would run;
+C{worker} is what the supervisor of C{workers = N} starts (see
+L{pgtls_twisted.workers}), not meant to be run by hand.
 C{check} exists so that a configuration can be tested in CI or before a
 restart without binding any port: a typo must never be found by a proxy
 that fails to come back up.
@@ -68,7 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--config", required=True, metavar="FILE", help="the TOML configuration file"
     )
     check.set_defaults(handler=_check)
+
+    worker = commands.add_parser("worker", help="(internal) one worker process of workers = N")
+    worker.add_argument("--config", required=True)
+    worker.add_argument("--index", required=True, type=int)
+    worker.add_argument("--run-dir", required=True)
+    worker.set_defaults(handler=_worker)
     return parser
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from pgtls_twisted.workers import run_worker
+
+    return run_worker(args.config, args.index, args.run_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ ErrorResponse and names the route.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -62,6 +63,7 @@ class ServerProtocol(Leg):
         self.mode = route.config.backend.tls
         self._ready: defer.Deferred[ServerProtocol] | None = ready
         self.tlsInfo: dict[str, str | None] | None = None
+        self.connectedAt: float | None = None
         self.verification = BackendVerification()
         self.deliver = self._unexpected
         self._waitingForSSLReply = False
@@ -70,6 +72,7 @@ class ServerProtocol(Leg):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.connectedAt = time.time()
         if self.mode == "disable":
             self._succeed()
             return
@@ -238,10 +241,15 @@ def connect_backend(route: Route) -> defer.Deferred[ServerProtocol]:
             connector.disconnect()
 
     timer = route.clock.callLater(backend.connect_timeout, expired)
+    started = time.monotonic()
 
     def done(result: Any) -> Any:
         if timer.active():
             timer.cancel()
+        if isinstance(result, Failure):
+            route.metrics.backendFailed(route.name, result.getErrorMessage())
+        else:
+            route.metrics.backendConnected(route.name, time.monotonic() - started)
         return result
 
     ready.addBoth(done)

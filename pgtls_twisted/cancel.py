@@ -10,6 +10,14 @@ keys at the backend, and it is what lets a pool point a client's key at
 whichever server connection currently runs its query.
 
 Keys are secrets: they are compared in constant time and never logged.
+
+With C{workers = N}, a CancelRequest arrives on whichever process the
+kernel picks for the new connection (SO_REUSEPORT), not necessarily the
+one running the session. The low byte of every minted PID is the number
+of the worker that minted it, so the receiving worker knows where to pass
+the request on (L{CancelRegistry.relay}, set by
+L{pgtls_twisted.workers}); a request is passed on at most once, so a
+forged PID cannot make workers bounce it between them.
 """
 
 from __future__ import annotations
@@ -38,13 +46,31 @@ class CancelTarget(Protocol):
         """
 
 
+#: Bits of a minted PID that carry the worker number.
+WORKER_BITS = 8
+_WORKER_MASK = (1 << WORKER_BITS) - 1
+
+
+def worker_of(pid: int) -> int:
+    """The worker that minted C{pid}."""
+    return pid & _WORKER_MASK
+
+
 class CancelRegistry:
-    """Minted keys of the live sessions of this process."""
+    """
+    Minted keys of the live sessions of this process.
+
+    @ivar worker: this process's worker number, carried in every PID.
+    @ivar relay: passes a request to another worker: called with the
+        worker number and the request; C{None} without workers.
+    """
 
     _log = Logger()
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int = 0) -> None:
         self._entries: dict[int, tuple[bytes, CancelTarget]] = {}
+        self.worker = worker
+        self.relay: Callable[[int, wire.CancelRequest], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -56,7 +82,8 @@ class CancelRegistry:
         """
         keyLength = max(4, min(keyLength, wire.MAX_CANCEL_KEY_LENGTH))
         while True:
-            pid = secrets.randbelow(0x7FFFFFFF - 1) + 1
+            high = secrets.randbelow((0x7FFFFFFF >> WORKER_BITS) - 1) + 1
+            pid = (high << WORKER_BITS) | self.worker
             if pid not in self._entries:
                 break
         key = secrets.token_bytes(keyLength)
@@ -72,23 +99,44 @@ class CancelRegistry:
             return None
         return entry[1]
 
-    def cancel(self, request: wire.CancelRequest, client: Any) -> None:
-        """Forward C{request} to the backend of the session it names, if any."""
+    def cancel(
+        self, request: wire.CancelRequest, conn: int, via: Route | None, relayed: bool = False
+    ) -> None:
+        """
+        Forward C{request} to the backend of the session it names, if any.
+
+        @param conn: the id of the connection it came on, for the log.
+        @param via: the route it came on (for metrics), if any.
+        @param relayed: it was passed on by another worker (and must not
+            be passed on again).
+        """
         target = self.lookup(request)
         where = target.cancelTarget() if target is not None else None
+        metrics = via.metrics if via is not None else None
         if where is None:
+            owner = worker_of(request.pid)
+            if not relayed and owner != self.worker and self.relay is not None:
+                self._log.info(
+                    "conn={conn} cancel request passed to worker {owner}", conn=conn, owner=owner
+                )
+                if metrics is not None:
+                    metrics.cancelRequest(via.name, "relayed")
+                self.relay(owner, request)
+                return
             self._log.info(
-                "conn={conn} cancel request for an unknown or idle session ignored",
-                conn=client.connId,
+                "conn={conn} cancel request for an unknown or idle session ignored", conn=conn
             )
+            if metrics is not None:
+                metrics.cancelRequest(via.name, "ignored")
             return
         route, pid, key, done = where
         self._log.info(
             "conn={conn} cancel request forwarded to route={route} backend_pid={pid}",
-            conn=client.connId,
+            conn=conn,
             route=route.name,
             pid=pid,
         )
+        route.metrics.cancelRequest(route.name, "forwarded")
         forward_cancel(route, wire.CancelRequest(pid, key), done)
 
 

@@ -42,7 +42,10 @@ __all__ = [
     "DEFAULT_CIPHERS",
     "BACKEND_TLS_MODES",
     "LISTENER_TLS_MODES",
+    "LOG_FORMATS",
     "LOG_LEVELS",
+    "AdminConfig",
+    "MetricsConfig",
     "TLS_VERSIONS",
     "BackendConfig",
     "Config",
@@ -65,6 +68,10 @@ forward secret already).
 """
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+#: The most worker processes C{workers} may ask for: the worker index is
+#: carried in the low byte of every minted cancel PID (see L{pgtls_twisted.cancel}).
+MAX_WORKERS = 64
 LISTENER_TLS_MODES = ("require", "allow")
 BACKEND_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 TLS_VERSIONS = ("1.2", "1.3")
@@ -218,6 +225,32 @@ class RouteConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """
+    C{[admin]}: the admin console (absent: no console).
+
+    @ivar database: the database name that, on any listener, opens the
+        console instead of a backend session.
+    @ivar users: who may use it; an empty list lets nobody in.
+    @ivar auth_database: the backend database a password is checked
+        against (the console's own name does not exist there).
+    """
+
+    database: str = "pgtls"
+    users: tuple[str, ...] = ()
+    auth_database: str = "postgres"
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """C{[metrics]}: Prometheus C{/metrics} over HTTP (absent: not served)."""
+
+    bind_address: str
+    host: str = ""
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     """
     A whole, validated configuration.
@@ -225,13 +258,28 @@ class Config:
     @ivar routes: at least one route, in file order.
     @ivar log_level: one of L{LOG_LEVELS} (C{"warning"} is stored as
         C{"warn"}).
+    @ivar log_format: one of L{LOG_FORMATS}.
+    @ivar workers: processes sharing every listener (1: no supervisor).
+    @ivar shutdown_timeout: how long SIGTERM lets sessions finish.
     @ivar path: the absolute path of the file it came from, if any, kept so a
         reload still finds it after the process changes directory.
     """
 
     routes: tuple[RouteConfig, ...]
     log_level: str = "info"
+    log_format: str = "text"
+    workers: int = 1
+    shutdown_timeout: float = 30.0
+    admin: AdminConfig | None = None
+    metrics: MetricsConfig | None = None
     path: Path | None = None
+
+    def route(self, name: str) -> RouteConfig | None:
+        """The route called C{name}, if any."""
+        for route in self.routes:
+            if route.name == name:
+                return route
+        return None
 
 
 # ---------------------------------------------------------------------------
@@ -591,8 +639,29 @@ class _Key:
     default: Any = None
 
 
+def _workers(value: object, base_dir: Path) -> int:
+    """A process count, or C{"auto"} for one per CPU."""
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f'expected a number of processes or "auto", got {_show(value)}')
+    if not 1 <= value <= MAX_WORKERS:
+        raise _Invalid(f"must be between 1 and {MAX_WORKERS}, got {value}")
+    return value
+
+
+def _duration_or_zero(value: object, base_dir: Path) -> float:
+    try:
+        return parse_duration(value, allow_zero=True)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+
+
 _TOP_LEVEL: dict[str, _Key] = {
     "log_level": _Key(_log_level, "info"),
+    "log_format": _Key(_choice(LOG_FORMATS, fold_case=True), "text"),
+    "workers": _Key(_workers, 1),
+    "shutdown_timeout": _Key(_duration_or_zero, 30.0),
 }
 
 _ROUTE: dict[str, _Key] = {
@@ -853,11 +922,40 @@ The tables inside each C{[[proxy]]}, in file order; the key is both the TOML
 table name (C{[proxy.listener]}) and the L{RouteConfig} field it fills.
 """
 
-_TOP_SECTIONS: dict[str, _Section] = {}
+
+def _names(value: object, base_dir: Path) -> tuple[str, ...]:
+    """A list of role names."""
+    if not isinstance(value, list):
+        raise _Invalid(f"expected a list of user names, got {_show(value)}")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise _Invalid(f"expected user names (non-empty strings), got {_show(item)}")
+    return tuple(value)
+
+
+_ADMIN: dict[str, _Key] = {
+    "database": _Key(_string, "pgtls"),
+    "users": _Key(_names, ()),
+    "auth_database": _Key(_string, "postgres"),
+}
+
+_METRICS: dict[str, _Key] = {
+    "bind_address": _Key(_address, _REQUIRED),
+}
+
+
+def _build_metrics(values: dict[str, Any]) -> MetricsConfig:
+    host, port = parse_address(values["bind_address"])
+    return MetricsConfig(host=host, port=port, **values)
+
+
+_TOP_SECTIONS: dict[str, _Section] = {
+    "admin": _Section(_ADMIN, lambda values: AdminConfig(**values), required=False),
+    "metrics": _Section(_METRICS, _build_metrics, required=False),
+}
 """
-Top-level tables other than C{[[proxy]]} (none yet; C{[admin]} and
-C{[metrics]} will go here); the key is both the table name and the
-L{Config} field it fills.
+Top-level tables other than C{[[proxy]]}; the key is both the table name
+and the L{Config} field it fills.
 """
 
 _SECTION_TITLES: dict[str, str] = {
@@ -1146,7 +1244,18 @@ def describe_config(config: Config) -> str:
     lines = []
     if config.path is not None:
         lines.append(f"config     {config.path}")
-    lines.append(f"log_level  {config.log_level}")
+    lines.append(f"log_level  {config.log_level}, log_format {config.log_format}")
+    lines.append(
+        f"processes  {config.workers} worker{'s' if config.workers != 1 else ''},"
+        f" shutdown_timeout {format_duration(config.shutdown_timeout)}"
+    )
+    if config.admin is not None:
+        users = ", ".join(config.admin.users) or "nobody"
+        lines.append(f"admin      database {_show(config.admin.database)} for {users}")
+    else:
+        lines.append("admin      no console")
+    if config.metrics is not None:
+        lines.append(f"metrics    http://{config.metrics.bind_address}/metrics")
     for route in config.routes:
         lines.append("")
         lines.extend(_describe_route(route))

@@ -60,6 +60,10 @@ class ClientProtocol(Leg):
         self._handshakeDone = False
         self._deadline: Any = None
         self._started = time.monotonic()
+        self._tlsStarted = 0.0
+        self.connectedAt = time.time()
+        #: When the client last started a request (pooled sessions set it).
+        self.lastRequest: float | None = None
         self.stats: dict[str, Any] = {"reason": None, "bytes_in": 0, "bytes_out": 0}
 
     # -- connection lifecycle ------------------------------------------------
@@ -72,6 +76,7 @@ class ClientProtocol(Leg):
             self.route.config.listener.startup_timeout, self._startupExpired
         )
         self.route.clientOpened(self)
+        self.route.metrics.accepted(self.route.name)
         self._log.info(
             "conn={conn} open peer={peer} route={route}",
             conn=self.connId,
@@ -87,6 +92,7 @@ class ClientProtocol(Leg):
         if self.stats["reason"] is None:
             if self.tls is not None and not self._handshakeDone:
                 self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
+                self.refused("handshake_failure")
             else:
                 self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
         self.route.clientClosed(self)
@@ -102,6 +108,7 @@ class ClientProtocol(Leg):
 
     def _startupExpired(self) -> None:
         self._deadline = None
+        self.refused("startup_timeout")
         timeout = self.route.config.listener.startup_timeout
         text = f"pgtls: connection startup did not complete within {timeout:g}s"
         if self.tls is not None and not self._handshakeDone:
@@ -129,6 +136,28 @@ class ClientProtocol(Leg):
             duration=time.monotonic() - self._started,
             reason=s["reason"],
         )
+
+    def refused(self, reason: str) -> None:
+        """Count this connection as refused (see L{pgtls_twisted.metrics.REFUSALS})."""
+        self.route.metrics.refused(self.route.name, reason)
+
+    # -- shutting down -------------------------------------------------------
+
+    def drain(self) -> None:
+        """The proxy is shutting down: finish what may be finished, then close."""
+        if self.session is not None:
+            self.session.drain()
+
+    def terminate(self) -> None:
+        """The shutdown deadline has passed: close now, telling the client why (57P01)."""
+        if self._closing:
+            return
+        if self.session is not None:
+            self.session.terminate()
+        elif self.startup is not None or (self.tls is not None and self._handshakeDone):
+            self.fail("57P01", "terminating connection due to administrator command")
+        else:
+            self.abort("pgtls is shutting down")
 
     # -- closing -------------------------------------------------------------
 
@@ -215,6 +244,7 @@ class ClientProtocol(Leg):
         try:
             return wire.parse_startup_packet(self._buf)
         except wire.ProtocolViolation as e:
+            self.refused("protocol")
             if e.sqlstate is None:
                 self.abort(e.message)
             else:
@@ -231,6 +261,7 @@ class ClientProtocol(Leg):
         self._startTLS(received)
 
     def _startTLS(self, received: bytes) -> None:
+        self._tlsStarted = time.monotonic()
         self.deliver = self._startupData
         self.tls = self.route.clientTLS.attach(self, Decrypted(self), received)
         if not self._closing:
@@ -241,7 +272,13 @@ class ClientProtocol(Leg):
     def handshakeCompleted(self) -> None:
         self._handshakeDone = True
         conn = self.tls.getHandle()
-        self.stats["client_tls"] = describe_tls(conn)
+        info = self.stats["client_tls"] = describe_tls(conn)
+        self.route.metrics.handshakeDone(
+            self.route.name,
+            time.monotonic() - self._tlsStarted,
+            info["version"] or "",
+            info["cipher"] or "",
+        )
         if self._direct and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:
             self.abort("direct TLS connection without ALPN protocol negotiation extension")
 
@@ -270,7 +307,7 @@ class ClientProtocol(Leg):
             )
         elif isinstance(packet, wire.CancelRequest):
             self.stats["reason"] = "cancel request"
-            self.route.cancels.cancel(packet, self)
+            self.route.cancels.cancel(packet, self.connId, self.route)
             self.close()
         else:
             self._startupMessage(packet, rest)
@@ -279,15 +316,19 @@ class ClientProtocol(Leg):
         self.startup = startup
         listener = self.route.config.listener
         if self.tls is None and listener.tls == "require":
+            self.refused("tls_required")
             self.fail("28000", "pgtls: this listener requires TLS (sslmode=require or stronger)")
             return
         refusal = self.route.admission(self)
         if refusal is not None:
-            self.fail(*refusal)
+            sqlstate, text, reason = refusal
+            self.refused(reason)
+            self.fail(sqlstate, text)
             return
         if self.tls is not None:
             problem = self._clientCertificateProblem(startup.rawParameter(b"user") or b"")
             if problem is not None:
+                self.refused("client_certificate")
                 self.fail("28000", problem)
                 return
         # Nothing more is read from the client until its backend is ready.

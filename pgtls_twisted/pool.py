@@ -54,6 +54,7 @@ class PooledServer:
     cancels: int = 0
     dirty: bool = False
     holder: Any = None
+    uses: int = 0
 
     def close(self) -> None:
         self.leg.close()
@@ -63,6 +64,7 @@ class PooledServer:
 class _Waiter:
     deferred: defer.Deferred[PooledServer]
     timer: Any = None
+    since: float = 0.0
 
 
 class Pool:
@@ -100,6 +102,9 @@ class Pool:
         self.waiters: deque[_Waiter] = deque()
         self.lastUsed = clock.seconds()
         self.closed = False
+        #: While paused (admin C{PAUSE}), nobody is handed a connection:
+        #: clients queue (their C{acquireTimeout} still runs) until L{resume}.
+        self.paused = False
         self._retry: Any = None
         #: Logged-in client sessions using this pool (holding a server or not).
         self.sessions = 0
@@ -116,13 +121,31 @@ class Pool:
         Deferred (a client that leaves) removes it from the queue.
         """
         self.lastUsed = self._clock.seconds()
-        if self.idle and not self.waiters:
+        if self.idle and not self.waiters and not self.paused:
             return defer.succeed(self._take(self.idle.pop()))
-        waiter = _Waiter(defer.Deferred(lambda d: self._forget(waiter)))
+        waiter = _Waiter(defer.Deferred(lambda d: self._forget(waiter)), since=self.lastUsed)
         waiter.timer = self._clock.callLater(self.acquireTimeout, self._expire, waiter)
         self.waiters.append(waiter)
-        self._grow()
+        if not self.paused:
+            self._grow()
         return waiter.deferred
+
+    def longestWait(self) -> float:
+        """Seconds the first client in the queue has waited (0 when nobody waits)."""
+        if not self.waiters:
+            return 0.0
+        return max(0.0, self._clock.seconds() - self.waiters[0].since)
+
+    def pause(self) -> None:
+        """Hand out no connection until L{resume} (those held stay held)."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Serve the clients that queued while paused."""
+        self.paused = False
+        while self.idle and self.waiters:
+            self._offer(self.idle.pop())
+        self._grow()
 
     def release(self, server: PooledServer) -> None:
         """A client is done with C{server}: give it to the next waiter, or keep it idle."""
@@ -200,10 +223,11 @@ class Pool:
 
     def _take(self, server: PooledServer) -> PooledServer:
         self.busy.add(server)
+        server.uses += 1
         return server
 
     def _offer(self, server: PooledServer) -> None:
-        if self.waiters:
+        if self.waiters and not self.paused:
             waiter = self.waiters.popleft()
             waiter.timer.cancel()
             waiter.deferred.callback(self._take(server))

@@ -23,6 +23,7 @@ session mode an idle one is rolled back and reset first.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -99,6 +100,12 @@ class PooledSession(Session):
         self._heldTypes: list[int] = []
         self._serverSaidFatal = False
         self._internalRunning = False
+        self._draining = False
+        #: Wall-clock time since which the client has waited for a server (admin console).
+        self.waitingSince: float | None = None
+        self._waitStarted = 0.0
+        self._queryStarted: float | None = None
+        self._transactionStarted: float | None = None
 
     # -- the end of login ----------------------------------------------------------
 
@@ -163,6 +170,11 @@ class PooledSession(Session):
 
     def _send(self, out: bytes, types: list[int]) -> None:
         self.client.stats["bytes_in"] += len(out)
+        if types and self._queryStarted is None:
+            self._queryStarted = now = time.monotonic()
+            self.client.lastRequest = time.time()
+            if self._transactionStarted is None:
+                self._transactionStarted = now
         if self.attached is not None and not self._internalRunning:
             tracker = self._tracker
             assert tracker is not None
@@ -182,11 +194,17 @@ class PooledSession(Session):
             # the queue, Twisted #11168.)
             self.client.transport.pauseProducing()
         if self._waiting is None and self.attached is None:
+            self.waitingSince = time.time()
+            self._waitStarted = time.monotonic()
             self._waiting = self.pool.acquire()
             self._waiting.addCallbacks(self._acquired, self._notAcquired)
 
     def _acquired(self, server: PooledServer) -> None:
         self._waiting = None
+        self.waitingSince = None
+        self.route.metrics.waited(
+            self.route.name, self.startup.database, time.monotonic() - self._waitStarted
+        )
         if self._done:
             self.pool.release(server)
             return
@@ -194,6 +212,7 @@ class PooledSession(Session):
 
     def _notAcquired(self, failure: Failure) -> None:
         self._waiting = None
+        self.waitingSince = None
         if self._done or failure.check(defer.CancelledError):
             return
         if failure.check(PoolTimeout):
@@ -268,8 +287,8 @@ class PooledSession(Session):
                 tracker.serverMessage(mtype)
             else:
                 tracker.serverMessage(mtype, peek or None)
-                if mtype == _READY and self.queryLog is not None:
-                    self.queryLog.readyForQuery()
+                if mtype == _READY:
+                    self._ready(tracker)
         self.client.stats["bytes_out"] += len(out)
         self.client.out.write(out)
         if (
@@ -279,6 +298,51 @@ class PooledSession(Session):
             and self._clientSplitter.atBoundary
         ):
             self.pool.release(self._detach())
+            if self._draining:
+                self._closeForShutdown()
+
+    def _ready(self, tracker: TransactionTracker) -> None:
+        """A ReadyForQuery: a query (and maybe a transaction) is over."""
+        if self.queryLog is not None:
+            self.queryLog.readyForQuery()
+        now = time.monotonic()
+        metrics, route, database = self.route.metrics, self.route.name, self.startup.database
+        if self._queryStarted is not None:
+            metrics.queryDone(route, database, now - self._queryStarted)
+            self._queryStarted = now if tracker.pendingSyncs else None
+        if tracker.transactionStatus == "I" and self._transactionStarted is not None:
+            metrics.transactionDone(route, database, now - self._transactionStarted)
+            self._transactionStarted = None
+
+    # -- shutting down ---------------------------------------------------------------
+
+    def drain(self) -> None:
+        """
+        The proxy is shutting down: in transaction mode the client is let
+        go at the end of its current transaction (now, if it has none);
+        in session mode its session runs on until the deadline.
+        """
+        self._draining = True
+        if self.transactionMode and self.client.startupDone and self._betweenTransactions():
+            self._closeForShutdown()
+
+    def terminate(self) -> None:
+        """The deadline: FATAL 57P01 where a message boundary allows, and close."""
+        if not self.client.startupDone:
+            super().terminate()
+            return
+        if self.attached is None or (
+            self._serverSplitter is not None and self._serverSplitter.atBoundary
+        ):
+            self.client.fail("57P01", "terminating connection due to administrator command")
+        self._finish("pgtls shutdown")
+
+    def _betweenTransactions(self) -> bool:
+        return self.attached is None and self._waiting is None and not self._held
+
+    def _closeForShutdown(self) -> None:
+        self.client.fail("57P01", "terminating connection due to administrator command")
+        self._finish("pgtls shutdown")
 
     # -- the proxy's own statements ----------------------------------------------------
 
@@ -426,6 +490,7 @@ class PoolManager:
                 idleTimeout=config.idle_timeout,
                 maxLifetime=config.max_lifetime,
             )
+            pool.paused = self.route.paused
             self.pools[database] = pool
         return pool
 

@@ -22,6 +22,9 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+#: A ReadyForQuery message's type and length.
+_READY_HEADER = b"Z\x00\x00\x00\x05"
+
 
 @implementer(IPushProducer)
 class _Valve:
@@ -56,6 +59,19 @@ class Pump:
         self.client = client
         self.server = server
         self.stats = stats
+        self._tail = b""
+
+    def atReady(self) -> bool:
+        """
+        Whether the last bytes the server sent ended with a ReadyForQuery,
+        so the proxy may speak to the client without cutting a message (a
+        shutdown's FATAL). A row whose data happens to end in the same six
+        bytes would fool it; that costs one garbled goodbye on a
+        connection being closed anyway, while framing every message would
+        cost every chunk.
+        """
+        tail = self._tail
+        return len(tail) == 6 and tail[:5] == _READY_HEADER and tail[5:] in (b"I", b"T", b"E")
 
     def start(self) -> None:
         client, server = self.client, self.server
@@ -68,6 +84,7 @@ class Pump:
 
         def fromServer(data: bytes) -> None:
             stats["bytes_out"] += len(data)
+            self._tail = data[-6:]
             toClient(data)
 
         client.deliver = fromClient

@@ -14,6 +14,7 @@ from twisted.internet.protocol import Factory
 from .cancel import CancelRegistry
 from .frontend import ClientProtocol
 from .logs import Logger
+from .metrics import Metrics
 from .tlsconfig import BackendTLS, ServerTLS
 from .tlswrap import TLSLayer
 
@@ -25,16 +26,37 @@ class Route:
     """
     @ivar clients: the open client connections of this route.
     @ivar cancels: the process-wide registry of minted cancel keys.
+    @ivar metrics: the process-wide L{Metrics}.
+    @ivar process: the L{pgtls_twisted.service.ProxyService} it belongs to
+        (admin console, shutdown state), or C{None} for a route used on
+        its own (unit tests).
+    @ivar paused: admin C{PAUSE}: new sessions wait (their startup
+        deadline still runs) and pools hand out no connection.
+    @ivar retired: removed or replaced by a reload: it serves the sessions
+        it has and accepts no more.
     """
 
     _log = Logger()
 
-    def __init__(self, config: RouteConfig, reactor: Any, cancels: CancelRegistry) -> None:
+    def __init__(
+        self,
+        config: RouteConfig,
+        reactor: Any,
+        cancels: CancelRegistry,
+        metrics: Metrics | None = None,
+        process: Any = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.reactor = reactor
         self.clock = reactor
         self.cancels = cancels
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.process = process
+        self.paused = False
+        self.retired = False
+        self.port: Any = None
+        self._held: list[tuple[ClientProtocol, Any]] = []
         self.serverTLS = ServerTLS(config.listener)
         self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
         self.backendCreator = BackendTLS(config.backend)
@@ -54,18 +76,59 @@ class Route:
 
     def clientClosed(self, client: ClientProtocol) -> None:
         self.clients.discard(client)
+        database = client.startup.database if client.startup is not None else None
+        self.metrics.clientClosed(self.name, database, client.stats)
+        if not self.clients and self.process is not None:
+            self.process.routeEmpty(self)
 
-    def admission(self, client: ClientProtocol) -> tuple[str, str] | None:
-        """Whether a client that has sent its StartupMessage may go on."""
+    def listeningPort(self) -> int | None:
+        """The port this route listens on now (C{None} when not listening)."""
+        return self.port.getHost().port if self.port is not None else None
+
+    def admission(self, client: ClientProtocol) -> tuple[str, str, str] | None:
+        """
+        Whether a client that has sent its StartupMessage may go on: the
+        SQLSTATE, message and metrics reason of a refusal, or C{None}.
+        """
+        if self.process is not None and self.process.draining:
+            return ("57P03", "pgtls: the proxy is shutting down", "shutdown")
         limit = self.config.listener.max_clients
         if len(self.clients) > limit:
             return (
                 "53300",
                 f'pgtls: sorry, too many clients already on route "{self.name}" (max_clients = {limit})',
+                "limit",
             )
         return None
 
     def startSession(self, client: ClientProtocol, startup: Any) -> None:
+        admin = self.process.config.admin if self.process is not None else None
+        if admin is not None and startup.database == admin.database:
+            from .adminsession import AdminSession
+
+            AdminSession(self, client, startup, admin).start()
+            return
+        if self.paused:
+            self._held.append((client, startup))
+            return
+        self._start(client, startup)
+
+    def setPaused(self, paused: bool) -> None:
+        """Admin C{PAUSE}/C{RESUME}: hold new sessions and pool hand-outs, or let them go."""
+        self.paused = paused
+        if self.pools is not None:
+            for pool in self.pools.pools.values():
+                if paused:
+                    pool.pause()
+                else:
+                    pool.resume()
+        if not paused:
+            held, self._held = self._held, []
+            for client, startup in held:
+                if client.connected and not client._closing:
+                    self._start(client, startup)
+
+    def _start(self, client: ClientProtocol, startup: Any) -> None:
         if self.pools is not None:
             from .pooled import PooledSession
 

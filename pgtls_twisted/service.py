@@ -1,12 +1,30 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_operations -*-
 """
 Services: what C{twist pgtls}, C{twistd pgtls} and embedding applications
-run. L{make_service} builds a L{MultiService} with one L{RouteService}
-(listener plus certificate refresh) per configured route.
+run.
+
+L{make_service} builds a L{ProxyService}: one L{RouteService} (the
+listener) plus certificate-refresh and pool-reaping timers per route, and
+the C{/metrics} endpoint. The ProxyService is also where the process-wide
+operations live, because they all act on every route at once:
+
+ - B{reload} (L{ProxyService.reload}): a new configuration is checked in
+   full (TOML, TLS files, binds) before anything changes; then added
+   routes listen, removed ones stop accepting and drain, changed ones get
+   a new L{Route} for new connections (a listener whose address did not
+   change keeps its socket, so no connection is refused meanwhile), and
+   unchanged ones are left alone apart from re-reading their certificates;
+ - B{graceful shutdown} (L{ProxyService.stopService}): stop accepting at
+   once, let sessions finish (transaction-mode clients at the end of their
+   transaction) for up to C{shutdown_timeout}, then close the rest with
+   FATAL 57P01;
+ - B{pause/resume} per route (the admin console's C{PAUSE}/C{RESUME}).
 """
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -14,9 +32,13 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 
 from .cancel import CancelRegistry
-from .config import Config
-from .logs import Logger
+from .config import Config, ConfigError, load_config
+from .logs import Logger, apply_log_level
+from .metrics import Metrics
 from .route import Route
+
+#: After the shutdown deadline, how long closing connections get to go.
+CLOSE_GRACE = 2.0
 
 
 class RouteService(Service):
@@ -29,14 +51,17 @@ class RouteService(Service):
     embedders bind port 0 and need to know what they got.
 
     @ivar port: the L{IListeningPort} while running.
+    @ivar reusePort: bind with C{SO_REUSEPORT}, so that every worker
+        process has a listening socket of its own on the same port.
     """
 
     _log = Logger()
 
-    def __init__(self, route: Route, reactor: Any) -> None:
+    def __init__(self, route: Route, reactor: Any, reusePort: bool = False) -> None:
         self.route = route
         self.name = route.name
         self._reactor = reactor
+        self.reusePort = reusePort
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -51,9 +76,15 @@ class RouteService(Service):
         if self.port is not None:
             return
         listener = self.route.config.listener
-        self.port = self._reactor.listenTCP(
-            listener.port, self.route.factory(), interface=listener.host
-        )
+        if self.reusePort:
+            self.port = listen_reuseport(
+                self._reactor, listener.host, listener.port, self.route.factory()
+            )
+        else:
+            self.port = self._reactor.listenTCP(
+                listener.port, self.route.factory(), interface=listener.host
+            )
+        self.route.port = self.port
         address = self.port.getHost()
         backend = self.route.config.backend
         self._log.info(
@@ -65,23 +96,419 @@ class RouteService(Service):
             mode=backend.tls,
         )
 
+    def serve(self, route: Route) -> None:
+        """Hand new connections on the same socket to C{route} (a reload)."""
+        old, self.route = self.route, route
+        old.port = None
+        route.port = self.port
+        if self.port is not None:
+            self.port.factory = route.factory()
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
-        if self.route.pools is not None:
-            self.route.pools.close()
         port, self.port = self.port, None
+        self.route.port = None
         if port is None:
             return defer.succeed(None)
         return defer.maybeDeferred(port.stopListening)
 
 
-_log = Logger()
-
-
-def make_service(config: Config, reactor: Any = None) -> MultiService:
+def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: int = 128) -> Any:
     """
-    Build the service tree for C{config}: one L{RouteService} and one
-    certificate-refresh timer per route. TLS contexts are built here, so a
+    Listen on C{host:port} with C{SO_REUSEPORT}: Twisted's C{listenTCP}
+    has no such option (twisted#9101), so the socket is made here and
+    adopted (C{adoptStreamPort} dups it; ours is closed).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    finally:
+        sock.close()
+
+
+class _RouteGroup(MultiService):
+    """
+    A route's listener and timers, started and stopped together.
+
+    The listener is held, not parented: a reload that changes a route
+    but not its address hands the listening socket to the new group,
+    and a service cannot change parents without being stopped.
+    """
+
+    def __init__(self, route: Route, listener: RouteService | None) -> None:
+        super().__init__()
+        self.route = route
+        self.listener = listener
+
+    def privilegedStartService(self) -> None:
+        if self.listener is not None:
+            self.listener.privilegedStartService()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.listener is not None and not self.listener.running:
+            self.listener.startService()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped = super().stopService()
+        if self.listener is None or not self.listener.running:
+            return stopped
+        listener = defer.maybeDeferred(self.listener.stopService)
+        return defer.gatherResults([stopped, listener]).addCallback(lambda _: None)
+
+
+class ProxyService(MultiService):
+    """
+    The whole proxy of one process.
+
+    @ivar worker: this process's worker number (0 without workers).
+    @ivar draining: shutting down: no new sessions.
+    @ivar groups: route name to its L{_RouteGroup}, for the current
+        configuration.
+    @ivar retired: routes removed or replaced by a reload that still have
+        sessions.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        worker: int = 0,
+        reusePort: bool = False,
+        serveMetrics: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.worker = worker
+        self.reusePort = reusePort
+        self.draining = False
+        self.cancels = CancelRegistry(worker)
+        self.metrics = Metrics(worker)
+        self.metrics.routes = self.liveRoutes
+        self.metrics.inReactor = self._inReactor
+        self.groups: dict[str, _RouteGroup] = {}
+        self.retired: set[Route] = set()
+        self.shutdownRequested: Any = None
+        self._stopping: defer.Deferred[None] | None = None
+        self._drained: defer.Deferred[None] | None = None
+        self._metricsService: Service | None = None
+        self._serveMetrics = serveMetrics
+        for routeConfig in config.routes:
+            self._addGroup(self._newRoute(routeConfig))
+        self._setMetrics(config)
+
+    # -- routes -------------------------------------------------------------------
+
+    def liveRoutes(self) -> list[Route]:
+        """Every route with a listener or with sessions, current ones first."""
+        return [g.route for g in self.groups.values()] + sorted(self.retired, key=lambda r: r.name)
+
+    def _newRoute(self, routeConfig: Any) -> Route:
+        """A route (TLS contexts built now, so bad files fail here)."""
+        return Route(routeConfig, self.reactor, self.cancels, self.metrics, self)
+
+    def _addGroup(self, route: Route, listener: RouteService | None = None) -> _RouteGroup:
+        if listener is None:
+            listener = RouteService(route, self.reactor, self.reusePort)
+        elif listener.route is not route:
+            listener.serve(route)
+        group = _RouteGroup(route, listener)
+        group.name = route.name
+        routeConfig = route.config
+        refresh = TimerService(routeConfig.listener.cert_refresh_interval, route.reloadCertificates)
+        refresh.clock = self.reactor
+        refresh.setServiceParent(group)
+        if route.pools is not None:
+            pool = routeConfig.pool
+            if pool.password_source == "literal":
+                self._log.warn(
+                    "route={route}: pool.service_password is written in the configuration file; "
+                    "prefer service_password_file or service_password_env",
+                    route=route.name,
+                )
+            interval = max(0.5, min(30.0, pool.idle_timeout / 4))
+            reaper = TimerService(interval, route.pools.reap)
+            reaper.clock = self.reactor
+            reaper.setServiceParent(group)
+        self.groups[route.name] = group
+        group.setServiceParent(self)
+        return group
+
+    def _retire(self, route: Route) -> None:
+        """C{route} takes no new sessions; its pools close once its last client leaves."""
+        route.retired = True
+        if route.clients:
+            self.retired.add(route)
+            for client, _ in route._held:
+                client.terminate()
+        else:
+            self.routeEmpty(route)
+
+    def routeEmpty(self, route: Route) -> None:
+        """Called by a route when its last client has gone."""
+        if route.retired:
+            self.retired.discard(route)
+            if route.pools is not None:
+                route.pools.close()
+        self._checkDrained()
+
+    def _checkDrained(self) -> None:
+        if self._drained is not None and not any(r.clients for r in self.liveRoutes()):
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    # -- reload -------------------------------------------------------------------
+
+    def reloadFromFile(self) -> list[str]:
+        """
+        Re-read the configuration file (SIGHUP, admin C{RELOAD}).
+
+        @return: what changed, one line each.
+        @raise ConfigError: the file is invalid; nothing was changed.
+        """
+        if self.config.path is None:
+            raise ConfigError("this proxy was not started from a configuration file")
+        try:
+            config = load_config(self.config.path)
+            return self.reload(config)
+        except ConfigError as e:
+            for line in str(e).splitlines():
+                self._log.error("reload refused, nothing changed: {problem}", problem=line)
+            raise
+
+    def reload(self, config: Config) -> list[str]:
+        """
+        Apply C{config}. Everything that can fail (TLS files, binding new
+        listeners) is done first; if anything fails, nothing changes.
+
+        @raise ConfigError: naming every problem.
+        """
+        from .tlsconfig import TLSConfigError
+
+        old = {g.route.name: g for g in self.groups.values()}
+        new = {r.name: r for r in config.routes}
+        built: dict[str, Route] = {}
+        problems = []
+        for name, routeConfig in new.items():
+            group = old.get(name)
+            if group is not None and group.route.config == routeConfig:
+                continue
+            try:
+                built[name] = self._newRoute(routeConfig)
+            except TLSConfigError as e:
+                problems.append(f'route "{name}": {e}')
+        if problems:
+            raise ConfigError(problems)
+        # Bind what needs a new socket before touching anything.
+        bound: dict[str, RouteService] = {}
+        for name, route in built.items():
+            group = old.get(name)
+            if group is not None and _same_address(group.route.config, route.config):
+                continue
+            listener = RouteService(route, self.reactor, self.reusePort)
+            try:
+                listener._listen()
+            except Exception as e:
+                for done in bound.values():
+                    done.port.stopListening()
+                for r in built.values():
+                    if r.pools is not None:
+                        r.pools.close()
+                raise ConfigError(
+                    [f'route "{name}": cannot listen on {route.config.listener.bind_address}: {e}']
+                ) from None
+            bound[name] = listener
+        notes = []
+        for name, group in old.items():
+            if name not in new:
+                self._removeGroup(group)
+                notes.append(f'route "{name}" removed: stopped listening, its sessions go on')
+        for name, route in built.items():
+            group = old.get(name)
+            if group is None:
+                self._addGroup(route, bound[name])
+                notes.append(
+                    f'route "{name}" added: listening on {route.config.listener.bind_address}'
+                )
+                continue
+            if name in bound:
+                self._removeGroup(group)
+                self._addGroup(route, bound[name])
+            else:
+                listener = group.listener
+                self._removeGroup(group, keep=listener)
+                self._addGroup(route, listener)
+            notes.append(f'route "{name}" changed: new connections use the new settings')
+        for name, group in self.groups.items():
+            if name not in built:
+                group.route.reloadCertificates(force=True)
+        self._applyTopLevel(config, notes)
+        self.config = config
+        for note in notes or ["no route changed; certificates re-read"]:
+            self._log.info("reload: {note}", note=note)
+        return notes or ["no route changed; certificates re-read"]
+
+    def _removeGroup(self, group: _RouteGroup, keep: RouteService | None = None) -> None:
+        """Stop C{group}'s timers and (unless kept for a successor) its listener."""
+        del self.groups[group.route.name]
+        if keep is not None:
+            group.listener = None
+        group.disownServiceParent()
+        self._retire(group.route)
+
+    def _applyTopLevel(self, config: Config, notes: list[str]) -> None:
+        for key in ("workers", "log_format"):
+            if getattr(config, key) != getattr(self.config, key):
+                notes.append(f"{key} changed: takes effect after a restart")
+        if config.log_level != self.config.log_level:
+            apply_log_level(config.log_level)
+            notes.append(f"log_level is now {config.log_level}")
+        if config.admin != self.config.admin:
+            notes.append("admin settings changed")
+        if config.metrics != self.config.metrics:
+            self._setMetrics(config)
+            notes.append("metrics endpoint changed")
+
+    # -- metrics ------------------------------------------------------------------
+
+    def _setMetrics(self, config: Config) -> None:
+        if not self._serveMetrics:
+            return
+        if self._metricsService is not None:
+            self._metricsService.disownServiceParent()
+            self._metricsService = None
+        if config.metrics is not None:
+            from .metricsweb import MetricsService
+
+            self._metricsService = MetricsService(
+                config.metrics, self.metrics.registry, self.reactor
+            )
+            self._metricsService.setServiceParent(self)
+
+    def _inReactor(self, f: Any) -> Any:
+        from twisted.python.threadable import isInIOThread
+
+        if isInIOThread():
+            return f()
+        from twisted.internet.threads import blockingCallFromThread
+
+        return blockingCallFromThread(self.reactor, f)
+
+    # -- pause --------------------------------------------------------------------
+
+    def setPaused(self, name: str | None, paused: bool) -> list[str]:
+        """Admin C{PAUSE}/C{RESUME} of one route, or all (C{None})."""
+        if name is not None and name not in self.groups:
+            raise KeyError(name)
+        names = [name] if name is not None else list(self.groups)
+        for n in names:
+            self.groups[n].route.setPaused(paused)
+            self._log.info("route={route} {what}", route=n, what="paused" if paused else "resumed")
+        return names
+
+    def requestReload(self) -> list[str]:
+        return self.reloadFromFile()
+
+    def requestShutdown(self) -> None:
+        """Admin C{SHUTDOWN}: what SIGTERM does."""
+        if self.shutdownRequested is not None:
+            self.shutdownRequested()
+        else:
+            self.reactor.callLater(0, self.reactor.stop)
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Graceful: see L{shutdown}, with C{shutdown_timeout}."""
+        return self.shutdown(self.config.shutdown_timeout)
+
+    def shutdown(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Stop accepting now; let sessions finish for up to C{timeout}
+        seconds; then close the rest with FATAL 57P01 and close the pools.
+        """
+        if self._stopping is not None:
+            if timeout == 0:
+                self._terminateAll()
+            return _chain(self._stopping)
+        self.draining = True
+        listening = super().stopService()
+        clients = [c for r in self.liveRoutes() for c in list(r.clients)]
+        if clients:
+            self._log.info(
+                "shutting down: {count} connections get up to {timeout:g}s to finish",
+                count=len(clients),
+                timeout=timeout,
+            )
+        for client in clients:
+            client.drain()
+        self._drained = drained = defer.Deferred()
+        self._checkDrained()
+        deadline = self.reactor.callLater(timeout, self._terminateAll)
+
+        def finish(_: object) -> defer.Deferred[None]:
+            if deadline.active():
+                deadline.cancel()
+            for route in self.liveRoutes():
+                if route.pools is not None:
+                    route.pools.close()
+            return listening
+
+        self._stopping = drained.addCallback(finish)
+        return _chain(self._stopping)
+
+    def _terminateAll(self) -> None:
+        clients = [c for r in self.liveRoutes() for c in list(r.clients)]
+        if not clients:
+            return
+        self._log.info(
+            "shutdown deadline: closing {count} remaining connections (57P01)", count=len(clients)
+        )
+        for client in clients:
+            client.terminate()
+        # Closing is graceful (close_notify); give it a moment, then go.
+        self.reactor.callLater(CLOSE_GRACE, self._giveUp)
+
+    def _giveUp(self) -> None:
+        for route in self.liveRoutes():
+            for client in list(route.clients):
+                client.transport.abortConnection()
+        if self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+
+def _chain(d: defer.Deferred[None]) -> defer.Deferred[None]:
+    """A Deferred that fires with C{d} without taking its result from others."""
+    out: defer.Deferred[None] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
+
+
+def _same_address(a: Any, b: Any) -> bool:
+    """Whether a changed route can keep its listening socket (port 0 keeps its port)."""
+    return bool(a.listener.bind_address == b.listener.bind_address)
+
+
+def make_service(config: Config, reactor: Any = None, **kwargs: Any) -> ProxyService:
+    """
+    Build the service tree for C{config}. TLS contexts are built here, so a
     certificate that cannot be used fails before anything binds.
 
     @param reactor: defaults to the global reactor, imported only now so
@@ -91,37 +518,20 @@ def make_service(config: Config, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
-    top = MultiService()
-    cancels = CancelRegistry()
-    top.cancels = cancels  # type: ignore[attr-defined]
-    for routeConfig in config.routes:
-        route = Route(routeConfig, reactor, cancels)
-        service = RouteService(route, reactor)
-        service.setServiceParent(top)
-        refresh = TimerService(routeConfig.listener.cert_refresh_interval, route.reloadCertificates)
-        refresh.clock = reactor
-        refresh.setServiceParent(top)
-        if route.pools is not None:
-            pool = routeConfig.pool
-            if pool.password_source == "literal":
-                _log.warn(
-                    "route={route}: pool.service_password is written in the configuration file; "
-                    "prefer service_password_file or service_password_env",
-                    route=route.name,
-                )
-            interval = max(0.5, min(30.0, pool.idle_timeout / 4))
-            reaper = TimerService(interval, route.pools.reap)
-            reaper.clock = reactor
-            reaper.setServiceParent(top)
-    return top
+    return ProxyService(config, reactor, **kwargs)
 
 
-def route_services(top: MultiService) -> list[RouteService]:
-    """The route services of a tree built by L{make_service}, in order."""
-    return [s for s in top if isinstance(s, RouteService)]
+def route_services(top: Any) -> list[RouteService]:
+    """The route listeners of a tree built by L{make_service}, in order."""
+    return [g.listener for g in top.groups.values()]
 
 
-def reload_certificates(top: MultiService) -> None:
+def reload_certificates(top: ProxyService) -> None:
     """Re-read every route's certificate, key, CA and CRL files now."""
-    for service in route_services(top):
-        service.route.reloadCertificates(force=True)
+    for route in top.liveRoutes():
+        route.reloadCertificates(force=True)
+
+
+def all_clients(top: ProxyService) -> Iterable[Any]:
+    for route in top.liveRoutes():
+        yield from route.clients

@@ -55,6 +55,7 @@ class Session:
         self._backendKey: tuple[int, bytes] | None = None
         self._mintedPid: int | None = None
         self._done = False
+        self.pump: Pump | None = None
         client.session = self
 
     # -- connecting ------------------------------------------------------------
@@ -231,7 +232,8 @@ class Session:
         server, client = self.server, self.client
         assert server is not None
         self._started()
-        Pump(client, server, client.stats).start()
+        self.pump = Pump(client, server, client.stats)
+        self.pump.start()
         rest = self._serverReader.drain()
         if rest:
             server.deliver(rest)
@@ -255,6 +257,30 @@ class Session:
         if self._backendKey is None or self._done:
             return None
         return self.route, self._backendKey[0], self._backendKey[1], None
+
+    # -- shutting down -----------------------------------------------------------
+
+    def drain(self) -> None:
+        """
+        The proxy is shutting down. A pass-through session is the client's
+        own server session: it is left to finish until the deadline.
+        """
+
+    def terminate(self) -> None:
+        """
+        The shutdown deadline: close both legs, with PostgreSQL's FATAL
+        57P01 to the client when it can be told without cutting into a
+        message (during startup, which is parsed; after it, only when the
+        last thing the server sent was a ReadyForQuery: the byte pump does
+        not frame messages, see L{Pump.atReady}).
+        """
+        text = "terminating connection due to administrator command"
+        if not self.client.startupDone:
+            self._abandon("57P01", text)
+            return
+        if self.pump is not None and self.pump.atReady():
+            self.client.fail("57P01", text)
+        self._finish("pgtls shutdown")
 
     # -- ending ----------------------------------------------------------------
 

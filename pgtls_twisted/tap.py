@@ -3,20 +3,31 @@ The C{twist pgtls} / C{twistd pgtls} command: options and service maker.
 Found through C{twisted/plugins/pgtls_plugin.py}.
 
 Process-wide concerns that an embedding application must stay in charge
-of (signal handlers) live here, not in L{pgtls_twisted.service}.
+of (signal handlers, log output) live here, not in
+L{pgtls_twisted.service}:
+
+ - SIGHUP re-reads the configuration (L{ProxyService.reloadFromFile});
+ - SIGTERM is Twisted's: the reactor stops, and stopping the
+   L{ProxyService} is the graceful shutdown (up to C{shutdown_timeout});
+ - SIGINT closes every session at once (FATAL 57P01) and stops;
+ - SIGUSR1 / SIGUSR2 pause and resume every route, as in PgBouncer.
+
+With C{workers} above 1 this process becomes the supervisor of that many
+worker processes instead (L{pgtls_twisted.workers}).
 """
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import IService, MultiService, Service
+from twisted.application.service import IService, Service
 from twisted.python import usage
 
 from .config import ConfigError, load_config
-from .logs import Logger, apply_log_level
-from .service import make_service, reload_certificates
+from .logs import Logger, apply_log_level, configure_output
+from .service import ProxyService, make_service
 from .tlsconfig import TLSConfigError
 
 
@@ -32,38 +43,63 @@ class Options(usage.Options):
             self["loaded"] = load_config(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        configure_output(getattr(self, "parent", None), self["loaded"].log_format)
 
 
-class HangupReload(Service):
+class Signals(Service):
     """
-    SIGHUP re-reads every route's certificate files (neither C{twist} nor
-    C{twistd} uses SIGHUP). The handler only schedules the work: it runs in
-    the reactor, never inside the signal handler.
+    Installs signal handlers while running, and puts the previous ones
+    back when stopped. Handlers only schedule work in the reactor.
     """
 
     _log = Logger()
 
-    def __init__(self, top: MultiService, reactor: Any) -> None:
-        self._top = top
+    def __init__(self, reactor: Any, handlers: dict[int, Callable[[], None]]) -> None:
         self._reactor = reactor
-        self._previous: Any = None
+        self._handlers = handlers
+        self._previous: dict[int, Any] = {}
 
     def startService(self) -> None:
         super().startService()
-        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+        for signum in self._handlers:
+            self._previous[signum] = signal.signal(signum, self._handle)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
 
-    def _hangup(self, signum: int, frame: object) -> None:
-        self._reactor.callFromThread(self._reload)
+    def _handle(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._handlers[signum])
 
-    def _reload(self) -> None:
-        self._log.info("SIGHUP: re-reading certificate files")
-        reload_certificates(self._top)
+
+def proxy_signals(proxy: ProxyService, reactor: Any) -> Signals:
+    """The signal handlers of a single-process (or worker) proxy."""
+    log = Logger()
+
+    def hangup() -> None:
+        log.info("SIGHUP: re-reading the configuration")
+        try:
+            proxy.reloadFromFile()
+        except ConfigError:
+            pass  # already logged, problem by problem; nothing changed
+
+    def interrupt() -> None:
+        log.info("SIGINT: closing every session now")
+        proxy.shutdown(0)
+        if reactor.running:
+            reactor.stop()
+
+    return Signals(
+        reactor,
+        {
+            signal.SIGHUP: hangup,
+            signal.SIGINT: interrupt,
+            signal.SIGUSR1: lambda: proxy.setPaused(None, True) and None,
+            signal.SIGUSR2: lambda: proxy.setPaused(None, False) and None,
+        },
+    )
 
 
 def makeService(options: Options) -> IService:
@@ -71,10 +107,14 @@ def makeService(options: Options) -> IService:
 
     config = options["loaded"]
     apply_log_level(config.log_level)
+    if config.workers > 1:
+        from .workers import Supervisor
+
+        return Supervisor(config, reactor)
     try:
         top = make_service(config, reactor)
     except TLSConfigError as e:
         # Raised before anything binds: the process exits non-zero.
         raise usage.UsageError(f"{config.path}: {e}") from None
-    HangupReload(top, reactor).setServiceParent(top)
+    proxy_signals(top, reactor).setServiceParent(top)
     return top

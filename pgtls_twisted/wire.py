@@ -379,3 +379,48 @@ def ready_for_query(status: bytes = b"I") -> bytes:
 
 
 TERMINATE = message(b"X")
+
+
+# -- query results (the admin console answers queries itself) -----------------
+
+#: Type OIDs for RowDescription: text and int8 are all the console needs.
+TEXT_OID = 25
+INT8_OID = 20
+_INT16 = struct.Struct("!h")
+_FIELD = struct.Struct("!IhIhih")
+
+
+def row_description(columns: list[tuple[str, int]]) -> bytes:
+    """RowDescription for (name, type OID) columns, all in text format."""
+    parts = [_INT16.pack(len(columns))]
+    for name, oid in columns:
+        size = 8 if oid == INT8_OID else -1
+        parts.append(_cstr(name) + _FIELD.pack(0, 0, oid, size, -1, 0))
+    return message(b"T", b"".join(parts))
+
+
+def data_row(values: list[object]) -> bytes:
+    """DataRow: each value as text; C{None} is NULL."""
+    parts = [_INT16.pack(len(values))]
+    for value in values:
+        if value is None:
+            parts.append(_INT32.pack(0xFFFFFFFF))
+        else:
+            data = str(value).encode("utf-8")
+            parts.append(_INT32.pack(len(data)) + data)
+    return message(b"D", b"".join(parts))
+
+
+def command_complete(tag: str) -> bytes:
+    return message(b"C", _cstr(tag))
+
+
+def notice_response(text: str, *, severity: str = "NOTICE", sqlstate: str = "00000") -> bytes:
+    """A NoticeResponse written by the proxy (same fields as L{error_response})."""
+    body = error_response(sqlstate, text, severity=severity)[5:]
+    return message(b"N", body)
+
+
+def query_text(body: bytes) -> str:
+    """The SQL of a Query message body (NUL-terminated)."""
+    return body.split(b"\0", 1)[0].decode("utf-8", "replace")

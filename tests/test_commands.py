@@ -324,4 +324,4 @@ def test_sighup_reloads_certificates(pki, pg_tls, tmp_path) -> None:
         live.close()
     finally:
         out = stop(proc)
-    assert "SIGHUP: re-reading certificate files" in out
+    assert "SIGHUP: re-reading the configuration" in out

@@ -1,0 +1,343 @@
+# -*- test-case-name: tests.test_operations -*-
+"""
+What pgtls counts, for Prometheus and for the admin console's C{SHOW STATS}.
+
+Two kinds of figures, kept apart on purpose:
+
+ - B{events} (a client accepted, a handshake, a transaction) are counted
+   where they happen, in plain Python integers or in C{prometheus_client}
+   histograms: one dictionary update or one C{observe()} per event, and
+   never anything per received chunk;
+ - B{state} (clients connected, server connections by state, bytes so far)
+   is not counted at all: L{Metrics.collect} reads it from the live objects
+   when someone scrapes. A gauge that is computed cannot drift, and the
+   byte pump stays free of metric calls (the byte counts are the ones the
+   close log line reports anyway).
+
+Every series carries a C{worker} label, so that with C{workers = N} the
+supervisor can merge the workers' output into one page
+(L{pgtls_twisted.workers}).
+
+Scrapes are served by C{prometheus_client.twisted.MetricsResource}, which
+renders in the reactor's thread pool; L{Metrics.collect} therefore takes
+its snapshot of live objects in the reactor thread
+(C{blockingCallFromThread}), never from the pool thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from .route import Route
+
+#: Client refusals, by the reason label they carry.
+REFUSALS = (
+    "tls_required",
+    "handshake_failure",
+    "client_certificate",
+    "limit",
+    "protocol",
+    "startup_timeout",
+    "shutdown",
+    "admin_denied",
+)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_DURATION_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
+
+
+def backend_failure_reason(message: str) -> str:
+    """A short label for a L{pgtls_twisted.backend.BackendError} message."""
+    text = message.lower()
+    for needle, label in (
+        ("connection refused", "refused"),
+        ("timeout", "timeout"),
+        ("translate", "dns"),
+        ("verification failed", "tls_verify"),
+        ("handshake failed", "tls_handshake"),
+        ("ssl request", "tls_unavailable"),
+        ("does not support ssl", "tls_unavailable"),
+        ("authentication", "login"),
+        ("password", "login"),
+    ):
+        if needle in text:
+            return label
+    return "other"
+
+
+class RouteStats:
+    """
+    The counters of one route, in one process, since it started: what
+    C{SHOW STATS} shows per (route, database) and what the Prometheus
+    counters report.
+    """
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: dict[str, int] = defaultdict(int)
+        self.tls: dict[tuple[str, str], int] = defaultdict(int)
+        self.backendFailures: dict[str, int] = defaultdict(int)
+        self.cancels: dict[str, int] = defaultdict(int)
+        #: per database: [bytes from clients, bytes to clients] of closed connections
+        self.closedBytes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        #: per database: [xact_count, query_count, xact_us, query_us, wait_us]
+        self.databases: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+
+
+class Metrics:
+    """
+    One process's figures.
+
+    @ivar worker: this process's worker number (C{"0"} without workers).
+    @ivar registry: a registry of its own (not C{prometheus_client}'s
+        global one), so several proxies can live in one process (tests,
+        embedding) without clashing.
+    @ivar routes: callable returning every live L{Route} of the process,
+        including retired ones that still have sessions.
+    """
+
+    def __init__(self, worker: int = 0) -> None:
+        self.worker = str(worker)
+        self.started = time.time()
+        self.stats: dict[str, RouteStats] = defaultdict(RouteStats)
+        self.routes: Callable[[], Iterable[Route]] = lambda: ()
+        self.inReactor: Callable[[Callable[[], Any]], Any] = lambda f: f()
+        self.registry = CollectorRegistry(auto_describe=True)
+        labels = ["route", "worker"]
+        self.handshake = Histogram(
+            "pgtls_tls_handshake_seconds",
+            "Client TLS handshake duration",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.backendConnect = Histogram(
+            "pgtls_backend_connect_seconds",
+            "Backend connect, encryption negotiation and TLS handshake",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        pooled = ["route", "database", "worker"]
+        self.poolWait = Histogram(
+            "pgtls_pool_wait_seconds",
+            "How long clients waited for a server connection",
+            pooled,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.transaction = Histogram(
+            "pgtls_pool_transaction_seconds",
+            "Transaction duration on pooled connections",
+            pooled,
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.query = Histogram(
+            "pgtls_pool_query_seconds",
+            "Query duration (Query or Sync to ReadyForQuery) on pooled connections",
+            pooled,
+            buckets=_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_Snapshot(self))
+
+    # -- events ------------------------------------------------------------------
+
+    def accepted(self, route: str) -> None:
+        self.stats[route].accepted += 1
+
+    def refused(self, route: str, reason: str) -> None:
+        self.stats[route].refused[reason] += 1
+
+    def handshakeDone(self, route: str, seconds: float, version: str, cipher: str) -> None:
+        self.stats[route].tls[(version, cipher)] += 1
+        self.handshake.labels(route, self.worker).observe(seconds)
+
+    def backendConnected(self, route: str, seconds: float) -> None:
+        self.backendConnect.labels(route, self.worker).observe(seconds)
+
+    def backendFailed(self, route: str, message: str) -> None:
+        self.stats[route].backendFailures[backend_failure_reason(message)] += 1
+
+    def cancelRequest(self, route: str, outcome: str) -> None:
+        self.stats[route].cancels[outcome] += 1
+
+    def clientClosed(self, route: str, database: str | None, stats: dict[str, Any]) -> None:
+        if stats["bytes_in"] or stats["bytes_out"]:
+            row = self.stats[route].closedBytes[database or ""]
+            row[0] += stats["bytes_in"]
+            row[1] += stats["bytes_out"]
+
+    def waited(self, route: str, database: str, seconds: float) -> None:
+        self.stats[route].databases[database][4] += int(seconds * 1e6)
+        self.poolWait.labels(route, database, self.worker).observe(seconds)
+
+    def queryDone(self, route: str, database: str, seconds: float) -> None:
+        row = self.stats[route].databases[database]
+        row[1] += 1
+        row[3] += int(seconds * 1e6)
+        self.query.labels(route, database, self.worker).observe(seconds)
+
+    def transactionDone(self, route: str, database: str, seconds: float) -> None:
+        row = self.stats[route].databases[database]
+        row[0] += 1
+        row[2] += int(seconds * 1e6)
+        self.transaction.labels(route, database, self.worker).observe(seconds)
+
+    # -- state ---------------------------------------------------------------------
+
+    def trafficByDatabase(self, route: str) -> dict[str, tuple[int, int]]:
+        """Bytes client to server and back per database, closed and live connections together."""
+        totals = {db: list(row) for db, row in self.stats[route].closedBytes.items()}
+        for r in self.routes():
+            if r.name == route:
+                for client in r.clients:
+                    if client.startup is None:
+                        continue
+                    row = totals.setdefault(client.startup.database, [0, 0])
+                    row[0] += client.stats["bytes_in"]
+                    row[1] += client.stats["bytes_out"]
+        return {db: (row[0], row[1]) for db, row in totals.items()}
+
+    def traffic(self, route: str) -> tuple[int, int]:
+        """Bytes client to server and back on C{route}."""
+        rows = self.trafficByDatabase(route).values()
+        return sum(r[0] for r in rows), sum(r[1] for r in rows)
+
+    def text(self) -> bytes:
+        """The exposition format, as C{/metrics} serves it (from the reactor thread)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class _Snapshot:
+    """The counters and gauges computed at scrape time (see the module docstring)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics.inReactor(self._families))
+
+    def _families(self) -> list[Metric]:
+        m = self._metrics
+        w = m.worker
+        routes = list(m.routes())
+        names = sorted({r.name for r in routes} | set(m.stats))
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=[*labels, "worker"])
+
+        def gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=[*labels, "worker"])
+
+        accepted = counter(
+            "pgtls_client_connections_accepted", "Client connections accepted", ["route"]
+        )
+        active = gauge("pgtls_client_connections_active", "Client connections open now", ["route"])
+        refused = counter(
+            "pgtls_client_connections_refused",
+            "Client connections refused, by reason",
+            ["route", "reason"],
+        )
+        tls = counter(
+            "pgtls_tls_handshakes",
+            "Completed client TLS handshakes",
+            ["route", "protocol", "cipher"],
+        )
+        failures = counter(
+            "pgtls_backend_connect_failures",
+            "Failed backend connections, by reason",
+            ["route", "reason"],
+        )
+        received = counter(
+            "pgtls_client_received_bytes", "Bytes received from clients (after TLS)", ["route"]
+        )
+        sent = counter("pgtls_client_sent_bytes", "Bytes sent to clients (before TLS)", ["route"])
+        cancels = counter(
+            "pgtls_cancel_requests", "Cancel requests, by outcome", ["route", "outcome"]
+        )
+        servers = gauge(
+            "pgtls_pool_server_connections",
+            "Pooled server connections, by state (active, idle, used, login)",
+            ["route", "database", "state"],
+        )
+        waiting = gauge(
+            "pgtls_pool_clients_waiting",
+            "Clients waiting for a server connection",
+            ["route", "database"],
+        )
+        pooledClients = gauge(
+            "pgtls_pool_clients", "Logged-in clients of a pool", ["route", "database"]
+        )
+        for name in names:
+            s = m.stats[name]
+            accepted.add_metric([name, w], s.accepted)
+            active.add_metric([name, w], sum(len(r.clients) for r in routes if r.name == name))
+            for reason in REFUSALS:
+                refused.add_metric([name, reason, w], s.refused.get(reason, 0))
+            for (version, cipher), count in sorted(s.tls.items()):
+                tls.add_metric([name, version, cipher, w], count)
+            for reason, count in sorted(s.backendFailures.items()):
+                failures.add_metric([name, reason, w], count)
+            into, out = m.traffic(name)
+            received.add_metric([name, w], into)
+            sent.add_metric([name, w], out)
+            for outcome, count in sorted(s.cancels.items()):
+                cancels.add_metric([name, outcome, w], count)
+        for route in routes:
+            if route.pools is None:
+                continue
+            for database, pool in sorted(route.pools.pools.items()):
+                counts = pool_states(pool)
+                for state in ("active", "idle", "used", "login"):
+                    servers.add_metric([route.name, database, state, w], counts[state])
+                waiting.add_metric([route.name, database, w], len(pool.waiters))
+                pooledClients.add_metric([route.name, database, w], pool.sessions)
+        rss = gauge("pgtls_process_resident_memory_bytes", "Resident memory of the process", [])
+        rss.add_metric([w], resident_memory())
+        up = gauge("pgtls_process_start_time_seconds", "When the process started", [])
+        up.add_metric([w], m.started)
+        return [
+            accepted, active, refused, tls, failures, received, sent, cancels,
+            servers, waiting, pooledClients, rss, up,
+        ]  # fmt: skip
+
+
+def pool_states(pool: Any) -> dict[str, int]:
+    """
+    Server connections of a pool by PgBouncer's state names: C{active}
+    (held by a client), C{idle} (never handed out yet), C{used} (idle
+    after serving a client; PgBouncer would check these before reuse,
+    pgtls does not), C{login} (being opened).
+    """
+    used = sum(1 for server in pool.idle if server.uses)
+    return {
+        "active": len(pool.busy),
+        "idle": len(pool.idle) - used,
+        "used": used,
+        "login": pool.connecting,
+    }
+
+
+def resident_memory() -> int:
+    """This process's resident set size in bytes (0 where /proc is missing)."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")

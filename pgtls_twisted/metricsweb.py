@@ -1,0 +1,70 @@
+# -*- test-case-name: tests.test_operations -*-
+"""
+Serving C{/metrics} over HTTP with twisted.web and prometheus_client's
+own Twisted resource.
+
+C{prometheus_client.twisted.MetricsResource} renders in the reactor's
+thread pool and imports the global reactor when first imported, which is
+why this module is imported only when C{[metrics]} is configured. The
+collectors it calls take their snapshot of live objects in the reactor
+thread (see L{pgtls_twisted.metrics}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from .config import MetricsConfig
+from .logs import Logger
+
+
+class MetricsService(Service):
+    """
+    HTTP C{/metrics} for C{registry} on C{config.bind_address}.
+
+    @ivar port: the listening port while running (tests bind port 0).
+    """
+
+    _log = Logger()
+
+    def __init__(self, config: MetricsConfig, registry: Any, reactor: Any) -> None:
+        self.config = config
+        self.registry = registry
+        self.reactor = reactor
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self.port is not None:
+            return
+        from prometheus_client.twisted import MetricsResource
+
+        root = Resource()
+        root.putChild(b"metrics", MetricsResource(registry=self.registry))
+        site = Site(root)
+        site.noisy = False
+        site.log = lambda request: None  # scrapes are not worth a log line each
+        self.port = self.reactor.listenTCP(self.config.port, site, interface=self.config.host)
+        address = self.port.getHost()
+        self._log.info(
+            "metrics on http://{host}:{port}/metrics", host=address.host, port=address.port
+        )
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
