@@ -256,7 +256,7 @@ class AdminCommands:
                         _timestamp(client.lastRequest or client.connectedAt),
                         int(wait),
                         int((wait - int(wait)) * 1e6),
-                        client.stats.get("client_tls") or "",
+                        tls_text(client.stats.get("client_tls")),
                         startup.parameters.get("application_name", "") if startup else "",
                         client.connId,
                         route.name,
@@ -293,7 +293,7 @@ class AdminCommands:
                         *peer,
                         *local,
                         _timestamp(leg.connectedAt),
-                        leg.tlsInfo or "",
+                        tls_text(leg.tlsInfo),
                         pid,
                         link,
                         route.name,
@@ -317,11 +317,13 @@ class AdminCommands:
             ("route", TEXT),
         ]
         metrics = self.process.metrics
+        admin = self.process.config.admin
+        console = {admin.database} if admin is not None else set()
         rows = []
         for name in sorted(metrics.stats):
             traffic = metrics.trafficByDatabase(name)
             databases = metrics.stats[name].databases
-            for database in sorted(set(traffic) | set(databases)):
+            for database in sorted((set(traffic) | set(databases)) - console):
                 xacts, queries, xactUs, queryUs, waitUs = databases.get(database, [0] * 5)
                 into, out = traffic.get(database, (0, 0))
                 rows.append(
@@ -420,6 +422,13 @@ def _addresses(
         (getattr(peer, "host", None), getattr(peer, "port", None)),
         (getattr(host, "host", None), getattr(host, "port", None)),
     )
+
+
+def tls_text(info: dict[str, Any] | None) -> str:
+    """C{TLSv1.3/TLS_AES_256_GCM_SHA384}, or C{""} for plaintext."""
+    if not info or not info.get("version"):
+        return ""
+    return f"{info['version']}/{info.get('cipher')}"
 
 
 def _timestamp(when: float | None) -> str | None:

@@ -32,8 +32,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+# No "_created" series: they double the page for nothing a dashboard uses.
+prometheus_client.disable_created_metrics()
 
 if TYPE_CHECKING:
     from .route import Route
