@@ -52,12 +52,15 @@ class RouteService(Service):
 
     @ivar port: the L{IListeningPort} while running.
     @ivar reusePort: bind with C{SO_REUSEPORT}, so that every worker
-        process has a listening socket of its own on the same port.
+        process has a listening socket of its own on the same port, and a
+        new pgtls can start on the ports of one that is draining (a
+        deploy that drops no session). The kernel only lets processes of
+        the same user share a port.
     """
 
     _log = Logger()
 
-    def __init__(self, route: Route, reactor: Any, reusePort: bool = False) -> None:
+    def __init__(self, route: Route, reactor: Any, reusePort: bool = True) -> None:
         self.route = route
         self.name = route.name
         self._reactor = reactor
@@ -119,6 +122,8 @@ def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: 
     has no such option (twisted#9101), so the socket is made here and
     adopted (C{adoptStreamPort} dups it; ours is closed).
     """
+    from twisted.internet.error import CannotListenError
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -128,6 +133,8 @@ def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: 
         sock.listen(backlog)
         sock.setblocking(False)
         return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    except OSError as e:
+        raise CannotListenError(host, port, e) from None
     finally:
         sock.close()
 
@@ -184,7 +191,7 @@ class ProxyService(MultiService):
         reactor: Any,
         *,
         worker: int = 0,
-        reusePort: bool = False,
+        reusePort: bool = True,
         serveMetrics: bool = True,
     ) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ import pytest
 from pgtls_twisted import __main__ as cli
 from pgtls_twisted.config import (
     DEFAULT_CIPHERS,
+    AdminConfig,
     BackendConfig,
     Config,
     ConfigError,
@@ -1126,7 +1127,10 @@ def test_sample_parses(tmp_path: Path) -> None:
 def test_sample_shows_every_key(tmp_path: Path) -> None:
     """Every key of the schema appears, uncommented, in at least one route of the sample."""
     data = tomllib.loads(SAMPLE.read_text())
-    assert "log_level" in data
+    top = {f.name for f in fields(Config)} - {"routes", "path", "admin", "metrics"}
+    assert top <= set(data)
+    assert {f.name for f in fields(AdminConfig)} == set(data["admin"])
+    assert {"bind_address"} == set(data["metrics"])
     for section, cls in (("listener", ListenerConfig), ("backend", BackendConfig)):
         expected = {f.name for f in fields(cls)} - {"host", "port"}
         shown = set().union(*(route[section].keys() for route in data["proxy"]))
@@ -1142,7 +1146,10 @@ def test_sample_first_route_is_all_defaults(tmp_path: Path) -> None:
     data = tomllib.loads(SAMPLE.read_text())
     config = parse_config(sample_with_real_files(tmp_path), path=SAMPLE, base_dir=tmp_path)
     first = config.routes[0]
-    assert data["log_level"] == Config.__dataclass_fields__["log_level"].default
+    for key in ("log_level", "log_format", "workers"):
+        assert data[key] == Config.__dataclass_fields__[key].default
+    assert config.shutdown_timeout == Config.__dataclass_fields__["shutdown_timeout"].default
+    assert config.admin is not None and config.admin.database == AdminConfig.database
     for section, cls in (("listener", ListenerConfig), ("backend", BackendConfig)):
         defaults = {f.name: f.default for f in fields(cls)}
         parsed = getattr(first, section)
@@ -1187,3 +1194,57 @@ def test_pool_errors(certs: Path) -> None:
     assert "pool.mode" in mode
     no_user = single_error({"proxy": [{**minimal_route(), "pool": {}}]}, certs)
     assert "pool.service_user" in no_user
+
+
+# ---------------------------------------------------------------------------
+# Operations: log_format, workers, shutdown_timeout, [admin], [metrics]
+# ---------------------------------------------------------------------------
+
+
+def test_operations_defaults(certs: Path) -> None:
+    config = parse(minimal_doc(), certs)
+    assert (config.log_format, config.workers, config.shutdown_timeout) == ("text", 1, 30.0)
+    assert config.admin is None and config.metrics is None
+
+
+def test_operations_keys(certs: Path) -> None:
+    doc = {
+        **minimal_doc(),
+        "log_format": "JSON",
+        "workers": "auto",
+        "shutdown_timeout": "0s",
+        "admin": {"users": ["ops", "dba"], "database": "console"},
+        "metrics": {"bind_address": "127.0.0.1:9187"},
+    }
+    config = parse(doc, certs)
+    assert config.log_format == "json"
+    assert 1 <= config.workers <= 64
+    assert config.shutdown_timeout == 0
+    assert config.admin == AdminConfig(database="console", users=("ops", "dba"))
+    assert config.metrics is not None
+    assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9187)
+    summary = describe_config(config)
+    assert 'admin      database "console" for ops, dba' in summary
+    assert "metrics    http://127.0.0.1:9187/metrics" in summary
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"workers": 0}, "routes.toml: workers: must be between 1 and 64, got 0"),
+        ({"workers": 65}, "routes.toml: workers: must be between 1 and 64, got 65"),
+        ({"workers": "many"}, 'routes.toml: workers: expected a number of processes or "auto"'),
+        ({"log_format": "xml"}, 'routes.toml: log_format: expected one of "text", "json"'),
+        ({"shutdown_timeout": "-1s"}, "routes.toml: shutdown_timeout: invalid duration"),
+        ({"admin": {"users": "ops"}}, "routes.toml: admin.users: expected a list of user names"),
+        ({"admin": {"users": [""]}}, "routes.toml: admin.users: expected user names"),
+        (
+            {"admin": {"user": ["ops"]}},
+            'routes.toml: admin.user: unknown key; did you mean "users"?',
+        ),
+        ({"metrics": {}}, "routes.toml: metrics.bind_address: missing (this key is required)"),
+        ({"metrics": "127.0.0.1:9187"}, "routes.toml: metrics: expected a table ([metrics])"),
+    ],
+)
+def test_operations_errors(certs: Path, extra: dict[str, Any], expected: str) -> None:
+    assert single_error({**minimal_doc(), **extra}, certs).startswith(expected)
