@@ -74,7 +74,11 @@ class Session:
             err = failure.value
             self.client.fail(err.sqlstate, f'pgtls route "{self.route.name}": {err.message}')
         else:
-            self._log.failure("unexpected error connecting to the backend", failure)
+            self._log.failure(
+                "conn={conn} unexpected error connecting to the backend",
+                failure,
+                conn=self.client.connId,
+            )
             self.client.fail(
                 "08001", f'pgtls route "{self.route.name}": could not connect to backend'
             )
