@@ -134,6 +134,8 @@ class PooledSession(Session):
         early = self._clientReader.drain()
         if early:
             self._fromClient(early)
+        elif self._draining and self.transactionMode:
+            self._closeForShutdown()
 
     def cancelTarget(self) -> tuple[Route, int, bytes, Any] | None:
         server = self.attached

@@ -59,7 +59,8 @@ class Pump:
         self.client = client
         self.server = server
         self.stats = stats
-        self._tail = b""
+        # A pump starts right after the ReadyForQuery that ended the startup.
+        self._tail = _READY_HEADER + b"I"
 
     def atReady(self) -> bool:
         """
