@@ -60,6 +60,30 @@ def _typeCode(mtype: int | bytes) -> int:
     return mtype[0]
 
 
+def _buildTable(
+    watch: Iterable[int | bytes] | None, peeks: Iterable[tuple[int | bytes, int]]
+) -> tuple[list[int | None], int]:
+    """C{(table, largest peek)}: table[type] is None for an unwatched type, else its peek size."""
+    table: list[int | None] = [0 if watch is None else None] * 256
+    if watch is not None:
+        for t in watch:
+            table[_typeCode(t)] = 0
+    maxPeek = 0
+    for t, size in peeks:
+        if size < 0:
+            raise ValueError("a peek size cannot be negative")
+        table[_typeCode(t)] = size
+        maxPeek = max(maxPeek, size)
+    return table, maxPeek
+
+
+#: Built tables by (watch, peek items), shared read-only between splitters:
+#: a transaction pooler makes a splitter for every transaction, always with
+#: the same arguments, and building the 256-entry table was most of its cost.
+_tables: dict[tuple[object, tuple[tuple[int | bytes, int], ...]], tuple[list[int | None], int]] = {}
+_MAX_TABLES = 64
+
+
 class MessageSplitter:
     """
     Find typed-message boundaries in one direction of a connection.
@@ -110,18 +134,16 @@ class MessageSplitter:
         """
         if maxLength < 4:
             raise ValueError("maxLength must be at least 4")
-        # table[type] is None for an unwatched type, else its peek size.
-        table: list[int | None] = [0 if watch is None else None] * 256
-        if watch is not None:
-            for t in watch:
-                table[_typeCode(t)] = 0
-        maxPeek = 0
-        peeks: Iterable[tuple[int | bytes, int]] = peek.items() if peek else ()
-        for t, size in peeks:
-            if size < 0:
-                raise ValueError("a peek size cannot be negative")
-            table[_typeCode(t)] = size
-            maxPeek = max(maxPeek, size)
+        watchKey = (
+            None if watch is None else watch if isinstance(watch, frozenset) else tuple(watch)
+        )
+        key = (watchKey, tuple(peek.items()) if peek else ())
+        built = _tables.get(key)
+        if built is None:
+            built = _buildTable(watchKey, key[1])
+            if len(_tables) < _MAX_TABLES:
+                _tables[key] = built
+        table, maxPeek = built
         self._table = table
         self._held = b""
         self._remaining = 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from functools import lru_cache
 
 from .wire import ProtocolViolation, parse_parameter_status
 
@@ -366,6 +367,7 @@ TRACKED_PARAMETERS = (
 _CANONICAL = {name.lower(): name for name in TRACKED_PARAMETERS}
 
 
+@lru_cache(maxsize=1024)
 def canonicalParameter(name: str) -> str | None:
     """
     The tracked parameter C{name} designates, spelled as in
@@ -374,6 +376,10 @@ def canonicalParameter(name: str) -> str | None:
     PostgreSQL compares GUC names case-insensitively, in ASCII only; a name
     with any non-ASCII character designates no tracked parameter (Python's
     Unicode lowering would map e.g. the Kelvin sign to C{k}).
+
+    Memoised (bounded): a transaction pooler asks this for every parameter
+    of a server connection each time it attaches one (a dozen names, the
+    same ones every time), and a cache hit is one C call.
     """
     if not name.isascii():
         return None
