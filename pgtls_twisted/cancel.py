@@ -137,7 +137,7 @@ class CancelRegistry:
             pid=pid,
         )
         route.metrics.cancelRequest(route.name, "forwarded")
-        forward_cancel(route, wire.CancelRequest(pid, key), done)
+        forward_cancel(route, wire.CancelRequest(pid, key), done, conn)
 
 
 #: How long a forwarded cancel may wait for the server to close the
@@ -146,7 +146,10 @@ CANCEL_WAIT = 10.0
 
 
 def forward_cancel(
-    route: Route, request: wire.CancelRequest, done: Callable[[], None] | None = None
+    route: Route,
+    request: wire.CancelRequest,
+    done: Callable[[], None] | None = None,
+    conn: int = 0,
 ) -> None:
     """
     Send C{request} over a new backend connection, following the route's
@@ -174,7 +177,8 @@ def forward_cancel(
 
     def failed(failure: Any) -> None:
         CancelRegistry._log.warn(
-            "route={route} could not forward cancel request: {error}",
+            "conn={conn} route={route} could not forward cancel request: {error}",
+            conn=conn,
             route=route.name,
             error=failure.getErrorMessage(),
         )

@@ -212,6 +212,7 @@ class ClientProtocol(Leg):
                 if len(buf) != used:
                     # CVE-2021-23214: bytes pipelined after the request were
                     # sent before any encryption and must never be trusted.
+                    self.refused("protocol")
                     self.fail("08P01", "received unencrypted data after SSL request")
                     return
                 del buf[:used]
@@ -220,9 +221,11 @@ class ClientProtocol(Leg):
                 return
             if isinstance(packet, wire.GSSENCRequest):
                 if self._gssDone:
+                    self.refused("protocol")
                     self.fail("08P01", "pgtls: duplicate GSSAPI encryption request")
                     return
                 if len(buf) != used:
+                    self.refused("protocol")
                     self.fail("08P01", "received unencrypted data after GSSAPI encryption request")
                     return
                 self._gssDone = True
@@ -253,6 +256,7 @@ class ClientProtocol(Leg):
 
     def _directTLS(self) -> None:
         if not self.route.config.listener.direct_tls:
+            self.refused("protocol")
             self.abort("direct TLS connection refused: listener.direct_tls is off")
             return
         self._direct = True
@@ -280,6 +284,7 @@ class ClientProtocol(Leg):
             info["cipher"] or "",
         )
         if self._direct and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:
+            self.refused("protocol")
             self.abort("direct TLS connection without ALPN protocol negotiation extension")
 
     def _startupData(self, data: bytes) -> None:
@@ -301,6 +306,7 @@ class ClientProtocol(Leg):
                 if isinstance(packet, wire.SSLRequest)
                 else wire.GSSENC_REQUEST_CODE
             )
+            self.refused("protocol")
             self.fail(
                 "08P01",
                 f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: encryption is already in use",

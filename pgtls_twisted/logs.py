@@ -119,15 +119,24 @@ def configure_output(parent: Any, log_format: str) -> None:
 
             parent["fileLogObserverFactory"] = textFileLogObserver
     elif log_format == "json" and "logfile" in parent:  # twistd
+        # twistd's --logger takes the dotted name of a factory, which gets
+        # no arguments: the options it needs are kept here.
+        global _twistd_options
+        _twistd_options = parent
+        parent["logger"] = f"{__name__}.twistd_json_observer"
 
-        def factory() -> Any:
-            import sys
 
-            from twisted.python.logfile import LogFile
+_twistd_options: Any = None
 
-            path = parent.get("logfile") or ""
-            if path == "-" or (not path and parent.get("nodaemon")):
-                return json_line_observer(sys.stdout)
-            return json_line_observer(LogFile.fromFullPath(path or "twistd.log"))
 
-        parent["logger"] = factory
+def twistd_json_observer() -> Any:
+    """JSON lines where twistd would write its log (C{--logfile}, or stdout with C{-n})."""
+    import sys
+
+    from twisted.python.logfile import LogFile
+
+    options = _twistd_options or {}
+    path = options.get("logfile") or ""
+    if path == "-" or (not path and options.get("nodaemon")):
+        return json_line_observer(sys.stdout)
+    return json_line_observer(LogFile.fromFullPath(path or "twistd.log"))

@@ -30,6 +30,7 @@ from typing import Any
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
+from twisted.internet.task import LoopingCall, deferLater
 
 from .cancel import CancelRegistry
 from .config import Config, ConfigError, load_config
@@ -39,6 +40,10 @@ from .route import Route
 
 #: After the shutdown deadline, how long closing connections get to go.
 CLOSE_GRACE = 2.0
+#: How often a drain checks whether every session has ended.
+DRAIN_POLL = 0.25
+#: How long the last FATALs and close_notify alerts get to leave before exit.
+FLUSH_DELAY = 0.2
 
 
 class RouteService(Service):
@@ -102,6 +107,7 @@ class RouteService(Service):
     def serve(self, route: Route) -> None:
         """Hand new connections on the same socket to C{route} (a reload)."""
         old, self.route = self.route, route
+        self.name = route.name
         old.port = None
         route.port = self.port
         if self.port is not None:
@@ -271,9 +277,19 @@ class ProxyService(MultiService):
         self._checkDrained()
 
     def _checkDrained(self) -> None:
-        if self._drained is not None and not any(r.clients for r in self.liveRoutes()):
-            drained, self._drained = self._drained, None
-            drained.callback(None)
+        """
+        Drained when every client is gone or being closed: a client that
+        does not answer a close (TLS close_notify) must not hold up the
+        exit for the close timeout.
+        """
+        if self._drained is None:
+            return
+        for route in self.liveRoutes():
+            for client in route.clients:
+                if not client._closing:
+                    return
+        drained, self._drained = self._drained, None
+        drained.callback(None)
 
     # -- reload -------------------------------------------------------------------
 
@@ -284,6 +300,9 @@ class ProxyService(MultiService):
         @return: what changed, one line each.
         @raise ConfigError: the file is invalid; nothing was changed.
         """
+        if self.draining:
+            self._log.warn("reload ignored: pgtls is shutting down")
+            return ["reload ignored: pgtls is shutting down"]
         if self.config.path is None:
             raise ConfigError("this proxy was not started from a configuration file")
         try:
@@ -317,64 +336,101 @@ class ProxyService(MultiService):
                 problems.append(f'route "{name}": {e}')
         if problems:
             raise ConfigError(problems)
-        # Bind what needs a new socket before touching anything.
-        bound: dict[str, RouteService] = {}
+        # Which listening socket each new or changed route takes over: its
+        # own if its address did not change, or that of a removed route on
+        # the same address (a rename); the others are bound now, before
+        # anything is touched.
+        removed = {name: g for name, g in old.items() if name not in new}
+        vacated = {g.route.config.listener.bind_address: g for g in removed.values()}
+        successors: dict[str, _RouteGroup] = {}
         for name, route in built.items():
             group = old.get(name)
             if group is not None and _same_address(group.route.config, route.config):
+                successors[name] = group
+            elif group is None and route.config.listener.bind_address in vacated:
+                successors[name] = vacated.pop(route.config.listener.bind_address)
+        bound: dict[str, RouteService] = {}
+        for name, route in built.items():
+            if name in successors:
                 continue
             listener = RouteService(route, self.reactor, self.reusePort)
             try:
                 listener._listen()
             except Exception as e:
-                for done in bound.values():
-                    done.port.stopListening()
-                for r in built.values():
-                    if r.pools is not None:
-                        r.pools.close()
+                _undo(bound, built)
                 raise ConfigError(
                     [f'route "{name}": cannot listen on {route.config.listener.bind_address}: {e}']
                 ) from None
             bound[name] = listener
+        metrics = None
+        if config.metrics != self.config.metrics:
+            metrics = self._newMetricsService(config)
+            try:
+                if metrics is not None:
+                    metrics._listen()  # type: ignore[attr-defined]
+            except Exception as e:
+                _undo(bound, built)
+                assert config.metrics is not None
+                raise ConfigError(
+                    [f"metrics: cannot listen on {config.metrics.bind_address}: {e}"]
+                ) from None
         notes = []
-        for name, group in old.items():
-            if name not in new:
-                self._removeGroup(group)
-                notes.append(f'route "{name}" removed: stopped listening, its sessions go on')
+        handedOver = {id(g): name for name, g in successors.items()}
+        for name, group in removed.items():
+            if id(group) in handedOver:
+                continue
+            self._removeGroup(group)
+            notes.append(f'route "{name}" removed: stopped listening, its sessions go on')
         for name, route in built.items():
             group = old.get(name)
-            if group is None:
+            predecessor = successors.get(name)
+            if predecessor is not None:
+                listener = predecessor.listener
+                assert listener is not None
+                self._removeGroup(predecessor, successor=route)
+                self._addGroup(route, listener)
+            else:
+                if group is not None:
+                    self._removeGroup(group, successor=route)
                 self._addGroup(route, bound[name])
+            if group is None and predecessor is not None:
+                notes.append(
+                    f'route "{predecessor.route.name}" renamed "{name}": sessions go on,'
+                    " new connections use the new settings"
+                )
+            elif group is None:
                 notes.append(
                     f'route "{name}" added: listening on {route.config.listener.bind_address}'
                 )
-                continue
-            if name in bound:
-                self._removeGroup(group)
-                self._addGroup(route, bound[name])
             else:
-                listener = group.listener
-                self._removeGroup(group, keep=listener)
-                self._addGroup(route, listener)
-            notes.append(f'route "{name}" changed: new connections use the new settings')
+                notes.append(f'route "{name}" changed: new connections use the new settings')
         for name, group in self.groups.items():
             if name not in built:
                 group.route.reloadCertificates(force=True)
-        self._applyTopLevel(config, notes)
+        self._applyTopLevel(config, notes, metrics)
         self.config = config
         for note in notes or ["no route changed; certificates re-read"]:
             self._log.info("reload: {note}", note=note)
         return notes or ["no route changed; certificates re-read"]
 
-    def _removeGroup(self, group: _RouteGroup, keep: RouteService | None = None) -> None:
-        """Stop C{group}'s timers and (unless kept for a successor) its listener."""
-        del self.groups[group.route.name]
-        if keep is not None:
-            group.listener = None
+    def _removeGroup(self, group: _RouteGroup, successor: Route | None = None) -> None:
+        """
+        Stop C{group}'s timers, and its listener unless C{successor} takes
+        it over; a successor also inherits the pause and the clients
+        held by it.
+        """
+        route = group.route
+        del self.groups[route.name]
+        if successor is not None:
+            if group.listener is not None and group.listener.route is route:
+                if successor.config.listener.bind_address == route.config.listener.bind_address:
+                    group.listener = None
+            successor.paused = route.paused
+            successor._held, route._held = route._held, []
         group.disownServiceParent()
-        self._retire(group.route)
+        self._retire(route)
 
-    def _applyTopLevel(self, config: Config, notes: list[str]) -> None:
+    def _applyTopLevel(self, config: Config, notes: list[str], metrics: Service | None) -> None:
         for key in ("workers", "log_format"):
             if getattr(config, key) != getattr(self.config, key):
                 notes.append(f"{key} changed: takes effect after a restart")
@@ -384,24 +440,28 @@ class ProxyService(MultiService):
         if config.admin != self.config.admin:
             notes.append("admin settings changed")
         if config.metrics != self.config.metrics:
-            self._setMetrics(config)
+            self._setMetrics(config, metrics)
             notes.append("metrics endpoint changed")
 
     # -- metrics ------------------------------------------------------------------
 
-    def _setMetrics(self, config: Config) -> None:
-        if not self._serveMetrics:
-            return
+    def _newMetricsService(self, config: Config) -> Service | None:
+        if not self._serveMetrics or config.metrics is None:
+            return None
+        from .metricsweb import MetricsService
+
+        return MetricsService(config.metrics, self.metrics.registry, self.reactor)
+
+    def _setMetrics(self, config: Config, service: Service | None = None) -> None:
+        """Serve C{/metrics} as C{config} says (with C{service}, if already bound)."""
         if self._metricsService is not None:
             self._metricsService.disownServiceParent()
             self._metricsService = None
-        if config.metrics is not None:
-            from .metricsweb import MetricsService
-
-            self._metricsService = MetricsService(
-                config.metrics, self.metrics.registry, self.reactor
-            )
-            self._metricsService.setServiceParent(self)
+        if service is None:
+            service = self._newMetricsService(config)
+        if service is not None:
+            self._metricsService = service
+            service.setServiceParent(self)
 
     def _inReactor(self, f: Any) -> Any:
         from twisted.python.threadable import isInIOThread
@@ -419,10 +479,20 @@ class ProxyService(MultiService):
         if name is not None and name not in self.groups:
             raise KeyError(name)
         names = [name] if name is not None else list(self.groups)
+        # Retired routes too: their sessions may be queued in their pools.
+        for route in self.liveRoutes():
+            if route.name in names:
+                route.setPaused(paused)
         for n in names:
-            self.groups[n].route.setPaused(paused)
             self._log.info("route={route} {what}", route=n, what="paused" if paused else "resumed")
         return names
+
+    def metricsPort(self) -> int | None:
+        """The port C{/metrics} is served on (C{None} if it is not)."""
+        service = self._metricsService
+        if service is None or service.port is None:
+            return None
+        return int(service.port.getHost().port)
 
     def requestReload(self) -> list[str]:
         return self.reloadFromFile()
@@ -450,7 +520,11 @@ class ProxyService(MultiService):
                 self._terminateAll()
             return _chain(self._stopping)
         self.draining = True
-        listening = super().stopService()
+        Service.stopService(self)
+        # Stop accepting now; everything else (signal handlers, metrics,
+        # worker control sockets, which relay cancels) stays up while
+        # sessions drain.
+        accepting = [defer.maybeDeferred(g.stopService) for g in self.groups.values() if g.running]
         clients = [c for r in self.liveRoutes() for c in list(r.clients)]
         if clients:
             self._log.info(
@@ -461,16 +535,28 @@ class ProxyService(MultiService):
         for client in clients:
             client.drain()
         self._drained = drained = defer.Deferred()
-        self._checkDrained()
+        poll = LoopingCall(self._checkDrained)
+        poll.clock = self.reactor
+        poll.start(DRAIN_POLL, now=True)
         deadline = self.reactor.callLater(timeout, self._terminateAll)
 
         def finish(_: object) -> defer.Deferred[None]:
             if deadline.active():
                 deadline.cancel()
+            if poll.running:
+                poll.stop()
             for route in self.liveRoutes():
                 if route.pools is not None:
                     route.pools.close()
-            return listening
+            rest = [
+                defer.maybeDeferred(child.stopService)
+                for child in reversed(list(self))
+                if child.running and not isinstance(child, _RouteGroup)
+            ]
+            # A moment for the last goodbyes (FATAL, close_notify) to be sent.
+            flushed = deferLater(self.reactor, FLUSH_DELAY, lambda: None) if clients else None
+            waits = accepting + rest + ([flushed] if flushed is not None else [])
+            return defer.gatherResults(waits).addCallback(lambda _: None)
 
         self._stopping = drained.addCallback(finish)
         return _chain(self._stopping)
@@ -506,6 +592,15 @@ def _chain(d: defer.Deferred[None]) -> defer.Deferred[None]:
 
     d.addBoth(fire)
     return out
+
+
+def _undo(bound: dict[str, RouteService], built: dict[str, Route]) -> None:
+    """A reload that failed half way: close what it opened."""
+    for listener in bound.values():
+        listener.port.stopListening()
+    for route in built.values():
+        if route.pools is not None:
+            route.pools.close()
 
 
 def _same_address(a: Any, b: Any) -> bool:

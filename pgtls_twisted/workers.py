@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import eventAsJSON, eventFromJSON, globalLogPublisher
@@ -396,17 +396,21 @@ class Supervisor(MultiService):
     def stopService(self) -> defer.Deferred[None]:
         """Each worker drains (SIGTERM); wait for all of them, killing stragglers."""
         self._stopping = True
-        super().stopService()
+        Service.stopService(self)
         ended = [p.ended for p in self.workers.values()]
         self.signalAll(signal.SIGTERM)
         killer = self.reactor.callLater(
             self.config.shutdown_timeout + KILL_MARGIN, self.signalAll, signal.SIGKILL
         )
 
-        def done(_: object) -> None:
+        def done(_: object) -> defer.Deferred[None]:
             if killer.active():
                 killer.cancel()
             shutil.rmtree(self.runDir, ignore_errors=True)
+            # Signal handlers and metrics stay up until the workers are gone.
+            return defer.gatherResults(
+                [defer.maybeDeferred(child.stopService) for child in reversed(list(self))]
+            ).addCallback(lambda _: None)
 
         return defer.gatherResults(ended).addBoth(done)
 

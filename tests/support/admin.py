@@ -1,0 +1,242 @@
+"""
+Helpers for the operations tests (admin console, metrics, reload): psql
+against the admin console, a proxy started from a configuration file, and
+scraping C{/metrics}.
+
+psql runs as a subprocess (L{getProcessOutputAndValue}) and psycopg and
+urllib in threads, so the in-process proxy keeps answering meanwhile.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import socket
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
+from twisted.internet.utils import getProcessOutputAndValue
+
+from pgtls_twisted.config import load_config
+from pgtls_twisted.service import make_service
+from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
+from support.proxy import RunningProxy
+
+
+async def sleep(seconds: float) -> None:
+    d: defer.Deferred[None] = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
+
+
+# ---------------------------------------------------------------------------
+# The admin console
+
+
+def admin_dsn(
+    proxy: RunningProxy,
+    pki: Any,
+    name: str | None = None,
+    user: str = SCRAM_USER,
+    password: str | None = SCRAM_PASSWORD,
+    **extra: Any,
+) -> str:
+    """A verify-full DSN for the admin console on route C{name}'s listener."""
+    params: dict[str, Any] = dict(
+        user=user,
+        password=password,
+        dbname="pgtls",
+        sslmode="verify-full",
+        sslrootcert=pki.cert("ca"),
+        connect_timeout=10,
+    )
+    params.update(extra)
+    return str(proxy.dsn(name, **params))
+
+
+async def psql(dsn: str, *commands: str, csv_output: bool = True) -> tuple[str, str, int]:
+    """
+    Run psql with one C{-c} per command (one session for all of them);
+    stdout, stderr (notices and errors) and the exit status.
+    """
+    args = [dsn, "-X", "-q"]
+    if csv_output:
+        args.append("--csv")
+    for command in commands:
+        args += ["-c", command]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    out, err, code = await getProcessOutputAndValue("psql", args, env=env, reactor=reactor)
+    return out.decode(), err.decode(), code
+
+
+async def show(dsn: str, what: str) -> tuple[list[str], list[dict[str, str]]]:
+    """C{SHOW what} through psql: the column names and the rows as dicts."""
+    out, err, code = await psql(dsn, f"SHOW {what}")
+    assert code == 0, (what, err)
+    rows = list(csv.reader(io.StringIO(out)))
+    assert rows, (what, out, err)
+    header = rows[0]
+    return header, [dict(zip(header, row, strict=True)) for row in rows[1:]]
+
+
+def query(dsn: str, sql: str, params: Any = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """(Blocking: run in a thread.) One statement on a new psycopg connection."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.execute(sql, params)
+        columns = [d.name for d in cur.description] if cur.description else []
+        return columns, cur.fetchall() if cur.description else []
+
+
+def refused(port: int) -> bool:
+    """(Blocking.) Whether nothing listens on C{port} (any more)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+async def until(check: Any, timeout: float = 5.0, interval: float = 0.1) -> Any:
+    """Poll the async C{check} until it returns something truthy (or time is up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await check()
+        if result or time.monotonic() > deadline:
+            return result
+        await sleep(interval)
+
+
+async def in_thread(f: Any, *args: Any, **kwargs: Any) -> Any:
+    return await deferToThread(f, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# A proxy started from a file (so that RELOAD has a file to re-read)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_text(data: dict[str, Any]) -> str:
+    """A TOML document for C{data} (scalars, lists, tables, arrays of tables)."""
+    lines: list[str] = []
+
+    def table(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if not isinstance(value, dict) and not _is_array_of_tables(value):
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, value in values.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                lines.append(f"[{path}]")
+                table(f"{path}.", value)
+            elif _is_array_of_tables(value):
+                for item in value:
+                    lines.append(f"[[{path}]]")
+                    table(f"{path}.", item)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+def _is_array_of_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def write_config(path: Path, routes: list[dict[str, Any]], **top: Any) -> Path:
+    """Write a configuration file; shutdown is immediate unless C{top} says otherwise."""
+    data = {"shutdown_timeout": "0s", **top, "proxy": routes}
+    path.write_text(toml_text(data))
+    return path
+
+
+def start_from_file(path: Path) -> RunningProxy:
+    """The proxy of configuration file C{path}, started (as C{twist pgtls} would build it)."""
+    config = load_config(path)
+    service = make_service(config)
+    service.startService()
+    return RunningProxy(service, config)
+
+
+# ---------------------------------------------------------------------------
+# /metrics
+
+
+def metrics_port(proxy: RunningProxy) -> int:
+    """
+    Where the in-process proxy serves C{/metrics}. There is no public
+    accessor: this reads L{ProxyService}'s private metrics service.
+    """
+    port = proxy.service.metricsPort()
+    assert port is not None, "/metrics is not served"
+    return port
+
+
+class Scrape:
+    """One parsed C{/metrics} page."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = [s for f in self.families.values() for s in f.samples]
+
+    def find(self, name: str, **labels: str) -> list[Any]:
+        """The samples called C{name} whose labels include C{labels}."""
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def value(self, name: str, **labels: str) -> float:
+        """The one sample C{name} with exactly these labels plus worker="0"."""
+        labels.setdefault("worker", "0")
+        found = [s for s in self.find(name, **labels) if set(s.labels) == set(labels)]
+        assert len(found) == 1, (name, labels, [s for s in self.samples if s.name == name])
+        return float(found[0].value)
+
+    def get(self, name: str, default: float = 0.0, **labels: str) -> float:
+        """Like L{value}, but C{default} when there is no such sample (yet)."""
+        labels.setdefault("worker", "0")
+        found = [s for s in self.find(name, **labels) if set(s.labels) == set(labels)]
+        assert len(found) <= 1, (name, labels, found)
+        return float(found[0].value) if found else default
+
+
+def _fetch(port: int) -> tuple[int, str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return (
+            response.status,
+            response.headers.get("Content-Type", ""),
+            response.read().decode(),
+        )
+
+
+async def scrape(proxy: RunningProxy | int) -> Scrape:
+    """
+    GET C{/metrics} of C{proxy} (or on a port) with urllib in a thread,
+    and parse it with prometheus_client's parser.
+    """
+    port = proxy if isinstance(proxy, int) else metrics_port(proxy)
+    status, content_type, body = await deferToThread(_fetch, port)
+    assert status == 200, (status, body[:500])
+    assert content_type.startswith("text/plain"), content_type
+    return Scrape(body)
