@@ -70,7 +70,8 @@ class CancelRegistry:
     def __init__(self, worker: int = 0) -> None:
         self._entries: dict[int, tuple[bytes, CancelTarget]] = {}
         self.worker = worker
-        self.relay: Callable[[int, wire.CancelRequest], None] | None = None
+        self.workers = 1
+        self.relay: Callable[[int, wire.CancelRequest, Route | None], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -100,7 +101,11 @@ class CancelRegistry:
         return entry[1]
 
     def cancel(
-        self, request: wire.CancelRequest, conn: int, via: Route | None, relayed: bool = False
+        self,
+        request: wire.CancelRequest,
+        conn: int,
+        via: Route | None,
+        relayed: bool = False,
     ) -> None:
         """
         Forward C{request} to the backend of the session it names, if any.
@@ -115,13 +120,18 @@ class CancelRegistry:
         metrics = via.metrics if via is not None else None
         if where is None:
             owner = worker_of(request.pid)
-            if not relayed and owner != self.worker and self.relay is not None:
+            if (
+                not relayed
+                and owner != self.worker
+                and owner < self.workers
+                and self.relay is not None
+            ):
                 self._log.info(
                     "conn={conn} cancel request passed to worker {owner}", conn=conn, owner=owner
                 )
                 if metrics is not None:
                     metrics.cancelRequest(via.name, "relayed")
-                self.relay(owner, request)
+                self.relay(owner, request, via)
                 return
             self._log.info(
                 "conn={conn} cancel request for an unknown or idle session ignored", conn=conn

@@ -32,6 +32,17 @@ if TYPE_CHECKING:
 _ids = itertools.count(1)
 
 
+def number_connections(first: int, step: int) -> None:
+    """
+    Number this process's connections C{first}, C{first + step}, ...: with
+    N workers, worker I uses (I + 1, N), so a connection id (the C{conn} of
+    every log line, C{SHOW CLIENTS}'s C{id}) names one connection across
+    all of them.
+    """
+    global _ids
+    _ids = itertools.count(first, step)
+
+
 class ClientProtocol(Leg):
     """
     One client connection, from accept to close.

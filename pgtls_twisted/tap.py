@@ -108,8 +108,12 @@ def makeService(options: Options) -> IService:
     config = options["loaded"]
     apply_log_level(config.log_level)
     if config.workers > 1:
-        from .workers import Supervisor
+        from .workers import Supervisor, check_config
 
+        try:
+            check_config(config, reactor, bind=True)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
         return Supervisor(config, reactor)
     try:
         top = make_service(config, reactor)

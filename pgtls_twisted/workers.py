@@ -49,6 +49,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from . import wire
 from .config import Config, ConfigError, load_config
+from .frontend import number_connections
 from .logs import Logger
 from .service import ProxyService
 
@@ -62,6 +63,41 @@ def control_path(runDir: str | Path, worker: int) -> str:
     return os.path.join(str(runDir), f"worker-{worker}.sock")
 
 
+def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
+    """
+    What the workers would find wrong with C{config}, found once, here:
+    every route's TLS files are loaded (and, with C{bind}, every listening
+    address is bound and released), so a broken file is reported once and
+    not by each worker, and C{twist} exits non-zero instead of restarting
+    workers that cannot start.
+
+    @raise ConfigError: naming every problem.
+    """
+    from .cancel import CancelRegistry
+    from .route import Route
+    from .service import listen_reuseport
+    from .tlsconfig import TLSConfigError
+
+    problems = []
+    for routeConfig in config.routes:
+        try:
+            Route(routeConfig, reactor, CancelRegistry())
+        except TLSConfigError as e:
+            problems.append(f'{config.path}: route "{routeConfig.name}": {e}')
+            continue
+        if bind:
+            listener = routeConfig.listener
+            try:
+                port = listen_reuseport(reactor, listener.host, listener.port, protocol.Factory())
+            except Exception as e:
+                problems.append(f'{config.path}: route "{routeConfig.name}": {e}')
+            else:
+                port.stopListening()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
 # -- the worker side ----------------------------------------------------------------
 
 
@@ -72,15 +108,16 @@ class WorkerProxy(ProxyService):
         super().__init__(config, reactor, worker=worker, reusePort=True, serveMetrics=False)
         self.runDir = runDir
         self.cancels.relay = self._relayCancel
+        self.cancels.workers = config.workers
+        number_connections(worker + 1, config.workers)
         ControlService(self, control_path(runDir, worker)).setServiceParent(self)
 
     def _siblings(self) -> list[int]:
         return [i for i in range(self.config.workers) if i != self.worker]
 
-    def _relayCancel(self, worker: int, request: wire.CancelRequest) -> None:
-        control_request(
-            self.reactor, control_path(self.runDir, worker), f"cancel {request.encode().hex()}"
-        ).addErrback(
+    def _relayCancel(self, worker: int, request: wire.CancelRequest, via: Any) -> None:
+        line = f"cancel {request.encode().hex()} {via.name if via is not None else ''}"
+        control_request(self.reactor, control_path(self.runDir, worker), line.strip()).addErrback(
             lambda f: self._log.warn(
                 "could not pass a cancel request to worker {owner}: {error}",
                 owner=worker,
@@ -91,7 +128,7 @@ class WorkerProxy(ProxyService):
     def requestReload(self) -> list[str]:
         """Check the file here (so the console sees errors), then reload every worker."""
         assert self.config.path is not None
-        load_config(self.config.path)
+        check_config(load_config(self.config.path), self.reactor)
         os.kill(os.getppid(), signal.SIGHUP)
         return [f"reload requested for all {self.config.workers} workers"]
 
@@ -118,12 +155,15 @@ class _Control(LineOnlyReceiver):
         if command == "metrics":
             self.transport.write(proxy.metrics.text())
         elif command == "cancel":
+            packet, _, routeName = argument.partition(" ")
             try:
-                parsed = wire.parse_startup_packet(bytes.fromhex(argument))
+                parsed = wire.parse_startup_packet(bytes.fromhex(packet))
             except (ValueError, wire.ProtocolViolation):
                 parsed = None
+            group = proxy.groups.get(routeName)
+            via = group.route if group is not None else None
             if parsed is not None and isinstance(parsed[0], wire.CancelRequest):
-                proxy.cancels.cancel(parsed[0], 0, None, relayed=True)
+                proxy.cancels.cancel(parsed[0], 0, via, relayed=True)
         elif command in ("pause", "resume"):
             try:
                 ProxyService.setPaused(
@@ -182,7 +222,9 @@ def control_request(
     """Send one line to a worker's control socket; fires with its whole answer."""
     endpoint = UNIXClientEndpoint(reactor, path, timeout=timeout)
     collector = _Collect(line)
-    d = endpoint.connect(protocol.Factory.forProtocol(lambda: collector))
+    factory = protocol.Factory.forProtocol(lambda: collector)
+    factory.noisy = False
+    d = endpoint.connect(factory)
     d.addCallback(lambda _: collector.done)
     return d.addTimeout(timeout, reactor)
 
@@ -303,6 +345,7 @@ class Supervisor(MultiService):
         self.restarts: dict[int, int] = {i: 0 for i in range(config.workers)}
         self._delays: dict[int, float] = {}
         self._stopping = False
+        self._interrupted = False
         from .tap import Signals
 
         Signals(
@@ -376,7 +419,7 @@ class Supervisor(MultiService):
     def _hangup(self) -> None:
         assert self.config.path is not None
         try:
-            config = load_config(self.config.path)
+            config = check_config(load_config(self.config.path), self.reactor)
         except ConfigError as e:
             for line in str(e).splitlines():
                 self._log.error("reload refused, nothing changed: {problem}", problem=line)
@@ -389,6 +432,7 @@ class Supervisor(MultiService):
     def _interrupt(self) -> None:
         self._log.info("SIGINT: workers close every session now")
         self._stopping = True
+        self._interrupted = True
         self.signalAll(signal.SIGINT)
         if self.reactor.running:
             self.reactor.stop()
@@ -398,7 +442,8 @@ class Supervisor(MultiService):
         self._stopping = True
         Service.stopService(self)
         ended = [p.ended for p in self.workers.values()]
-        self.signalAll(signal.SIGTERM)
+        if not self._interrupted:  # after SIGINT they are stopping already
+            self.signalAll(signal.SIGTERM)
         killer = self.reactor.callLater(
             self.config.shutdown_timeout + KILL_MARGIN, self.signalAll, signal.SIGKILL
         )

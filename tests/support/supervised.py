@@ -1,0 +1,297 @@
+"""
+pgtls with C{workers = N} as a user runs it: C{twist pgtls --config FILE}
+in a child process (the supervisor), which starts the workers.
+
+The tests that use this are plain blocking tests: the proxy is another
+process, so psycopg can be called directly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+
+_STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+def free_ports(count: int) -> list[int]:
+    """C{count} distinct free loopback ports (all bound at once, so none repeats)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+# -- configuration files ---------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_config(routes: list[dict[str, Any]], **top: Any) -> str:
+    """
+    A pgtls configuration file: top-level keys and sections (C{admin},
+    C{metrics} as dicts) from C{top}, then one C{[[proxy]]} per route
+    (as built by L{support.proxy.route}).
+    """
+    lines: list[str] = []
+    sections = {k: v for k, v in top.items() if isinstance(v, dict)}
+    for key, value in top.items():
+        if not isinstance(value, dict):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for name, section in sections.items():
+        lines.append("")
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in section.items())
+    for route in routes:
+        lines.append("")
+        lines.append("[[proxy]]")
+        subtables = []
+        for key, value in route.items():
+            if isinstance(value, dict):
+                subtables.append((key, value))
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, value in subtables:
+            lines.append(f"[proxy.{key}]")
+            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+    return "\n".join(lines) + "\n"
+
+
+# -- /proc -----------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def worker_processes(run_dir: str | None = None) -> dict[int, int]:
+    """
+    Live C{pgtls_twisted worker} processes found in /proc, as pid to
+    worker index; only those of C{run_dir} if given.
+    """
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = cmdline(int(entry.name))
+        if "pgtls_twisted" not in args or "worker" not in args:
+            continue
+        if run_dir is not None and run_dir not in args:
+            continue
+        if not alive(int(entry.name)):
+            continue
+        found[int(entry.name)] = int(args[args.index("--index") + 1])
+    return found
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
+) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- metrics ---------------------------------------------------------------------------
+
+
+class Scrape:
+    """One C{/metrics} page, parsed with prometheus_client's own parser."""
+
+    def __init__(self, text: str) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        self.text = text
+        self.families = list(text_string_to_metric_families(text))
+        self.samples = [s for f in self.families for s in f.samples]
+
+    def find(self, name: str, **labels: str) -> list[Any]:
+        return [
+            s
+            for s in self.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+        ]
+
+    def total(self, name: str, **labels: str) -> float:
+        return sum(s.value for s in self.find(name, **labels))
+
+    def workers(self, name: str, **labels: str) -> set[str]:
+        return {s.labels.get("worker") for s in self.find(name, **labels)}
+
+
+# -- the process -----------------------------------------------------------------------
+
+
+class Supervised:
+    """
+    C{twist pgtls --config FILE} with C{workers} > 1, its log in a file.
+
+    @ivar ports: route name to its (fixed) port.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        routes: list[dict[str, Any]],
+        metrics_port: int,
+        **top: Any,
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.config_path = tmp_path / "pgtls.toml"
+        self.log_path = tmp_path / "pgtls.log"
+        self.metrics_port = metrics_port
+        self.top = {"metrics": {"bind_address": f"127.0.0.1:{metrics_port}"}, **top}
+        self.routes = routes
+        self.write(routes)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.seen_pids: set[int] = set()
+
+    def write(self, routes: list[dict[str, Any]], **top: Any) -> None:
+        """(Re)write the configuration file."""
+        self.config_path.write_text(toml_config(routes, **{**self.top, **top}))
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {
+            r["name"]: int(r["listener"]["bind_address"].rsplit(":", 1)[1]) for r in self.routes
+        }
+
+    def start(self, workers: Iterable[str] = ("0", "1")) -> None:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(BIN / "twist"),
+                    "--log-format",
+                    "text",
+                    "pgtls",
+                    "--config",
+                    str(self.config_path),
+                ],
+                cwd=self.tmp_path,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
+        self.wait_ready(workers)
+
+    def wait_ready(self, workers: Iterable[str] = ("0", "1"), timeout: float = 20.0) -> Scrape:
+        """Until every worker serves every route (its metrics list them)."""
+        wanted = set(workers)
+
+        def ready() -> Scrape | None:
+            self.check_running()
+            try:
+                scrape = self.scrape(timeout=2)
+            except OSError:
+                return None
+            for name in self.ports:
+                if not wanted <= scrape.workers(
+                    "pgtls_client_connections_accepted_total", route=name
+                ):
+                    return None
+            return scrape
+
+        return wait_until(ready, timeout, "every worker to serve every route", interval=0.1)
+
+    def check_running(self) -> None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"pgtls exited with {self.proc.returncode}:\n{self.log()}")
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def started_workers(self) -> list[tuple[int, int]]:
+        """Every C{worker N started (pid P)} log line so far, as (N, P)."""
+        return [(int(n), int(p)) for n, p in _STARTED.findall(self.log())]
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker index to the pid of its latest start."""
+        pids = dict(self.started_workers())
+        self.seen_pids.update(pids.values())
+        return pids
+
+    def run_dir(self) -> str:
+        match = re.search(r"run directory (\S+?)\)", self.log())
+        assert match, self.log()
+        return match.group(1)
+
+    def scrape(self, timeout: float = 10.0) -> Scrape:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return Scrape(response.read().decode())
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, wait; SIGKILL whatever is left (supervisor and workers)."""
+        if self.proc is None:
+            return None
+        self.worker_pids()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.kill_leftovers()
+        return self.proc.returncode
+
+    def kill_leftovers(self) -> None:
+        """SIGKILL worker processes this supervisor started that are still alive."""
+        for pid in self.seen_pids:
+            if alive(pid) and "worker" in cmdline(pid) and str(self.config_path) in cmdline(pid):
+                os.kill(pid, signal.SIGKILL)
