@@ -66,6 +66,19 @@ class Process(Protocol):
     def requestShutdown(self) -> None: ...
 
 
+#: The first columns of C{SHOW CLIENTS} and C{SHOW SERVERS}, as in PgBouncer.
+_CONNECTION_COLUMNS = [
+    ("type", TEXT),
+    ("user", TEXT),
+    ("database", TEXT),
+    ("state", TEXT),
+    ("addr", TEXT),
+    ("port", INT),
+    ("local_addr", TEXT),
+    ("local_port", INT),
+    ("connect_time", TEXT),
+]
+
 HELP = [
     "SHOW ROUTES | POOLS | CLIENTS | SERVERS | STATS | CONFIG | VERSION | HELP",
     "RELOAD",
@@ -219,15 +232,7 @@ class AdminCommands:
 
     def show_clients(self) -> Result:
         columns = [
-            ("type", TEXT),
-            ("user", TEXT),
-            ("database", TEXT),
-            ("state", TEXT),
-            ("addr", TEXT),
-            ("port", INT),
-            ("local_addr", TEXT),
-            ("local_port", INT),
-            ("connect_time", TEXT),
+            *_CONNECTION_COLUMNS,
             ("request_time", TEXT),
             ("wait", INT),
             ("wait_us", INT),
@@ -266,15 +271,7 @@ class AdminCommands:
 
     def show_servers(self) -> Result:
         columns = [
-            ("type", TEXT),
-            ("user", TEXT),
-            ("database", TEXT),
-            ("state", TEXT),
-            ("addr", TEXT),
-            ("port", INT),
-            ("local_addr", TEXT),
-            ("local_port", INT),
-            ("connect_time", TEXT),
+            *_CONNECTION_COLUMNS,
             ("tls", TEXT),
             ("remote_pid", INT),
             ("link", INT),

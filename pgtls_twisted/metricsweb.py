@@ -14,21 +14,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.internet import defer
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from .config import MetricsConfig
 from .logs import Logger
+from .service import ListeningService
 
 
-class MetricsService(Service):
-    """
-    HTTP C{/metrics} for C{registry} on C{config.bind_address}.
-
-    @ivar port: the listening port while running (tests bind port 0).
-    """
+class MetricsService(ListeningService):
+    """HTTP C{/metrics} for C{registry} on C{config.bind_address}."""
 
     _log = Logger()
 
@@ -36,19 +31,8 @@ class MetricsService(Service):
         self.config = config
         self.registry = registry
         self.reactor = reactor
-        self.port: Any = None
 
-    def privilegedStartService(self) -> None:
-        self._listen()
-        super().privilegedStartService()
-
-    def startService(self) -> None:
-        self._listen()
-        super().startService()
-
-    def _listen(self) -> None:
-        if self.port is not None:
-            return
+    def _bind(self) -> Any:
         from prometheus_client.twisted import MetricsResource
 
         root = Resource()
@@ -56,15 +40,9 @@ class MetricsService(Service):
         site = Site(root)
         site.noisy = False
         site.log = lambda request: None  # scrapes are not worth a log line each
-        self.port = self.reactor.listenTCP(self.config.port, site, interface=self.config.host)
-        address = self.port.getHost()
+        port = self.reactor.listenTCP(self.config.port, site, interface=self.config.host)
+        address = port.getHost()
         self._log.info(
             "metrics on http://{host}:{port}/metrics", host=address.host, port=address.port
         )
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        return port

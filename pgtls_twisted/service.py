@@ -46,9 +46,9 @@ DRAIN_POLL = 0.25
 FLUSH_DELAY = 0.2
 
 
-class RouteService(Service):
+class ListeningService(Service):
     """
-    Listens for one route.
+    A service that owns one listening port.
 
     Like L{twisted.application.internet.TCPServer}, it binds in
     C{privilegedStartService} (so C{twistd} can bind before dropping
@@ -56,6 +56,38 @@ class RouteService(Service):
     embedders bind port 0 and need to know what they got.
 
     @ivar port: the L{IListeningPort} while running.
+    """
+
+    port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self.port is None:
+            self.port = self._bind()
+
+    def _bind(self) -> Any:
+        """Start listening; return the port."""
+        raise NotImplementedError
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+
+class RouteService(ListeningService):
+    """
+    Listens for one route.
+
     @ivar reusePort: bind with C{SO_REUSEPORT}, so that every worker
         process has a listening socket of its own on the same port, and a
         new pgtls can start on the ports of one that is draining (a
@@ -70,30 +102,19 @@ class RouteService(Service):
         self.name = route.name
         self._reactor = reactor
         self.reusePort = reusePort
-        self.port: Any = None
 
-    def privilegedStartService(self) -> None:
-        self._listen()
-        super().privilegedStartService()
-
-    def startService(self) -> None:
-        self._listen()
-        super().startService()
-
-    def _listen(self) -> None:
-        if self.port is not None:
-            return
+    def _bind(self) -> Any:
         listener = self.route.config.listener
         if self.reusePort:
-            self.port = listen_reuseport(
+            port = listen_reuseport(
                 self._reactor, listener.host, listener.port, self.route.factory()
             )
         else:
-            self.port = self._reactor.listenTCP(
+            port = self._reactor.listenTCP(
                 listener.port, self.route.factory(), interface=listener.host
             )
-        self.route.port = self.port
-        address = self.port.getHost()
+        self.route.port = port
+        address = port.getHost()
         backend = self.route.config.backend
         self._log.info(
             "route={route} listening on {host}:{port} -> backend {backend} (backend.tls={mode})",
@@ -103,6 +124,7 @@ class RouteService(Service):
             backend=f"{backend.host}:{backend.port}",
             mode=backend.tls,
         )
+        return port
 
     def serve(self, route: Route) -> None:
         """Hand new connections on the same socket to C{route} (a reload)."""
@@ -114,12 +136,8 @@ class RouteService(Service):
             self.port.factory = route.factory()
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        port, self.port = self.port, None
         self.route.port = None
-        if port is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
+        return super().stopService()
 
 
 def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: int = 128) -> Any:
@@ -367,7 +385,7 @@ class ProxyService(MultiService):
             metrics = self._newMetricsService(config)
             try:
                 if metrics is not None:
-                    metrics._listen()  # type: ignore[attr-defined]
+                    metrics._listen()
             except Exception as e:
                 _undo(bound, built)
                 assert config.metrics is not None
@@ -430,7 +448,9 @@ class ProxyService(MultiService):
         group.disownServiceParent()
         self._retire(route)
 
-    def _applyTopLevel(self, config: Config, notes: list[str], metrics: Service | None) -> None:
+    def _applyTopLevel(
+        self, config: Config, notes: list[str], metrics: ListeningService | None
+    ) -> None:
         for key in ("workers", "log_format"):
             if getattr(config, key) != getattr(self.config, key):
                 notes.append(f"{key} changed: takes effect after a restart")
@@ -445,14 +465,14 @@ class ProxyService(MultiService):
 
     # -- metrics ------------------------------------------------------------------
 
-    def _newMetricsService(self, config: Config) -> Service | None:
+    def _newMetricsService(self, config: Config) -> ListeningService | None:
         if not self._serveMetrics or config.metrics is None:
             return None
         from .metricsweb import MetricsService
 
         return MetricsService(config.metrics, self.metrics.registry, self.reactor)
 
-    def _setMetrics(self, config: Config, service: Service | None = None) -> None:
+    def _setMetrics(self, config: Config, service: ListeningService | None = None) -> None:
         """Serve C{/metrics} as C{config} says (with C{service}, if already bound)."""
         if self._metricsService is not None:
             self._metricsService.disownServiceParent()
