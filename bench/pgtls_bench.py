@@ -1199,7 +1199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmark pgtls against direct PostgreSQL and PgBouncer (see bench/pgtls_bench.py).",
     )
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--duration", type=int, default=7, help="seconds per pgbench run (default 7)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per pgbench run (default 5)")
     p.add_argument("--scale", type=int, default=10, help="pgbench scale (default 10)")
     p.add_argument(
         "--only",
