@@ -801,6 +801,11 @@ def run_resources(b: Bench, which: set[str]) -> None:
         log(f"idle clients: pgbouncer transaction mode, {counts}")
         b.resources["idle_pgbouncer"] = idle_clients(b, "pgbouncer", bp, APP_DB + "_tx", counts)
     if "slowread" in which:
+        if "idle" in which:
+            # Fresh again: memory freed by the idle clients stays in the
+            # process and would absorb (hide) any growth.
+            stop_all(b)
+            start_all(b)
         b.resources["slow_pgtls"] = slow_reader(b, "pgtls", ports["pass"], APP_DB)
         b.resources["slow_pgbouncer"] = slow_reader(b, "pgbouncer", bp, APP_DB)
 
