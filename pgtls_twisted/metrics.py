@@ -77,6 +77,33 @@ def backend_failure_reason(message: str) -> str:
     return "other"
 
 
+class PoolFigures:
+    """What a pooled session records, bound to its (route, database) once."""
+
+    __slots__ = ("row", "_wait", "_query", "_transaction")
+
+    def __init__(self, row: list[int], wait: Any, query: Any, transaction: Any) -> None:
+        #: [xact_count, query_count, xact_us, query_us, wait_us], shared with SHOW STATS
+        self.row = row
+        self._wait, self._query, self._transaction = wait, query, transaction
+
+    def waited(self, seconds: float) -> None:
+        self.row[4] += int(seconds * 1e6)
+        self._wait(seconds)
+
+    def queryDone(self, seconds: float) -> None:
+        row = self.row
+        row[1] += 1
+        row[3] += int(seconds * 1e6)
+        self._query(seconds)
+
+    def transactionDone(self, seconds: float) -> None:
+        row = self.row
+        row[0] += 1
+        row[2] += int(seconds * 1e6)
+        self._transaction(seconds)
+
+
 class RouteStats:
     """
     The counters of one route, in one process, since it started: what
@@ -153,6 +180,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_Snapshot(self))
+        self._pooled: dict[tuple[str, str], PoolFigures] = {}
 
     # -- events ------------------------------------------------------------------
 
@@ -181,21 +209,23 @@ class Metrics:
             row[0] += stats["bytes_in"]
             row[1] += stats["bytes_out"]
 
-    def waited(self, route: str, database: str, seconds: float) -> None:
-        self.stats[route].databases[database][4] += int(seconds * 1e6)
-        self.poolWait.labels(route, database, self.worker).observe(seconds)
-
-    def queryDone(self, route: str, database: str, seconds: float) -> None:
-        row = self.stats[route].databases[database]
-        row[1] += 1
-        row[3] += int(seconds * 1e6)
-        self.query.labels(route, database, self.worker).observe(seconds)
-
-    def transactionDone(self, route: str, database: str, seconds: float) -> None:
-        row = self.stats[route].databases[database]
-        row[0] += 1
-        row[2] += int(seconds * 1e6)
-        self.transaction.labels(route, database, self.worker).observe(seconds)
+    def pooled(self, route: str, database: str) -> PoolFigures:
+        """
+        The figures of one pool, looked up once per session: a transaction
+        then costs two list updates and two C{observe()} calls, not
+        label lookups.
+        """
+        key = (route, database)
+        figures = self._pooled.get(key)
+        if figures is None:
+            labels = (route, database, self.worker)
+            figures = self._pooled[key] = PoolFigures(
+                self.stats[route].databases[database],
+                self.poolWait.labels(*labels).observe,
+                self.query.labels(*labels).observe,
+                self.transaction.labels(*labels).observe,
+            )
+        return figures
 
     # -- state ---------------------------------------------------------------------
 

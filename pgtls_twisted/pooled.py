@@ -106,6 +106,7 @@ class PooledSession(Session):
         self._waitStarted = 0.0
         self._queryStarted: float | None = None
         self._transactionStarted: float | None = None
+        self._figures = route.metrics.pooled(route.name, startup.database)
 
     # -- the end of login ----------------------------------------------------------
 
@@ -204,9 +205,7 @@ class PooledSession(Session):
     def _acquired(self, server: PooledServer) -> None:
         self._waiting = None
         self.waitingSince = None
-        self.route.metrics.waited(
-            self.route.name, self.startup.database, time.monotonic() - self._waitStarted
-        )
+        self._figures.waited(time.monotonic() - self._waitStarted)
         if self._done:
             self.pool.release(server)
             return
@@ -308,12 +307,11 @@ class PooledSession(Session):
         if self.queryLog is not None:
             self.queryLog.readyForQuery()
         now = time.monotonic()
-        metrics, route, database = self.route.metrics, self.route.name, self.startup.database
         if self._queryStarted is not None:
-            metrics.queryDone(route, database, now - self._queryStarted)
+            self._figures.queryDone(now - self._queryStarted)
             self._queryStarted = now if tracker.pendingSyncs else None
         if tracker.transactionStatus == "I" and self._transactionStarted is not None:
-            metrics.transactionDone(route, database, now - self._transactionStarted)
+            self._figures.transactionDone(now - self._transactionStarted)
             self._transactionStarted = None
 
     # -- shutting down ---------------------------------------------------------------
