@@ -163,7 +163,8 @@ class AdminSession(Session):
             self._abandon("08P01", f"pgtls admin console: unexpected message type {mtype!r}")
 
     def drain(self) -> None:
-        """Admin sessions are closed at the deadline like the others."""
+        """An open console must not hold up a shutdown: closed at once."""
+        self.terminate()
 
     def terminate(self) -> None:
         if self.client.startupDone:
@@ -189,8 +190,7 @@ def _encode(result: Result) -> bytes:
     if result.columns:
         parts.append(wire.row_description(result.columns))
         parts.extend(wire.data_row(row) for row in result.rows)
-        tag = f"{result.tag} {len(result.rows)}" if result.tag == "SHOW" else result.tag
-        parts.append(wire.command_complete(tag))
+        parts.append(wire.command_complete(result.tag))  # "SHOW", as PostgreSQL and PgBouncer
     else:
         parts.append(wire.command_complete(result.tag))
     return b"".join(parts)

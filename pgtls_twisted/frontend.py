@@ -336,6 +336,10 @@ class ClientProtocol(Leg):
             self.refused("tls_required")
             self.fail("28000", "pgtls: this listener requires TLS (sslmode=require or stronger)")
             return
+        if self.tls is None and listener.mtls:
+            self.refused("client_certificate")
+            self.fail("28000", "pgtls: connection requires a valid client certificate")
+            return
         refusal = self.route.admission(self)
         if refusal is not None:
             sqlstate, text, reason = refusal

@@ -57,6 +57,8 @@ class Route:
         self.retired = False
         self.port: Any = None
         self._held: list[tuple[ClientProtocol, Any]] = []
+        #: Reaps the pools of a retired route that still has sessions.
+        self.reaper: Any = None
         self.serverTLS = ServerTLS(config.listener)
         self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
         self.backendCreator = BackendTLS(config.backend)
@@ -76,6 +78,8 @@ class Route:
 
     def clientClosed(self, client: ClientProtocol) -> None:
         self.clients.discard(client)
+        if self._held:
+            self._held = [(c, s) for c, s in self._held if c is not client]
         database = client.startup.database if client.startup is not None else None
         self.metrics.clientClosed(self.name, database, client.stats)
         if not self.clients and self.process is not None:

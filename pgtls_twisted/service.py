@@ -232,6 +232,8 @@ class ProxyService(MultiService):
         self.retired: set[Route] = set()
         self.shutdownRequested: Any = None
         self._stopping: defer.Deferred[None] | None = None
+        self._deadline: Any = None
+        self._giveUpCall: Any = None
         self._drained: defer.Deferred[None] | None = None
         self._metricsService: Service | None = None
         self._serveMetrics = serveMetrics
@@ -276,20 +278,34 @@ class ProxyService(MultiService):
         group.setServiceParent(self)
         return group
 
-    def _retire(self, route: Route) -> None:
-        """C{route} takes no new sessions; its pools close once its last client leaves."""
+    def _retire(self, route: Route, successor: Route | None = None) -> None:
+        """
+        C{route} takes no new sessions; its pools are still reaped, and
+        closed once its last client leaves. Without a successor (removed,
+        not changed) nothing could RESUME it, so it is resumed now.
+        """
         route.retired = True
-        if route.clients:
-            self.retired.add(route)
-            for client, _ in route._held:
-                client.terminate()
-        else:
+        held, route._held = route._held, []
+        for client, _ in held:
+            client.terminate()
+        if successor is None and route.paused:
+            route.setPaused(False)
+        if not route.clients:
             self.routeEmpty(route)
+            return
+        self.retired.add(route)
+        if route.pools is not None:
+            interval = max(0.5, min(30.0, route.config.pool.idle_timeout / 4))
+            route.reaper = LoopingCall(route.pools.reap)
+            route.reaper.clock = self.reactor
+            route.reaper.start(interval, now=False)
 
     def routeEmpty(self, route: Route) -> None:
         """Called by a route when its last client has gone."""
         if route.retired:
             self.retired.discard(route)
+            if route.reaper is not None and route.reaper.running:
+                route.reaper.stop()
             if route.pools is not None:
                 route.pools.close()
         self._checkDrained()
@@ -318,9 +334,6 @@ class ProxyService(MultiService):
         @return: what changed, one line each.
         @raise ConfigError: the file is invalid; nothing was changed.
         """
-        if self.draining:
-            self._log.warn("reload ignored: pgtls is shutting down")
-            return ["reload ignored: pgtls is shutting down"]
         if self.config.path is None:
             raise ConfigError("this proxy was not started from a configuration file")
         try:
@@ -340,6 +353,9 @@ class ProxyService(MultiService):
         """
         from .tlsconfig import TLSConfigError
 
+        if self.draining:
+            self._log.warn("reload ignored: pgtls is shutting down")
+            return ["reload ignored: pgtls is shutting down"]
         old = {g.route.name: g for g in self.groups.values()}
         new = {r.name: r for r in config.routes}
         built: dict[str, Route] = {}
@@ -446,7 +462,7 @@ class ProxyService(MultiService):
             successor.paused = route.paused
             successor._held, route._held = route._held, []
         group.disownServiceParent()
-        self._retire(route)
+        self._retire(route, successor)
 
     def _applyTopLevel(
         self, config: Config, notes: list[str], metrics: ListeningService | None
@@ -536,8 +552,8 @@ class ProxyService(MultiService):
         seconds; then close the rest with FATAL 57P01 and close the pools.
         """
         if self._stopping is not None:
-            if timeout == 0:
-                self._terminateAll()
+            if timeout == 0 and self._deadline is not None and self._deadline.active():
+                self._deadline.reset(0)
             return _chain(self._stopping)
         self.draining = True
         Service.stopService(self)
@@ -552,17 +568,23 @@ class ProxyService(MultiService):
                 count=len(clients),
                 timeout=timeout,
             )
+        for route in self.liveRoutes():
+            # Clients held by a PAUSE have no session to finish.
+            held, route._held = route._held, []
+            for client, _ in held:
+                client.terminate()
         for client in clients:
             client.drain()
         self._drained = drained = defer.Deferred()
         poll = LoopingCall(self._checkDrained)
         poll.clock = self.reactor
         poll.start(DRAIN_POLL, now=True)
-        deadline = self.reactor.callLater(timeout, self._terminateAll)
+        self._deadline = self.reactor.callLater(timeout, self._terminateAll)
 
         def finish(_: object) -> defer.Deferred[None]:
-            if deadline.active():
-                deadline.cancel()
+            for call in (self._deadline, self._giveUpCall):
+                if call is not None and call.active():
+                    call.cancel()
             if poll.running:
                 poll.stop()
             for route in self.liveRoutes():
@@ -591,7 +613,7 @@ class ProxyService(MultiService):
         for client in clients:
             client.terminate()
         # Closing is graceful (close_notify); give it a moment, then go.
-        self.reactor.callLater(CLOSE_GRACE, self._giveUp)
+        self._giveUpCall = self.reactor.callLater(CLOSE_GRACE, self._giveUp)
 
     def _giveUp(self) -> None:
         for route in self.liveRoutes():

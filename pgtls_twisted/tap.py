@@ -96,8 +96,9 @@ def proxy_signals(proxy: ProxyService, reactor: Any) -> Signals:
         {
             signal.SIGHUP: hangup,
             signal.SIGINT: interrupt,
-            signal.SIGUSR1: lambda: proxy.setPaused(None, True) and None,
-            signal.SIGUSR2: lambda: proxy.setPaused(None, False) and None,
+            # ProxyService's own: with workers the supervisor signals each one.
+            signal.SIGUSR1: lambda: ProxyService.setPaused(proxy, None, True) and None,
+            signal.SIGUSR2: lambda: ProxyService.setPaused(proxy, None, False) and None,
         },
     )
 

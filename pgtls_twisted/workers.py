@@ -113,7 +113,8 @@ class WorkerProxy(ProxyService):
         ControlService(self, control_path(runDir, worker)).setServiceParent(self)
 
     def _siblings(self) -> list[int]:
-        return [i for i in range(self.config.workers) if i != self.worker]
+        # The count this process started with: a reload cannot change it.
+        return [i for i in range(self.cancels.workers) if i != self.worker]
 
     def _relayCancel(self, worker: int, request: wire.CancelRequest, via: Any) -> None:
         line = f"cancel {request.encode().hex()} {via.name if via is not None else ''}"

@@ -169,6 +169,8 @@ async def test_removed_pooled_route_stops_accepting_and_drains(pki, pg_tls, tmp_
     assert await in_thread(one, client, "SELECT pg_backend_pid()") == server_pid
     assert await in_thread(one, client, "SELECT current_user") == "pool_user"
     assert gone_route in proxy.service.retired
+    # Its pools are still reaped (idle_timeout, max_lifetime) while it lives on.
+    assert gone_route.reaper is not None and gone_route.reaper.running
     # Sessions on the unchanged route are not touched.
     assert proxy.route("app") is app_route
     assert await in_thread(one, kept, "SELECT pg_backend_pid()") == kept_pid
@@ -178,6 +180,7 @@ async def test_removed_pooled_route_stops_accepting_and_drains(pki, pg_tls, tmp_
         lambda: not backend_alive(pg_tls, server_pid), 5, "the pooled server connection closed"
     )
     assert gone_route not in proxy.service.retired
+    assert not gone_route.reaper.running
     assert gone_route.pools.pools == {}
     assert [r.name for r in proxy.service.liveRoutes()] == ["app"]
     assert await in_thread(one, kept, "SELECT 1") == 1
@@ -789,3 +792,27 @@ def test_sighup_reloads_certificates_with_the_configuration(pki, pg_tls, tmp_pat
     assert accepting(a_port)
     proc.signal(signal.SIGTERM)
     assert ran_until_signal(proc.wait_exit(10))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_removed_paused_route_is_resumed(pki, pg_tls, tmp_path, proxies):
+    """
+    Nothing could RESUME a route the file no longer names: its queued
+    pooled sessions are let go instead of timing out.
+    """
+    gone = pooled(pki, pg_tls, "gone")
+    app = route(pki, pg_tls, name="app")
+    path = write_config(tmp_path / "routes.toml", [app, gone], shutdown_timeout="0s")
+    proxy = start_from_file(path)
+    proxies.append(proxy)
+    client = await in_thread(connect, proxy.port("gone"), pki, dbname=APP_DB)
+    assert await in_thread(one, client, "SELECT 1") == 1
+    proxy.service.setPaused("gone", True)
+    gone_route = proxy.route("gone")
+    query = in_thread(one, client, "SELECT 2")
+    write_config(path, [app], shutdown_timeout="0s")
+    proxy.service.reloadFromFile()
+    assert not gone_route.paused
+    assert await query == 2
+    await in_thread(client.close)
+    await proxy.stop()

@@ -506,3 +506,17 @@ def test_sigusr1_pauses_and_sigusr2_resumes(pki, pg_tls, tmp_path, processes):
     proc.wait_log("route=pool resumed", since=mark)
     proc.signal(signal.SIGTERM)
     assert ran_until_signal(proc.wait_exit(10)), proc.log()
+
+
+def test_reload_during_a_drain_changes_nothing(pki, pg_tls, tmp_path):
+    """An embedder calling reload() while the proxy drains gets a note, and no new listener."""
+    from pgtls_twisted.config import parse_config
+    from pgtls_twisted.service import make_service
+
+    data = {"proxy": [route(pki, pg_tls, name="app")], "shutdown_timeout": "0s"}
+    service = make_service(parse_config(data, base_dir=tmp_path))
+    service.draining = True
+    added = {"proxy": [route(pki, pg_tls, name="app"), route(pki, pg_tls, name="added")]}
+    notes = service.reload(parse_config(added, base_dir=tmp_path))
+    assert notes == ["reload ignored: pgtls is shutting down"]
+    assert list(service.groups) == ["app"]

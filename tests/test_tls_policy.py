@@ -914,3 +914,15 @@ async def test_max_clients(pki, pg_tls, tmp_path):
         finally:
             for conn in conns:
                 await deferToThread(conn.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtls_refuses_plaintext_clients_on_an_allow_listener(pki, pg_tls, tmp_path):
+    """mtls means a certificate, always: tls = "allow" must not open a plaintext way round it."""
+    listener = mtls_listener(pki, tls="allow")
+    async with running(tmp_path, [route(pki, pg_tls, listener=listener)]) as proxy:
+        text = await deferToThread(connect_error, client_dsn(proxy, pki, sslmode="disable"))
+        assert "pgtls: connection requires a valid client certificate" in text
+        cert = {"sslcert": pki.cert("client"), "sslkey": pki.key("client")}
+        rows = await deferToThread(fetch, client_dsn(proxy, pki, **cert), "SELECT 1")
+        assert rows == [(1,)]
