@@ -12,8 +12,6 @@ PID the client is given is the worker's number.
 Tests that signal, kill or reconfigure pgtls get a supervisor of their
 own (C{supervised}); the others share one (C{shared}) and compare its
 counters before and after rather than reading absolute values.
-
-A test marked C{xfail(strict=True)} shows a bug in pgtls, named in its reason.
 """
 
 from __future__ import annotations
