@@ -38,6 +38,8 @@ class Result:
     columns: list[tuple[str, int]] = field(default_factory=list)
     rows: list[list[Any]] = field(default_factory=list)
     notices: list[str] = field(default_factory=list)
+    #: For C{SHOW x}: C{x}, lower case (what workers are asked for).
+    show: str = ""
 
 
 class AdminError(Exception):
@@ -64,6 +66,9 @@ class Process(Protocol):
     def setPaused(self, route: str | None, paused: bool) -> list[str]: ...
 
     def requestShutdown(self) -> None: ...
+
+    def complete(self, results: list[Result | AdminError]) -> Any:
+        """The results as the client should see them (maybe a Deferred)."""
 
 
 #: The first columns of C{SHOW CLIENTS} and C{SHOW SERVERS}, as in PgBouncer.
@@ -118,7 +123,9 @@ class AdminCommands:
         if verb == "SHOW" and len(args) == 1:
             show = getattr(self, f"show_{args[0].lower()}", None)
             if show is not None:
-                return show()
+                result: Result = show()
+                result.show = args[0].lower()
+                return result
         elif verb == "RELOAD" and not args:
             return self.reload()
         elif verb in ("PAUSE", "RESUME") and len(args) <= 1:
@@ -489,3 +496,43 @@ def _setting(value: Any) -> str | None:
     if isinstance(value, tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+# -- one answer for all workers ---------------------------------------------------
+
+#: SHOW commands whose rows every worker contributes to.
+PER_WORKER = ("routes", "pools", "clients", "servers", "stats")
+
+
+def merge_rows(show: str, rows: list[list[Any]]) -> list[list[Any]]:
+    """
+    Rows from every worker as one table: C{SHOW POOLS} and C{SHOW STATS}
+    have one row per (database, route), summed, so an exporter reading
+    them sees one set of counters whichever worker it lands on; the
+    others are lists (clients and servers have unique ids, routes a
+    worker column).
+    """
+    if show not in ("pools", "stats"):
+        return rows
+    merged: dict[tuple[Any, Any], list[Any]] = {}
+    for row in rows:
+        key = (row[0], row[-1])
+        known = merged.get(key)
+        if known is None:
+            merged[key] = list(row)
+        elif show == "pools":
+            for i in range(2, 8):  # cl_active .. sv_login
+                known[i] += row[i]
+            if (row[8], row[9]) > (known[8], known[9]):  # maxwait, maxwait_us
+                known[8], known[9] = row[8], row[9]
+            known[11] = max(known[11], row[11])  # paused
+        else:
+            for i in range(1, 8):  # total_*
+                known[i] += row[i]
+    if show == "stats":
+        for row in merged.values():
+            xacts, queries = row[1], row[2]
+            row[8] = row[5] // xacts if xacts else 0
+            row[9] = row[6] // queries if queries else 0
+            row[10] = row[7] // xacts if xacts else 0
+    return list(merged.values())

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet import defer
+
 from . import __version__, wire
 from .admin import AdminCommands, AdminError, Result
 from .logs import Logger
@@ -41,6 +43,10 @@ class AdminSession(Session):
         self.admin = admin
         self._reader = wire.MessageReader()
         self._failedUntilSync = False
+        #: A query is being answered (with workers, other workers are asked):
+        #: later messages wait in the reader.
+        self._busy = False
+        self._looping = False
 
     def start(self) -> None:
         user = self.startup.user
@@ -106,15 +112,19 @@ class AdminSession(Session):
 
     def _fromClient(self, data: bytes) -> None:
         self._reader.feed(data)
-        while not self._done:
-            try:
-                msg = self._reader.next()
-            except wire.ProtocolViolation as e:
-                self._abandon("08P01", e.message)
-                return
-            if msg is None:
-                return
-            self._message(*msg)
+        self._looping = True
+        try:
+            while not self._done and not self._busy:
+                try:
+                    msg = self._reader.next()
+                except wire.ProtocolViolation as e:
+                    self._abandon("08P01", e.message)
+                    return
+                if msg is None:
+                    return
+                self._message(*msg)
+        finally:
+            self._looping = False
 
     def _message(self, mtype: bytes, body: bytes) -> None:
         out = self.client.out
@@ -128,24 +138,11 @@ class AdminSession(Session):
                 user=self.startup.user,
                 sql=sql[:200],
             )
-            shutdown = False
             results = AdminCommands(self.route.process).run(sql)
-            if not results:
-                out.write(wire.message(b"I"))
-            for result in results:
-                if isinstance(result, AdminError):
-                    out.write(
-                        wire.error_response(
-                            result.sqlstate, result.message, severity="ERROR", detail=result.detail
-                        )
-                    )
-                else:
-                    out.write(_encode(result))
-                    shutdown = shutdown or result.tag == "SHUTDOWN"
-            out.write(wire.ready_for_query())
-            if shutdown:
-                # Do not keep the shutdown waiting for this session.
-                self._finish("admin SHUTDOWN")
+            self._busy = True
+            d = defer.maybeDeferred(self.route.process.complete, results)
+            d.addCallback(self._answer)
+            d.addErrback(self._failedAnswer)
         elif mtype == b"S":
             self._failedUntilSync = False
             out.write(wire.ready_for_query())
@@ -161,6 +158,38 @@ class AdminSession(Session):
                 )
         else:
             self._abandon("08P01", f"pgtls admin console: unexpected message type {mtype!r}")
+
+    def _answer(self, results: list[Result | AdminError]) -> None:
+        self._busy = False
+        if self._done:
+            return
+        out = self.client.out
+        resume = not self._looping  # answered later: go on reading from here
+        shutdown = False
+        if not results:
+            out.write(wire.message(b"I"))
+        for result in results:
+            if isinstance(result, AdminError):
+                out.write(
+                    wire.error_response(
+                        result.sqlstate, result.message, severity="ERROR", detail=result.detail
+                    )
+                )
+            else:
+                out.write(_encode(result))
+                shutdown = shutdown or result.tag == "SHUTDOWN"
+        out.write(wire.ready_for_query())
+        if shutdown:
+            # Do not keep the shutdown waiting for this session.
+            self._finish("admin SHUTDOWN")
+            return
+        if resume:
+            self._fromClient(b"")
+
+    def _failedAnswer(self, failure: Any) -> None:
+        self._log.failure("conn={conn} admin console", failure, conn=self.client.connId)
+        self._busy = False
+        self._abandon("XX000", "pgtls admin console: internal error")
 
     def drain(self) -> None:
         """An open console must not hold up a shutdown: closed at once."""

@@ -533,6 +533,10 @@ class ProxyService(MultiService):
     def requestReload(self) -> list[str]:
         return self.reloadFromFile()
 
+    def complete(self, results: list[Any]) -> Any:
+        """Admin results are complete in one process (see L{WorkerProxy.complete})."""
+        return results
+
     def requestShutdown(self) -> None:
         """Admin C{SHUTDOWN}: what SIGTERM does."""
         if self.shutdownRequested is not None:

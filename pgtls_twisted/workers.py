@@ -19,6 +19,9 @@ cannot do alone:
  - C{metrics}: the worker's Prometheus text, which the supervisor merges
    into the one page it serves (each series already has its C{worker}
    label);
+ - C{show <routes|pools|clients|servers|stats>}: the worker's rows of
+   that admin console table, as JSON, so that a console session on any
+   worker answers for all of them (L{WorkerProxy.complete});
  - C{pause <route|*>} / C{resume <route|*>}: the admin console's
    C{PAUSE}/C{RESUME} apply to every worker.
 
@@ -32,6 +35,7 @@ behave as with one process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -136,6 +140,39 @@ class WorkerProxy(ProxyService):
     def requestShutdown(self) -> None:
         os.kill(os.getppid(), signal.SIGTERM)
 
+    def complete(self, results: list[Any]) -> defer.Deferred[list[Any]]:
+        """
+        The console's SHOW ROUTES/POOLS/CLIENTS/SERVERS/STATS, with every
+        worker's rows (asked over their control sockets; a worker that does
+        not answer is left out, with a NOTICE saying so).
+        """
+        from .admin import PER_WORKER, Result, merge_rows
+
+        shows = [r for r in results if isinstance(r, Result) and r.show in PER_WORKER]
+        if not shows:
+            return defer.succeed(results)
+
+        def gather(result: Result) -> defer.Deferred[None]:
+            asks = [
+                control_request(
+                    self.reactor, control_path(self.runDir, w), f"show {result.show}"
+                ).addErrback(lambda f: None)
+                for w in self._siblings()
+            ]
+
+            def merge(answers: list[bytes | None]) -> None:
+                rows = list(result.rows)
+                for worker, answer in zip(self._siblings(), answers, strict=True):
+                    try:
+                        rows.extend(json.loads(answer or b"null"))
+                    except (ValueError, TypeError):
+                        result.notices.append(f"worker {worker} did not answer")
+                result.rows = merge_rows(result.show, rows)
+
+            return defer.gatherResults(asks).addCallback(merge)
+
+        return defer.gatherResults([gather(r) for r in shows]).addCallback(lambda _: results)
+
     def setPaused(self, name: str | None, paused: bool) -> list[str]:
         names = super().setPaused(name, paused)
         verb = "pause" if paused else "resume"
@@ -165,6 +202,12 @@ class _Control(LineOnlyReceiver):
             via = group.route if group is not None else None
             if parsed is not None and isinstance(parsed[0], wire.CancelRequest):
                 proxy.cancels.cancel(parsed[0], 0, via, relayed=True)
+        elif command == "show":
+            from .admin import PER_WORKER, AdminCommands
+
+            if argument in PER_WORKER:
+                result = AdminCommands(proxy).one(f"SHOW {argument}")
+                self.transport.write(json.dumps(result.rows).encode())
         elif command in ("pause", "resume"):
             try:
                 ProxyService.setPaused(

@@ -962,3 +962,30 @@ def test_shutdown_from_the_console(pki, pg_tls, tmp_path):
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "SHUTDOWN" in out
     assert SCRAM_PASSWORD not in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_pipelined_queries_are_all_answered(pki, pg_tls, tmp_path):
+    """3,000 Query messages in one write: every one answered, in order, nothing recursing."""
+    proxy = start(pki, pg_tls, tmp_path)
+    try:
+
+        def raw():
+            sock = rawclient.request_tls(rawclient.connect(proxy.port("app")), pki.cert("ca"))
+            try:
+                rawclient.startup_cleartext(sock, SCRAM_USER, SCRAM_PASSWORD, database="pgtls")
+                count = 3000
+                sock.sendall(rawclient.query_message("SHOW VERSION") * count)
+                ready = 0
+                while ready < count:
+                    mtype, _ = rawclient.read_message(sock)
+                    assert mtype in (b"T", b"D", b"C", b"Z"), mtype
+                    ready += mtype == b"Z"
+                return rawclient.simple_query(sock, "SHOW VERSION")
+            finally:
+                sock.close()
+
+        rows = await in_thread(raw)
+        assert rows[0][0].startswith("pgtls ")
+    finally:
+        await proxy.stop()

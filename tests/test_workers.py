@@ -237,8 +237,9 @@ def show_routes_by_worker(proxy: Supervised, pki: Any, tries: int = 40) -> dict[
             cur = admin.execute("SHOW ROUTES")
             columns = [d.name for d in cur.description]
             rows = [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
-        worker = rows[0]["worker"]
-        found[int(worker)] = {r["name"]: r for r in rows}
+        # Every worker's routes, whichever worker answered.
+        for row in rows:
+            found.setdefault(int(row["worker"]), {})[row["name"]] = row
         if len(found) == 2:
             return found
     raise AssertionError(f"admin sessions reached only workers {sorted(found)}")
@@ -943,3 +944,44 @@ def test_workers_that_cannot_start_make_pgtls_exit_nonzero(pki, pg_tls, tmp_path
         raise AssertionError(f"still running after 8s: {tail}") from None
     assert proc.returncode != 0
     assert "listener server certificate" in out.decode(errors="replace")
+
+
+def test_the_console_answers_for_every_worker(shared, pki):
+    """
+    SHOW POOLS/STATS/CLIENTS/SERVERS/ROUTES have every worker's rows,
+    whichever worker the console landed on: one row per pool in POOLS and
+    STATS (summed), so an exporter sees steady counters.
+    """
+
+    def show(what: str) -> list[dict[str, Any]]:
+        with connect(shared, pki, dbname="pgtls") as admin:
+            cur = admin.execute(f"SHOW {what}")
+            columns = [d.name for d in cur.description]
+            return [dict(zip(columns, row, strict=True)) for row in cur.fetchall()]
+
+    def pool_stats() -> dict[str, Any]:
+        rows = [r for r in show("STATS") if r["route"] == "pool"]
+        assert len(rows) <= 1, rows
+        return rows[0] if rows else {"total_xact_count": 0}
+
+    before = int(pool_stats()["total_xact_count"])
+    sessions = spread(shared, pki, "pool", 6)
+    try:
+        for conn in sessions:
+            conn.execute("SELECT 1")
+        workers_used = {worker_of(c) for c in sessions}
+        assert workers_used == {0, 1}
+        for _ in range(4):  # whichever worker answers, the same figures
+            after = int(pool_stats()["total_xact_count"])
+            assert after - before == len(sessions)
+            pools = [r for r in show("POOLS") if r["route"] == "pool"]
+            assert len(pools) == 1 and int(pools[0]["cl_active"]) >= len(sessions), pools
+            clients = [r for r in show("CLIENTS") if r["route"] == "pool"]
+            assert len(clients) >= len(sessions)
+            assert {int(r["id"]) % 2 for r in clients} == {0, 1}, "clients of both workers"
+            servers = [r for r in show("SERVERS") if r["route"] == "pool"]
+            assert servers, servers
+            assert {int(r["worker"]) for r in show("ROUTES")} == {0, 1}
+    finally:
+        for conn in sessions:
+            conn.close()
