@@ -63,7 +63,7 @@ class Process(Protocol):
 
     def requestReload(self) -> list[str]: ...
 
-    def setPaused(self, route: str | None, paused: bool) -> list[str]: ...
+    def requestPause(self, route: str | None, paused: bool) -> list[str]: ...
 
     def requestShutdown(self) -> None: ...
 
@@ -365,7 +365,7 @@ class AdminCommands:
 
     def pause(self, route: str | None, paused: bool) -> Result:
         try:
-            names = self.process.setPaused(route, paused)
+            names = self.process.requestPause(route, paused)
         except KeyError:
             raise AdminError("42704", f'pgtls: no such route "{route}"') from None
         verb = "PAUSE" if paused else "RESUME"

@@ -24,7 +24,6 @@ operations live, because they all act on every route at once:
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -88,31 +87,23 @@ class RouteService(ListeningService):
     """
     Listens for one route.
 
-    @ivar reusePort: bind with C{SO_REUSEPORT}, so that every worker
-        process has a listening socket of its own on the same port, and a
-        new pgtls can start on the ports of one that is draining (a
-        deploy that drops no session). The kernel only lets processes of
-        the same user share a port.
+    It binds with C{SO_REUSEPORT}, so that every worker process has a
+    listening socket of its own on the same port, and a new pgtls can
+    start on the ports of one that is draining (a deploy that drops no
+    session). The kernel only lets processes of the same user share a
+    port.
     """
 
     _log = Logger()
 
-    def __init__(self, route: Route, reactor: Any, reusePort: bool = True) -> None:
+    def __init__(self, route: Route, reactor: Any) -> None:
         self.route = route
         self.name = route.name
         self._reactor = reactor
-        self.reusePort = reusePort
 
     def _bind(self) -> Any:
         listener = self.route.config.listener
-        if self.reusePort:
-            port = listen_reuseport(
-                self._reactor, listener.host, listener.port, self.route.factory()
-            )
-        else:
-            port = self._reactor.listenTCP(
-                listener.port, self.route.factory(), interface=listener.host
-            )
+        port = listen_reuseport(self._reactor, listener.host, listener.port, self.route.factory())
         self.route.port = port
         address = port.getHost()
         backend = self.route.config.backend
@@ -215,14 +206,12 @@ class ProxyService(MultiService):
         reactor: Any,
         *,
         worker: int = 0,
-        reusePort: bool = True,
         serveMetrics: bool = True,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.worker = worker
-        self.reusePort = reusePort
         self.draining = False
         self.cancels = CancelRegistry(worker)
         self.metrics = Metrics(worker)
@@ -253,7 +242,7 @@ class ProxyService(MultiService):
 
     def _addGroup(self, route: Route, listener: RouteService | None = None) -> _RouteGroup:
         if listener is None:
-            listener = RouteService(route, self.reactor, self.reusePort)
+            listener = RouteService(route, self.reactor)
         elif listener.route is not route:
             listener.serve(route)
         group = _RouteGroup(route, listener)
@@ -387,7 +376,7 @@ class ProxyService(MultiService):
         for name, route in built.items():
             if name in successors:
                 continue
-            listener = RouteService(route, self.reactor, self.reusePort)
+            listener = RouteService(route, self.reactor)
             try:
                 listener._listen()
             except Exception as e:
@@ -511,7 +500,7 @@ class ProxyService(MultiService):
     # -- pause --------------------------------------------------------------------
 
     def setPaused(self, name: str | None, paused: bool) -> list[str]:
-        """Admin C{PAUSE}/C{RESUME} of one route, or all (C{None})."""
+        """Pause or resume one route, or all (C{None}), in this process."""
         if name is not None and name not in self.groups:
             raise KeyError(name)
         names = [name] if name is not None else list(self.groups)
@@ -531,7 +520,12 @@ class ProxyService(MultiService):
         return int(service.port.getHost().port)
 
     def requestReload(self) -> list[str]:
+        """Admin C{RELOAD}."""
         return self.reloadFromFile()
+
+    def requestPause(self, name: str | None, paused: bool) -> list[str]:
+        """Admin C{PAUSE}/C{RESUME} (with workers, of every worker)."""
+        return self.setPaused(name, paused)
 
     def complete(self, results: list[Any]) -> Any:
         """Admin results are complete in one process (see L{WorkerProxy.complete})."""
@@ -672,14 +666,3 @@ def make_service(config: Config, reactor: Any = None, **kwargs: Any) -> ProxySer
 def route_services(top: Any) -> list[RouteService]:
     """The route listeners of a tree built by L{make_service}, in order."""
     return [g.listener for g in top.groups.values()]
-
-
-def reload_certificates(top: ProxyService) -> None:
-    """Re-read every route's certificate, key, CA and CRL files now."""
-    for route in top.liveRoutes():
-        route.reloadCertificates(force=True)
-
-
-def all_clients(top: ProxyService) -> Iterable[Any]:
-    for route in top.liveRoutes():
-        yield from route.clients

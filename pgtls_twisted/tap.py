@@ -54,7 +54,7 @@ class Signals(Service):
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, handlers: dict[int, Callable[[], None]]) -> None:
+    def __init__(self, reactor: Any, handlers: dict[int, Callable[[], object]]) -> None:
         self._reactor = reactor
         self._handlers = handlers
         self._previous: dict[int, Any] = {}
@@ -96,9 +96,9 @@ def proxy_signals(proxy: ProxyService, reactor: Any) -> Signals:
         {
             signal.SIGHUP: hangup,
             signal.SIGINT: interrupt,
-            # ProxyService's own: with workers the supervisor signals each one.
-            signal.SIGUSR1: lambda: ProxyService.setPaused(proxy, None, True) and None,
-            signal.SIGUSR2: lambda: ProxyService.setPaused(proxy, None, False) and None,
+            # This process only: with workers the supervisor signals each one.
+            signal.SIGUSR1: lambda: proxy.setPaused(None, True),
+            signal.SIGUSR2: lambda: proxy.setPaused(None, False),
         },
     )
 

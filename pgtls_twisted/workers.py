@@ -109,7 +109,7 @@ class WorkerProxy(ProxyService):
     """A L{ProxyService} that knows its siblings."""
 
     def __init__(self, config: Config, reactor: Any, worker: int, runDir: str) -> None:
-        super().__init__(config, reactor, worker=worker, reusePort=True, serveMetrics=False)
+        super().__init__(config, reactor, worker=worker, serveMetrics=False)
         self.runDir = runDir
         self.cancels.relay = self._relayCancel
         self.cancels.workers = config.workers
@@ -173,8 +173,8 @@ class WorkerProxy(ProxyService):
 
         return defer.gatherResults([gather(r) for r in shows]).addCallback(lambda _: results)
 
-    def setPaused(self, name: str | None, paused: bool) -> list[str]:
-        names = super().setPaused(name, paused)
+    def requestPause(self, name: str | None, paused: bool) -> list[str]:
+        names = self.setPaused(name, paused)
         verb = "pause" if paused else "resume"
         for worker in self._siblings():
             control_request(
@@ -210,9 +210,7 @@ class _Control(LineOnlyReceiver):
                 self.transport.write(json.dumps(result.rows).encode())
         elif command in ("pause", "resume"):
             try:
-                ProxyService.setPaused(
-                    proxy, None if argument == "*" else argument, command == "pause"
-                )
+                proxy.setPaused(None if argument == "*" else argument, command == "pause")
             except KeyError:
                 pass
         self.transport.loseConnection()

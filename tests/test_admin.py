@@ -27,12 +27,11 @@ from support.admin import (
     refused,
     show,
     sleep,
-    start_from_file,
     until,
     write_config,
 )
 from support.pooling import pooled_route
-from support.proxy import route, start_proxy
+from support.proxy import route, start_from_file, start_proxy
 from test_commands import BIN, free_port, spawn, stop, wait_for_port
 from twisted.internet.threads import deferToThread
 

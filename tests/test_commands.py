@@ -325,3 +325,16 @@ def test_sighup_reloads_certificates(pki, pg_tls, tmp_path) -> None:
     finally:
         out = stop(proc)
     assert "SIGHUP: re-reading the configuration" in out
+
+
+def test_systemd_unit_reloads_with_sighup_and_checks_first() -> None:
+    """etc/pgtls.service: what the README promises about it (systemd itself is not run here)."""
+    import configparser
+
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(Path(__file__).resolve().parent.parent / "etc" / "pgtls.service")
+    service = unit["Service"]
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["ExecStart"].split()[1:4] == ["pgtls", "--config", "/etc/pgtls/routes.toml"]
+    assert service["ExecStartPre"].split()[1:3] == ["check", "--config"]
+    assert service["KillSignal"] == "SIGTERM"

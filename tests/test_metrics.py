@@ -22,12 +22,11 @@ from support.admin import (
     scrape,
     show,
     sleep,
-    start_from_file,
     until,
     write_config,
 )
 from support.pooling import pooled_route
-from support.proxy import route, start_proxy
+from support.proxy import route, start_from_file, start_proxy
 from test_commands import free_port
 from twisted.internet.threads import deferToThread
 

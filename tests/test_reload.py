@@ -36,12 +36,11 @@ from support.operations import (
     ran_until_signal,
     refused,
     served_serial,
-    start_from_file,
     wait_for_port,
     write_config,
 )
 from support.pooling import pooled_route
-from support.proxy import route
+from support.proxy import route, start_from_file
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 

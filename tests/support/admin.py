@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import socket
 import time
@@ -24,10 +23,8 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from pgtls_twisted.config import load_config
-from pgtls_twisted.service import make_service
 from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
-from support.proxy import RunningProxy
+from support.proxy import RunningProxy, toml_text
 
 
 async def sleep(seconds: float) -> None:
@@ -121,57 +118,11 @@ async def in_thread(f: Any, *args: Any, **kwargs: Any) -> Any:
 # A proxy started from a file (so that RELOAD has a file to re-read)
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def toml_text(data: dict[str, Any]) -> str:
-    """A TOML document for C{data} (scalars, lists, tables, arrays of tables)."""
-    lines: list[str] = []
-
-    def table(prefix: str, values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if not isinstance(value, dict) and not _is_array_of_tables(value):
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, value in values.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, dict):
-                lines.append(f"[{path}]")
-                table(f"{path}.", value)
-            elif _is_array_of_tables(value):
-                for item in value:
-                    lines.append(f"[[{path}]]")
-                    table(f"{path}.", item)
-
-    table("", data)
-    return "\n".join(lines) + "\n"
-
-
-def _is_array_of_tables(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
 def write_config(path: Path, routes: list[dict[str, Any]], **top: Any) -> Path:
     """Write a configuration file; shutdown is immediate unless C{top} says otherwise."""
     data = {"shutdown_timeout": "0s", **top, "proxy": routes}
     path.write_text(toml_text(data))
     return path
-
-
-def start_from_file(path: Path) -> RunningProxy:
-    """The proxy of configuration file C{path}, started (as C{twist pgtls} would build it)."""
-    config = load_config(path)
-    service = make_service(config)
-    service.startService()
-    return RunningProxy(service, config)
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ test that runs the reactor, call it with L{deferToThread}.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -21,11 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pgtls_twisted.config import load_config
-from pgtls_twisted.service import make_service
 from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
 from support import rawclient
-from support.proxy import RunningProxy
+from support.proxy import toml_text
 
 BIN = Path(sys.executable).parent
 
@@ -33,45 +30,10 @@ BIN = Path(sys.executable).parent
 # Configuration files
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        # A TOML basic string accepts JSON's escapes for what we write.
-        return json.dumps(str(value))
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _is_table_array(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def dump_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """The TOML text of C{data} (scalars, lists, tables, arrays of tables)."""
-    lines = []
-    for key, value in data.items():
-        if not isinstance(value, dict) and not _is_table_array(value):
-            lines.append(f"{key} = {_toml_value(value)}")
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines.append(f"[{prefix}{key}]")
-            lines.append(dump_toml(value, f"{prefix}{key}."))
-    for key, value in data.items():
-        if _is_table_array(value):
-            for item in value:
-                lines.append(f"[[{prefix}{key}]]")
-                lines.append(dump_toml(item, f"{prefix}{key}."))
-    return "\n".join(line for line in lines if line) + "\n"
-
-
 def write_config(path: Path, routes: list[dict[str, Any]], **top: Any) -> Path:
     """Write a configuration file with C{routes} as its C{[[proxy]]} tables."""
     data: dict[str, Any] = {"log_level": "info", **top, "proxy": routes}
-    path.write_text(dump_toml(data))
+    path.write_text(toml_text(data))
     return path
 
 
@@ -79,14 +41,6 @@ def on_port(table: dict[str, Any], port: int) -> dict[str, Any]:
     """C{table} (a route from L{support.proxy.route}) listening on 127.0.0.1:C{port}."""
     table["listener"]["bind_address"] = f"127.0.0.1:{port}"
     return table
-
-
-def start_from_file(path: Path) -> RunningProxy:
-    """An in-process proxy for the configuration file at C{path}."""
-    config = load_config(path)
-    service = make_service(config)
-    service.startService()
-    return RunningProxy(service, config)
 
 
 # ---------------------------------------------------------------------------

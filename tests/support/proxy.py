@@ -10,13 +10,14 @@ that needs the proxy to answer, or the reactor (and the proxy) stops.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pgtls_twisted.config import parse_config
+from pgtls_twisted.config import load_config, parse_config
 from pgtls_twisted.service import make_service, route_services
 from pgtls_twisted.testing.cluster import PostgresCluster
 from pgtls_twisted.testing.pki import PKI
@@ -105,3 +106,53 @@ async def running(tmp_path: Path, routes: list[dict[str, Any]]) -> AsyncIterator
         yield proxy
     finally:
         await proxy.stop()
+
+
+# ---------------------------------------------------------------------------
+# Configuration files (for reloads, and for pgtls as a child process)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return json.dumps(str(value))  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _is_array_of_tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def toml_text(data: dict[str, Any]) -> str:
+    """A TOML document for C{data} (scalars, lists, tables, arrays of tables)."""
+    lines: list[str] = []
+
+    def table(prefix: str, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if not isinstance(value, dict) and not _is_array_of_tables(value):
+                lines.append(f"{key} = {_toml_value(value)}")
+        for key, value in values.items():
+            path = f"{prefix}{key}"
+            if isinstance(value, dict):
+                lines.append(f"[{path}]")
+                table(f"{path}.", value)
+            elif _is_array_of_tables(value):
+                for item in value:
+                    lines.append(f"[[{path}]]")
+                    table(f"{path}.", item)
+
+    table("", data)
+    return "\n".join(lines) + "\n"
+
+
+def start_from_file(path: Path) -> RunningProxy:
+    """The proxy of configuration file C{path}, started as C{twist pgtls} builds it."""
+    config = load_config(path)
+    service = make_service(config)
+    service.startService()
+    return RunningProxy(service, config)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from support.proxy import toml_text
+
 BIN = Path(sys.executable).parent
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
@@ -42,46 +44,13 @@ def free_ports(count: int) -> list[int]:
 # -- configuration files ---------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
 def toml_config(routes: list[dict[str, Any]], **top: Any) -> str:
     """
     A pgtls configuration file: top-level keys and sections (C{admin},
     C{metrics} as dicts) from C{top}, then one C{[[proxy]]} per route
     (as built by L{support.proxy.route}).
     """
-    lines: list[str] = []
-    sections = {k: v for k, v in top.items() if isinstance(v, dict)}
-    for key, value in top.items():
-        if not isinstance(value, dict):
-            lines.append(f"{key} = {_toml_value(value)}")
-    for name, section in sections.items():
-        lines.append("")
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {_toml_value(v)}" for k, v in section.items())
-    for route in routes:
-        lines.append("")
-        lines.append("[[proxy]]")
-        subtables = []
-        for key, value in route.items():
-            if isinstance(value, dict):
-                subtables.append((key, value))
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, value in subtables:
-            lines.append(f"[proxy.{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
-    return "\n".join(lines) + "\n"
+    return toml_text({**top, "proxy": routes})
 
 
 # -- /proc -----------------------------------------------------------------------------
