@@ -2,6 +2,7 @@
 The C{pgtls} command line.
 
 C{check} validates a configuration and prints what it would run;
+C{admin-verifier} prints an C{admin.password_file} line for a password;
 C{worker} is what the supervisor of C{workers = N} starts (see
 L{pgtls_twisted.workers}), not meant to be run by hand.
 C{check} exists so that a configuration can be tested in CI or before a
@@ -70,12 +71,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(handler=_check)
 
+    verifier = commands.add_parser(
+        "admin-verifier",
+        help="print an admin.password_file line (a SCRAM-SHA-256 verifier) for a password",
+        description=(
+            "Read a password (asked for twice on a terminal, else the first line of standard"
+            " input) and print NAME:SCRAM-SHA-256$... for admin.password_file. The password"
+            " itself is not stored anywhere."
+        ),
+    )
+    verifier.add_argument("name", help="the admin console user name")
+    verifier.add_argument(
+        "--iterations", type=int, default=4096, help="PBKDF2 iterations (PostgreSQL's default 4096)"
+    )
+    verifier.set_defaults(handler=_admin_verifier)
+
     worker = commands.add_parser("worker", help="(internal) one worker process of workers = N")
     worker.add_argument("--config", required=True)
     worker.add_argument("--index", required=True, type=int)
     worker.add_argument("--run-dir", required=True)
     worker.set_defaults(handler=_worker)
     return parser
+
+
+def _admin_verifier(args: argparse.Namespace) -> int:
+    """Print C{name:verifier}; the password comes from a prompt or stdin, never argv."""
+    import getpass
+
+    from pgtls_twisted.scram import make_verifier
+
+    if args.iterations < 4096:
+        print("pgtls: --iterations must be at least 4096", file=sys.stderr)
+        return EXIT_INVALID
+    if ":" in args.name:
+        print("pgtls: a user name in admin.password_file cannot contain ':'", file=sys.stderr)
+        return EXIT_INVALID
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            print("pgtls: the passwords differ", file=sys.stderr)
+            return EXIT_INVALID
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        print("pgtls: empty password", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{args.name}:{make_verifier(password, args.iterations)}")
+    return EXIT_OK
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -96,8 +96,13 @@ HELP = [
 class AdminCommands:
     """Runs console commands against one process."""
 
-    def __init__(self, process: Process) -> None:
+    def __init__(self, process: Process, role: str = "admin") -> None:
+        """
+        @param role: the caller's: C{"admin"} may run everything,
+            C{"stats"} (C{admin.stats_users}) only C{SHOW}.
+        """
         self.process = process
+        self.role = role
 
     def run(self, sql: str) -> list[Result | AdminError]:
         """
@@ -120,6 +125,12 @@ class AdminCommands:
         words = statement.split()
         verb = words[0].upper()
         args = words[1:]
+        if verb != "SHOW" and self.role != "admin":
+            raise AdminError(
+                "42501",
+                f"pgtls admin console: permission denied for {verb}",
+                "admin.stats_users may only use SHOW commands",
+            )
         if verb == "SHOW" and len(args) == 1:
             show = getattr(self, f"show_{args[0].lower()}", None)
             if show is not None:

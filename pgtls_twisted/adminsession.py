@@ -1,14 +1,28 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_security_admin -*-
 """
 The admin console's side of the protocol: a client whose startup packet
 names C{admin.database} talks to pgtls itself, not to a backend.
 
-Who may: the user must be in C{admin.users}. With C{listener.mtls} on, the
-verified client certificate's CN must be that user, and nothing else is
-asked. Otherwise the password is checked by the route's backend, exactly as
-for any session (same SCRAM termination, same TLS rules), on a temporary
-connection to C{admin.auth_database}; at that connection's first
-ReadyForQuery pgtls closes it and the client is in the console.
+The console is a place to stop the proxy from, so it is guarded by pgtls
+itself, never by whatever a backend's C{pg_hba.conf} happens to say:
+
+ - B{TLS only}: a plaintext client is refused before anything else.
+ - B{pgtls authenticates}, by C{admin.auth}:
+   - C{cert}: a client certificate chaining to the listener's
+     C{client_ca} (checked in the handshake), whose CN is the user;
+   - C{scram}: SCRAM-SHA-256 (and C{-PLUS}, bound to pgtls's own
+     certificate) against the verifiers of C{admin.password_file}, so no
+     password is stored anywhere;
+   - C{backend}: the client's password, asked for in cleartext inside its
+     TLS session, is checked by logging in to the route's backend; only on
+     a route whose backend leg is C{verify-full}, and a server that lets
+     the user in without asking for a password fails the check.
+ - B{Every name looks alike} until authenticated: a user who is not in
+   C{admin.users} or C{admin.stats_users} goes through the same exchange
+   (a SCRAM exchange against a made-up verifier, a password request) and
+   gets the same error as a wrong password; only pgtls's log says which.
+ - B{Roles}: C{admin.stats_users} may only C{SHOW}
+   (L{pgtls_twisted.admin.AdminCommands} checks every command).
 
 The console speaks the simple query protocol (what psql and PgBouncer's
 console use); extended-protocol messages get an error until their Sync.
@@ -16,22 +30,48 @@ console use); extended-protocol messages get an error until their Sync.
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import hmac
+import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from scramp import ScramException, ScramMechanism
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from . import __version__, wire
 from .admin import AdminCommands, AdminError, Result
+from .backend import BackendError, ServerProtocol, connect_backend
+from .config import ScramVerifier
 from .logs import Logger
-from .session import Session
+from .scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS
+from .serverlogin import LoginResult, ServerLogin, ServerLoginError
+from .tlsconfig import channel_binding_data
 
 if TYPE_CHECKING:
     from .config import AdminConfig
     from .frontend import ClientProtocol
     from .route import Route
 
+#: Made-up SCRAM salts for names without a verifier are derived from this,
+#: so that asking twice for one name gives the same salt, as it would for a
+#: real user (PostgreSQL's mock authentication does the same).
+_MOCK_SECRET = os.urandom(32)
+#: The iteration count of made-up verifiers when the file has none to copy.
+_MOCK_ITERATIONS = 4096
 
-class AdminSession(Session):
+
+class Phase(enum.Enum):
+    """Where an admin console connection is."""
+
+    AUTHENTICATING = "authenticating"
+    CONSOLE = "console"
+    CLOSED = "closed"
+
+
+class AdminSession:
     """One admin console client."""
 
     _log = Logger()
@@ -39,98 +79,273 @@ class AdminSession(Session):
     def __init__(
         self, route: Route, client: ClientProtocol, startup: wire.StartupMessage, admin: AdminConfig
     ) -> None:
-        super().__init__(route, client, startup)
+        self.route = route
+        self.client = client
+        self.startup = startup
         self.admin = admin
+        #: C{"admin"}, C{"stats"}, or C{None} for a name that may not use
+        #: the console (which must not show until authentication fails).
+        self.role = admin.role(startup.user)
+        self.phase = Phase.AUTHENTICATING
         self._reader = wire.MessageReader()
+        #: The login step waiting for the client's next message.
+        self._expect: Callable[[bytes, bytes], None] | None = None
+        self._scram: Any = None
+        #: The SCRAM exchange is against a real verifier (not a made-up one).
+        self._known = False
         self._failedUntilSync = False
-        #: A query is being answered (with workers, other workers are asked):
-        #: later messages wait in the reader.
+        #: A message is being handled asynchronously (a backend login, a
+        #: query answered by every worker): later ones wait in the reader.
         self._busy = False
         self._looping = False
+        client.session = self
+
+    # -- the login ---------------------------------------------------------------
 
     def start(self) -> None:
-        user = self.startup.user
         client = self.client
-        if user not in self.admin.users:
+        if client.tls is None:
             client.refused("admin_denied")
-            client.fail("28000", f'pgtls: user "{user}" may not use the admin console')
+            client.fail("28000", "pgtls: the admin console requires TLS (sslmode=require or stronger)")
             return
-        if self.route.config.listener.mtls and client.tls is not None:
-            cert = client.tls.getHandle().get_peer_certificate(as_cryptography=True)
-            cn = _common_name(cert)
-            if cn != user:
-                client.refused("admin_denied")
-                client.fail(
-                    "28000",
-                    f'pgtls: admin console: certificate CN "{cn}" does not match user "{user}"',
-                )
-                return
-            out = client.out
-            out.write(wire.AUTHENTICATION_OK)
-            for name, value in _PARAMETERS:
-                out.write(wire.parameter_status(name, value))
-            out.write(wire.ready_for_query())
-            self._console("client certificate")
-            return
-        # The password is the backend's to check, on a temporary connection.
-        parameters = {k: v for k, v in self.startup.parameters.items() if k != "replication"}
-        parameters["database"] = self.admin.auth_database
-        version = (self.startup.major << 16) | self.startup.minor
-        raw = wire.encode_startup_message(parameters, version)
-        self.startup = wire.StartupMessage(self.startup.major, self.startup.minor, parameters, raw)
-        super().start()
-
-    def _startPump(self) -> None:
-        """The backend accepted the login: drop it and open the console."""
-        server, self.server = self.server, None
-        assert server is not None
-        server.onLost = None
-        server.close()
-        if self._mintedPid is not None:
-            self.route.cancels.forget(self._mintedPid)
-            self._mintedPid = None
-        self._backendKey = None
-        early = self._clientReader.drain()
-        self._console("password checked by the backend")
-        if early:
-            self._fromClient(early)
-
-    def _console(self, how: str) -> None:
-        self._started(" admin console ({how})", how=how)
-        self.client.deliver = self._fromClient
-        self.client.onLost = self._clientLost
-        self.client.transport.resumeProducing()
-        pending = bytes(self.client.pending)
-        self.client.pending = bytearray()
-        if pending:
+        client.deliver = self._fromClient
+        client.onLost = self._clientLost
+        pending = bytes(client.pending)
+        client.pending = bytearray()
+        client.transport.resumeProducing()
+        method = self.admin.auth
+        if method == "cert":
+            self._certificate()
+        elif method == "scram":
+            self._offerScram()
+        else:
+            self._askPassword()
+        if pending and self.phase is not Phase.CLOSED:
             self._fromClient(pending)
+
+    def _certificate(self) -> None:
+        user = self.startup.user
+        problem = None
+        cert = self.client.tls.getHandle().get_peer_certificate(as_cryptography=True)
+        if self.route.config.listener.client_ca is None:
+            problem = "this listener has no client_ca"
+        elif cert is None:
+            problem = "no client certificate"
+        elif self.client.verifyError is not None:
+            problem = f"client certificate refused: {self.client.verifyError}"
+        elif _common_name(cert) != user:
+            problem = f"certificate CN {_common_name(cert)!r} is not the user name"
+        elif self.role is None:
+            problem = "not in admin.users or admin.stats_users"
+        if problem is not None:
+            self._loginFailed(
+                "28000", f'pgtls: certificate authentication failed for user "{user}"', problem
+            )
+            return
+        self._loggedIn("client certificate")
+
+    # SCRAM, with pgtls as the server.
+
+    def _offerScram(self) -> None:
+        offered = [SCRAM_SHA_256]
+        if self._ownBinding() is not None:
+            offered.insert(0, SCRAM_SHA_256_PLUS)
+        self._expect = self._scramFirst
+        self.client.out.write(wire.authentication_sasl(offered))
+
+    def _ownBinding(self) -> bytes | None:
+        """C{tls-server-end-point} of the certificate pgtls showed this client."""
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        own = self.client.tls.getHandle().get_certificate()
+        if own is None:
+            return None
+        return channel_binding_data(own.to_cryptography().public_bytes(Encoding.DER))
+
+    def _verifier(self) -> ScramVerifier:
+        """The user's verifier, or a made-up one that no password matches."""
+        user = self.startup.user
+        verifier = self.admin.verifiers.get(user) if self.role is not None else None
+        if verifier is not None:
+            return verifier
+        known = next(iter(self.admin.verifiers.values()), None)
+        salt = hmac.new(_MOCK_SECRET, user.encode("utf-8"), hashlib.sha256).digest()[:16]
+        return ScramVerifier(
+            known.iterations if known is not None else _MOCK_ITERATIONS,
+            salt,
+            os.urandom(32),
+            os.urandom(32),
+        )
+
+    def _scramFirst(self, mtype: bytes, body: bytes) -> None:
+        mechanism, data = wire.parse_sasl_initial_response(body)
+        binding = self._ownBinding()
+        offered = (SCRAM_SHA_256, SCRAM_SHA_256_PLUS) if binding is not None else (SCRAM_SHA_256,)
+        if mechanism not in offered:
+            raise wire.ProtocolViolation(
+                "client selected an invalid SASL authentication mechanism"
+            )
+        verifier = self._verifier()
+        self._known = self.role is not None and self.startup.user in self.admin.verifiers
+
+        def lookup(name: str) -> tuple[bytes, bytes, bytes, int]:
+            # The SCRAM user name is ignored, as PostgreSQL does: the
+            # startup packet's user is the one authenticated.
+            return verifier.salt, verifier.stored_key, verifier.server_key, verifier.iterations
+
+        # The channel binding is given for plain SCRAM-SHA-256 too, so that
+        # a client saying "y" (it supports binding, but thinks the server
+        # does not) is caught: someone removed -PLUS from the offer.
+        cb = ("tls-server-end-point", binding) if binding is not None else None
+        self._scram = ScramMechanism(mechanism).make_server(lookup, channel_binding=cb)
+        self._scram.set_client_first(data.decode("utf-8"))
+        self._expect = self._scramFinal
+        self.client.out.write(
+            wire.authentication(wire.AUTH_SASL_CONTINUE, self._scram.get_server_first().encode())
+        )
+
+    def _scramFinal(self, mtype: bytes, body: bytes) -> None:
+        scram, self._scram = self._scram, None
+        scram.set_client_final(body.decode("utf-8"))
+        if not self._known:
+            raise ScramException("no verifier for this user")
+        final = scram.get_server_final().encode()
+        self.client.out.write(wire.authentication(wire.AUTH_SASL_FINAL, final))
+        self._loggedIn("SCRAM-SHA-256")
+
+    # A password checked by the backend.
+
+    def _askPassword(self) -> None:
+        if self.route.config.backend.tls != "verify-full":
+            self._loginFailed(
+                "28000",
+                "pgtls: admin console: backend authentication is only offered on routes"
+                ' whose backend.tls is "verify-full"',
+                "backend leg not verify-full",
+            )
+            return
+        self._expect = self._password
+        self.client.out.write(wire.AUTHENTICATION_CLEARTEXT_PASSWORD)
+
+    def _password(self, mtype: bytes, body: bytes) -> None:
+        password = wire.password_from_message(body)
+        if self.role is None:
+            self._passwordRefused("not in admin.users or admin.stats_users")
+            return
+        self._busy = True
+        legs: list[ServerProtocol] = []
+
+        def login(leg: ServerProtocol) -> defer.Deferred[LoginResult]:
+            legs.append(leg)
+            return ServerLogin(
+                leg, self.startup.user, self.admin.auth_database, password, {},
+                passwordRequired=True,
+            ).done  # fmt: skip
+
+        def done(result: LoginResult | Failure) -> None:
+            for leg in legs:
+                leg.onLost = None
+                leg.close()
+            self._busy = False
+            if self.phase is Phase.CLOSED:
+                return
+            if not isinstance(result, Failure):
+                self._loggedIn("password checked by the backend")
+            elif result.check(ServerLoginError):
+                self._passwordRefused(f"backend: {result.value.message}")
+            elif result.check(BackendError):
+                err = result.value
+                self._loginFailed(
+                    err.sqlstate, f'pgtls route "{self.route.name}": {err.message}', err.message
+                )
+            else:
+                self._log.failure("conn={conn} admin login", result, conn=self.client.connId)
+                self._loginFailed("XX000", "pgtls admin console: internal error", "error")
+                return
+            self._fromClient(b"")
+
+        connect_backend(self.route).addCallback(login).addBoth(done)
+
+    def _passwordRefused(self, why: str) -> None:
+        self._loginFailed(
+            "28P01", f'password authentication failed for user "{self.startup.user}"', why
+        )
+
+    # The outcome.
+
+    def _loginFailed(self, sqlstate: str, text: str, why: str) -> None:
+        """Refused: the client's message is the same whatever the reason; the log has it."""
+        self._log.warn(
+            "conn={conn} admin console login refused user={user}: {why}",
+            conn=self.client.connId,
+            user=self.startup.user,
+            why=why,
+        )
+        self.phase = Phase.CLOSED
+        self.client.refused("admin_denied")
+        self.client.fail(sqlstate, text)
+
+    def _loggedIn(self, how: str) -> None:
+        self._expect = None
+        self.phase = Phase.CONSOLE
+        out = self.client.out
+        out.write(wire.AUTHENTICATION_OK)
+        for name, value in _PARAMETERS:
+            out.write(wire.parameter_status(name, value))
+        out.write(wire.ready_for_query())
+        self.client.startupComplete()
+        self._log.info(
+            "conn={conn} session started route={route} user={user} database={database}"
+            " admin console ({how}, role {role})",
+            conn=self.client.connId,
+            route=self.route.name,
+            user=self.startup.user,
+            database=self.startup.database,
+            how=how,
+            role=self.role,
+        )
 
     def cancelTarget(self) -> None:
         return None
 
-    # -- the console ---------------------------------------------------------------
+    # -- reading the client ----------------------------------------------------
 
     def _fromClient(self, data: bytes) -> None:
         self._reader.feed(data)
         self._looping = True
         try:
-            while not self._done and not self._busy:
+            while self.phase is not Phase.CLOSED and not self._busy:
                 try:
                     msg = self._reader.next()
+                    if msg is None:
+                        return
+                    self._message(*msg)
                 except wire.ProtocolViolation as e:
                     self._abandon("08P01", e.message)
                     return
-                if msg is None:
+                except (ScramException, UnicodeDecodeError) as e:
+                    self._passwordRefused(f"SCRAM: {e}")
                     return
-                self._message(*msg)
         finally:
             self._looping = False
 
     def _message(self, mtype: bytes, body: bytes) -> None:
-        out = self.client.out
         if mtype == b"X":
             self._finish("client terminated")
-        elif mtype == b"Q":
+        elif self.phase is Phase.AUTHENTICATING:
+            if self._expect is None or mtype != b"p":
+                raise wire.ProtocolViolation(
+                    f"expected an authentication response, got message type {mtype!r}"
+                )
+            self._expect(mtype, body)
+        else:
+            self._consoleMessage(mtype, body)
+
+    # -- the console ---------------------------------------------------------------
+
+    def _consoleMessage(self, mtype: bytes, body: bytes) -> None:
+        out = self.client.out
+        if mtype == b"Q":
             sql = wire.query_text(body)
             self._log.info(
                 "conn={conn} admin console user={user}: {sql}",
@@ -138,7 +353,7 @@ class AdminSession(Session):
                 user=self.startup.user,
                 sql=sql[:200],
             )
-            results = AdminCommands(self.route.process).run(sql)
+            results = AdminCommands(self.route.process, self.role or "stats").run(sql)
             self._busy = True
             d = defer.maybeDeferred(self.route.process.complete, results)
             d.addCallback(self._answer)
@@ -157,11 +372,11 @@ class AdminSession(Session):
                     )
                 )
         else:
-            self._abandon("08P01", f"pgtls admin console: unexpected message type {mtype!r}")
+            raise wire.ProtocolViolation(f"pgtls admin console: unexpected message type {mtype!r}")
 
     def _answer(self, results: list[Result | AdminError]) -> None:
         self._busy = False
-        if self._done:
+        if self.phase is Phase.CLOSED:
             return
         out = self.client.out
         resume = not self._looping  # answered later: go on reading from here
@@ -191,16 +406,31 @@ class AdminSession(Session):
         self._busy = False
         self._abandon("XX000", "pgtls admin console: internal error")
 
+    # -- ending ----------------------------------------------------------------------
+
     def drain(self) -> None:
         """An open console must not hold up a shutdown: closed at once."""
         self.terminate()
 
     def terminate(self) -> None:
-        if self.client.startupDone:
-            self.client.fail("57P01", "terminating connection due to administrator command")
-            self._finish("pgtls shutdown")
-        else:
-            super().terminate()
+        self._abandon("57P01", "terminating connection due to administrator command")
+
+    def _abandon(self, sqlstate: str, text: str) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        self.client.fail(sqlstate, text)
+
+    def _finish(self, reason: str) -> None:
+        if self.phase is Phase.CLOSED:
+            return
+        self.phase = Phase.CLOSED
+        if self.client.stats["reason"] is None:
+            self.client.stats["reason"] = reason
+        self.client.close()
+
+    def _clientLost(self, reason: Failure) -> None:
+        self.phase = Phase.CLOSED
 
 
 _PARAMETERS = (

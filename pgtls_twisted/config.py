@@ -21,6 +21,8 @@ C{[admin]}), plus the field of that name in L{RouteConfig} or L{Config}.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import math
@@ -44,7 +46,9 @@ __all__ = [
     "LISTENER_TLS_MODES",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "ADMIN_AUTH_METHODS",
     "AdminConfig",
+    "ScramVerifier",
     "MetricsConfig",
     "TLS_VERSIONS",
     "BackendConfig",
@@ -224,21 +228,60 @@ class RouteConfig:
     pool: PoolConfig | None = None
 
 
+ADMIN_AUTH_METHODS = ("cert", "scram", "backend")
+
+
+@dataclass(frozen=True)
+class ScramVerifier:
+    """
+    One C{admin.password_file} entry: what PostgreSQL keeps in
+    C{pg_authid.rolpassword} for a SCRAM-SHA-256 password. It lets pgtls
+    check a password without knowing it.
+    """
+
+    iterations: int
+    salt: bytes
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+
 @dataclass(frozen=True)
 class AdminConfig:
     """
     C{[admin]}: the admin console (absent: no console).
 
+    @ivar auth: how pgtls authenticates console users, itself:
+        C{"cert"} (a client certificate chaining to the listener's
+        C{client_ca}, whose CN is the user), C{"scram"} (SCRAM-SHA-256
+        against C{password_file}) or C{"backend"} (the password checked by
+        logging in to the route's backend, only through a C{verify-full}
+        backend leg). Required: there is no console without it.
     @ivar database: the database name that, on any listener, opens the
         console instead of a backend session.
-    @ivar users: who may use it; an empty list lets nobody in.
+    @ivar users: who may use every command; an empty list lets nobody in.
+    @ivar stats_users: who may use C{SHOW} commands only.
+    @ivar password_file: the file C{verifiers} were read from (C{scram}).
+    @ivar verifiers: user name to SCRAM verifier, from C{password_file}.
     @ivar auth_database: the backend database a password is checked
-        against (the console's own name does not exist there).
+        against with C{backend} (the console's own name does not exist
+        there).
     """
 
+    auth: str
     database: str = "pgtls"
     users: tuple[str, ...] = ()
+    stats_users: tuple[str, ...] = ()
+    password_file: Path | None = None
+    verifiers: Mapping[str, ScramVerifier] = field(default_factory=dict, repr=False)
     auth_database: str = "postgres"
+
+    def role(self, user: str) -> str | None:
+        """C{"admin"}, C{"stats"} or C{None}: what C{user} may do."""
+        if user in self.users:
+            return "admin"
+        if user in self.stats_users:
+            return "stats"
+        return None
 
 
 @dataclass(frozen=True)
@@ -934,10 +977,92 @@ def _names(value: object, base_dir: Path) -> tuple[str, ...]:
 
 
 _ADMIN: dict[str, _Key] = {
+    "auth": _Key(_choice(ADMIN_AUTH_METHODS), _REQUIRED),
     "database": _Key(_string, "pgtls"),
     "users": _Key(_names, ()),
+    "stats_users": _Key(_names, ()),
+    "password_file": _Key(_existing_file, None),
     "auth_database": _Key(_string, "postgres"),
 }
+
+_VERIFIER_RE = re.compile(
+    r"SCRAM-SHA-256\$(?P<iterations>[0-9]{1,10}):(?P<salt>[A-Za-z0-9+/]+=*)"
+    r"\$(?P<stored>[A-Za-z0-9+/]+=*):(?P<server>[A-Za-z0-9+/]+=*)"
+)
+
+
+def parse_verifier(text: str) -> ScramVerifier:
+    """
+    A verifier in PostgreSQL's C{pg_authid} format,
+    C{SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>} (base64).
+
+    @raise ValueError: not one (the message never repeats the text: it is
+        a secret).
+    """
+    match = _VERIFIER_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(
+            "expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>"
+            " (PostgreSQL's pg_authid format)"
+        )
+    try:
+        salt, stored, server = (
+            base64.b64decode(match[k], validate=True) for k in ("salt", "stored", "server")
+        )
+    except binascii.Error:
+        raise ValueError("invalid base64 in the verifier") from None
+    iterations = int(match["iterations"])
+    if iterations < 1 or len(stored) != 32 or len(server) != 32 or not salt:
+        raise ValueError("not a SCRAM-SHA-256 verifier (bad iteration count or key length)")
+    return ScramVerifier(iterations, salt, stored, server)
+
+
+def read_verifiers(path: Path) -> dict[str, ScramVerifier]:
+    """
+    C{admin.password_file}: one C{name:verifier} per line (the verifier
+    itself contains colons: the name ends at the first one); blank lines
+    and lines starting with C{#} are skipped.
+
+    @raise ValueError: naming the line, never its content.
+    """
+    verifiers: dict[str, ScramVerifier] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, colon, verifier = line.partition(":")
+        if not colon or not name:
+            raise ValueError(f"{path} line {number}: expected name:SCRAM-SHA-256$...")
+        if name in verifiers:
+            raise ValueError(f"{path} line {number}: {name!r} is listed twice")
+        try:
+            verifiers[name] = parse_verifier(verifier)
+        except ValueError as e:
+            raise ValueError(f"{path} line {number}: {e}") from None
+    return verifiers
+
+
+def _check_admin(values: dict[str, Any], where: str, report: _Report) -> None:
+    """A password file exactly with C{scram}, readable and well formed."""
+    auth, path = values["auth"], values["password_file"]
+    if auth == "scram" and path is None:
+        report.add(f"{where}password_file", "required when auth = \"scram\"")
+    elif auth not in ("scram", _BAD) and path not in (None, _BAD):
+        report.add(f"{where}password_file", "only used with auth = \"scram\"")
+    elif path not in (None, _BAD):
+        try:
+            values["verifiers"] = read_verifiers(path)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            report.add(f"{where}password_file", str(e))
+    users, stats = values["users"], values["stats_users"]
+    both = set(users) & set(stats) if _BAD not in (users, stats) else set()
+    if both:
+        report.add(f"{where}stats_users", f"{', '.join(sorted(both))} also in users")
+
+
+def _build_admin(values: dict[str, Any]) -> AdminConfig:
+    return AdminConfig(**values)
+
 
 _METRICS: dict[str, _Key] = {
     "bind_address": _Key(_address, _REQUIRED),
@@ -950,7 +1075,7 @@ def _build_metrics(values: dict[str, Any]) -> MetricsConfig:
 
 
 _TOP_SECTIONS: dict[str, _Section] = {
-    "admin": _Section(_ADMIN, lambda values: AdminConfig(**values), required=False),
+    "admin": _Section(_ADMIN, _build_admin, _check_admin, required=False),
     "metrics": _Section(_METRICS, _build_metrics, required=False),
 }
 """
@@ -1085,6 +1210,26 @@ def _check_routes(routes: Sequence[tuple[str, RouteConfig]], report: _Report) ->
                 break
 
 
+def _check_admin_routes(
+    admin: Mapping[str, Any] | None, routes: Sequence[RouteConfig], report: _Report
+) -> None:
+    """
+    A console that no listener could open is a mistake worth saying:
+    C{cert} needs a listener with C{client_ca}, C{backend} a route whose
+    backend leg is C{verify-full}.
+    """
+    if admin is None or any(value is _BAD for value in admin.values()):
+        return
+    if admin["auth"] == "cert" and not any(r.listener.client_ca for r in routes):
+        report.add("admin.auth", 'is "cert", but no listener has a client_ca to verify with')
+    if admin["auth"] == "backend" and not any(r.backend.tls == "verify-full" for r in routes):
+        report.add(
+            "admin.auth",
+            'is "backend", but no route has backend.tls = "verify-full"'
+            " (a password is only checked by a server pgtls has verified)",
+        )
+
+
 def parse_config(
     data: Mapping[str, Any], path: Path | None = None, base_dir: Path | None = None
 ) -> Config:
@@ -1132,6 +1277,7 @@ def parse_config(
                 routes.append((label, route))
         if complete:
             _check_routes(routes, report)
+            _check_admin_routes(sections.get("admin"), [r for _, r in routes], report)
     if report.messages:
         raise ConfigError(report.messages)
     return Config(
@@ -1250,8 +1396,12 @@ def describe_config(config: Config) -> str:
         f" shutdown_timeout {format_duration(config.shutdown_timeout)}"
     )
     if config.admin is not None:
-        users = ", ".join(config.admin.users) or "nobody"
-        lines.append(f"admin      database {_show(config.admin.database)} for {users}")
+        admin = config.admin
+        users = ", ".join(admin.users) or "nobody"
+        line = f"admin      database {_show(admin.database)} for {users}"
+        if admin.stats_users:
+            line += f" (SHOW only: {', '.join(admin.stats_users)})"
+        lines.append(f"{line}; auth {admin.auth}")
     else:
         lines.append("admin      no console")
     if config.metrics is not None:

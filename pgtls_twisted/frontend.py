@@ -347,7 +347,7 @@ class ClientProtocol(Leg):
             self.fail(sqlstate, text)
             return
         if self.tls is not None:
-            problem = self._clientCertificateProblem(startup.rawParameter(b"user") or b"")
+            problem = self._clientCertificateProblem(startup.user.encode("utf-8"))
             if problem is not None:
                 self.refused("client_certificate")
                 self.fail("28000", problem)

@@ -15,7 +15,9 @@ client-final message is built; it is never logged.
 
 from __future__ import annotations
 
-from scramp import ScramClient, ScramException
+import base64
+
+from scramp import ScramClient, ScramException, ScramMechanism
 
 from . import wire
 
@@ -87,3 +89,16 @@ class ScramLogin:
             raise ScramLoginError(f"invalid SCRAM server signature: {e}") from None
         self._client = None  # drop the password-derived state
         self.done = True
+
+
+def make_verifier(password: str, iterations: int = 4096) -> str:
+    """
+    A SCRAM-SHA-256 verifier for C{password}, in PostgreSQL's
+    C{pg_authid} format (what C{admin.password_file} holds): from it a
+    password can be checked, not recovered.
+    """
+    salt, stored, server, count = ScramMechanism(SCRAM_SHA_256).make_auth_info(
+        password, iteration_count=iterations
+    )
+    b64 = base64.b64encode
+    return f"SCRAM-SHA-256${count}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"

@@ -57,8 +57,17 @@ class ServerLogin:
         database: str,
         password: str | None,
         parameters: dict[str, str],
+        passwordRequired: bool = False,
     ) -> None:
+        """
+        @param passwordRequired: the login must prove the password: a
+            server that lets the user in without asking for one (C{trust})
+            fails it. For the admin console's C{backend} authentication,
+            where the login I{is} the password check.
+        """
         self._server = server
+        self._passwordRequired = passwordRequired
+        self._askedPassword = False
         self._user = user
         self._password = password
         self._reader = wire.MessageReader()
@@ -86,6 +95,8 @@ class ServerLogin:
         if mtype == b"R":
             code = wire.auth_code(body)
             if code == wire.AUTH_OK:
+                if self._passwordRequired and not self._askedPassword:
+                    raise ScramLoginError("the server did not ask for a password")
                 if self._scram is not None and not self._scram.done:
                     raise ScramLoginError(
                         "server accepted the login without proving it knows the password"
@@ -128,6 +139,7 @@ class ServerLogin:
         # NoticeResponse and NegotiateProtocolVersion need nothing.
 
     def _secret(self) -> str:
+        self._askedPassword = True
         if self._password is None:
             raise ScramLoginError("the server asked for a password and none is configured")
         return self._password

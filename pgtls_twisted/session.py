@@ -94,7 +94,7 @@ class Session:
         server.onLost = self._serverLost
         server.deliver = self._serverData
         client.deliver = self._clientData
-        server.out.write(self.startup.raw)
+        server.out.write(self.startup.encode())
         pending = bytes(client.pending)
         client.pending = bytearray()
         client.transport.resumeProducing()

@@ -96,16 +96,20 @@ class StartupMessage:
     """
     The real start of a session.
 
-    @ivar raw: the packet exactly as received, so a pass-through proxy can
-        forward it without re-encoding.
-    @ivar parameters: the decoded name/value pairs (UTF-8 with replacement;
-        only used for routing, policy and logging).
+    There is one form of the packet, the parsed one: every decision pgtls
+    takes (the role a certificate must match, the pool, the admin console,
+    replication) reads L{parameters}, and what is sent on to a server is
+    L{encode}d from the same L{parameters}, never the bytes as received. A
+    packet that two readers could understand differently (a repeated name,
+    bytes that are not UTF-8) is refused by L{parse_startup_packet}, so the
+    encoding is byte for byte what the client sent.
+
+    @ivar parameters: the name/value pairs, in the order received.
     """
 
     major: int
     minor: int
     parameters: dict[str, str]
-    raw: bytes = field(repr=False)
 
     @property
     def user(self) -> str:
@@ -115,13 +119,23 @@ class StartupMessage:
     def database(self) -> str:
         return self.parameters.get("database") or self.user
 
-    def rawParameter(self, name: bytes) -> bytes | None:
-        """A parameter's value exactly as sent (before any decoding)."""
-        parts = self.raw[8:].split(b"\0")
-        for i in range(0, len(parts) - 1, 2):
-            if parts[i] == name:
-                return parts[i + 1]
-        return None
+    @property
+    def version(self) -> int:
+        return (self.major << 16) | self.minor
+
+    def encode(self) -> bytes:
+        """The packet to forward: built from L{parameters}, nothing else."""
+        return encode_startup_message(self.parameters, self.version)
+
+    def replace(self, **parameters: str | None) -> StartupMessage:
+        """A copy with some parameters changed (C{None} removes one)."""
+        merged = dict(self.parameters)
+        for name, value in parameters.items():
+            if value is None:
+                merged.pop(name, None)
+            else:
+                merged[name] = value
+        return StartupMessage(self.major, self.minor, merged)
 
 
 StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
@@ -182,19 +196,38 @@ def _parse_startup_message(raw: bytes, major: int, minor: int) -> StartupMessage
         raise ProtocolViolation("invalid startup packet layout: odd number of name/value strings")
     params: dict[str, str] = {}
     for i in range(0, len(parts), 2):
-        name = parts[i].decode("utf-8", "replace")
+        name = _startup_text(parts[i], "name")
         if not name:
             raise ProtocolViolation("invalid startup packet layout: empty parameter name")
-        params[name] = parts[i + 1].decode("utf-8", "replace")
+        if name in params:
+            # PostgreSQL keeps the last value, a reader of the first sees
+            # another role or database: nobody may choose which is checked.
+            raise ProtocolViolation(f'duplicate startup parameter "{name[:63]}"')
+        params[name] = _startup_text(parts[i + 1], f'value of "{name[:63]}"')
     if not params.get("user"):
         raise ProtocolViolation(
             "no PostgreSQL user name specified in startup packet", sqlstate="28000"
         )
-    return StartupMessage(major, minor, params, raw)
+    return StartupMessage(major, minor, params)
+
+
+def _startup_text(data: bytes, what: str) -> str:
+    """
+    A startup packet string, which must be UTF-8: with a lossy decoding two
+    different names would look alike to pgtls while meaning two roles or
+    databases to the server.
+    """
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation(
+            f"invalid byte sequence for encoding UTF8 in startup parameter {what}",
+            sqlstate="22021",
+        ) from None
 
 
 def encode_startup_message(parameters: dict[str, str], version: int = PROTOCOL_3_0) -> bytes:
-    """Build a StartupMessage (used when the proxy opens its own sessions)."""
+    """Build a StartupMessage (what pgtls forwards, or sends for its own logins)."""
     body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in parameters.items()) + b"\0"
     return _HEADER.pack(8 + len(body), version) + body
 
@@ -345,6 +378,24 @@ def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
 
 def sasl_response(data: bytes) -> bytes:
     return message(b"p", data)
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    """
+    The mechanism and client-first data of a SASLInitialResponse body:
+    C{String mechanism, Int32 length (-1: none), Byte[length] data}.
+    The length must match the bytes that follow exactly.
+    """
+    end = body.find(b"\0")
+    if end <= 0 or len(body) < end + 5:
+        raise ProtocolViolation("malformed SASLInitialResponse message")
+    (length,) = _INT32.unpack_from(body, end + 1)
+    data = body[end + 5 :]
+    if length == 0xFFFFFFFF:
+        length = 0
+    if length != len(data):
+        raise ProtocolViolation("malformed SASLInitialResponse message: wrong data length")
+    return body[:end].decode("ascii", "replace"), data
 
 
 def password_from_message(body: bytes) -> str:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from pgtls_twisted import __main__ as cli
+from pgtls_twisted.scram import make_verifier
 from pgtls_twisted.config import (
     DEFAULT_CIPHERS,
     AdminConfig,
@@ -1114,6 +1115,11 @@ def sample_with_real_files(tmp_path: Path) -> dict[str, Any]:
                     target = tmp_path / Path(route[section][key]).name
                     target.write_text("dummy\n")
                     route[section][key] = str(target)
+    if "password_file" in data.get("admin", {}):
+        target = tmp_path / Path(data["admin"]["password_file"]).name
+        target.write_text(f"ops:{make_verifier('ops-password')}\n")
+        target.chmod(0o600)
+        data["admin"]["password_file"] = str(target)
     return data
 
 
@@ -1129,7 +1135,7 @@ def test_sample_shows_every_key(tmp_path: Path) -> None:
     data = tomllib.loads(SAMPLE.read_text())
     top = {f.name for f in fields(Config)} - {"routes", "path", "admin", "metrics"}
     assert top <= set(data)
-    assert {f.name for f in fields(AdminConfig)} == set(data["admin"])
+    assert {f.name for f in fields(AdminConfig)} - {"verifiers"} == set(data["admin"])
     assert {"bind_address"} == set(data["metrics"])
     for section, cls in (("listener", ListenerConfig), ("backend", BackendConfig)):
         expected = {f.name for f in fields(cls)} - {"host", "port"}
@@ -1213,18 +1219,25 @@ def test_operations_keys(certs: Path) -> None:
         "log_format": "JSON",
         "workers": "auto",
         "shutdown_timeout": "0s",
-        "admin": {"users": ["ops", "dba"], "database": "console"},
+        "admin": {"auth": "scram", "users": ["ops", "dba"], "database": "console"},
         "metrics": {"bind_address": "127.0.0.1:9187"},
     }
+    verifiers = certs / "admins"
+    verifiers.write_text(f"ops:{make_verifier('pw')}\n")
+    verifiers.chmod(0o600)
+    doc["admin"]["password_file"] = str(verifiers)
     config = parse(doc, certs)
     assert config.log_format == "json"
     assert 1 <= config.workers <= 64
     assert config.shutdown_timeout == 0
-    assert config.admin == AdminConfig(database="console", users=("ops", "dba"))
+    assert config.admin is not None
+    assert (config.admin.auth, config.admin.database) == ("scram", "console")
+    assert (config.admin.users, config.admin.password_file) == (("ops", "dba"), verifiers)
+    assert list(config.admin.verifiers) == ["ops"]
     assert config.metrics is not None
     assert (config.metrics.host, config.metrics.port) == ("127.0.0.1", 9187)
     summary = describe_config(config)
-    assert 'admin      database "console" for ops, dba' in summary
+    assert 'admin      database "console" for ops, dba; auth scram' in summary
     assert "metrics    http://127.0.0.1:9187/metrics" in summary
 
 
@@ -1236,10 +1249,26 @@ def test_operations_keys(certs: Path) -> None:
         ({"workers": "many"}, 'routes.toml: workers: expected a number of processes or "auto"'),
         ({"log_format": "xml"}, 'routes.toml: log_format: expected one of "text", "json"'),
         ({"shutdown_timeout": "-1s"}, "routes.toml: shutdown_timeout: invalid duration"),
-        ({"admin": {"users": "ops"}}, "routes.toml: admin.users: expected a list of user names"),
-        ({"admin": {"users": [""]}}, "routes.toml: admin.users: expected user names"),
         (
-            {"admin": {"user": ["ops"]}},
+            {"admin": {"auth": "cert", "users": "ops"}},
+            "routes.toml: admin.users: expected a list of user names",
+        ),
+        ({"admin": {"auth": "cert", "users": [""]}}, "routes.toml: admin.users: expected user names"),
+        ({"admin": {"users": ["ops"]}}, "routes.toml: admin.auth: missing (this key is required)"),
+        (
+            {"admin": {"auth": "cert"}},
+            'routes.toml: admin.auth: is "cert", but no listener has a client_ca',
+        ),
+        (
+            {"admin": {"auth": "backend"}},
+            'routes.toml: admin.auth: is "backend", but no route has backend.tls = "verify-full"',
+        ),
+        ({"admin": {"auth": "scram"}}, 'routes.toml: admin.password_file: required when auth = "scram"'),
+        (
+            {
+                "admin": {"auth": "cert", "user": ["ops"]},
+                "proxy": [minimal_route(client_ca="clients-ca.crt")],
+            },
             'routes.toml: admin.user: unknown key; did you mean "users"?',
         ),
         ({"metrics": {}}, "routes.toml: metrics.bind_address: missing (this key is required)"),

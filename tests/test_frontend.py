@@ -227,7 +227,7 @@ def test_plaintext_startup_allowed(allow_route: Route) -> None:
     assert transport.value() == b""
     [(client, startup)] = sessions(allow_route)
     assert client is proto
-    assert startup.raw == raw
+    assert startup.encode() == raw
     assert (startup.user, startup.database) == ("alice", "shop")
     assert proto.startup is startup
     assert proto.stats["client_tls"] is None
@@ -446,7 +446,7 @@ def test_tls_session(route: Route, pki: PKI) -> None:
     assert client.plaintext == b"S"
     [(proto, startup)] = sessions(route)
     assert proto is server
-    assert startup.raw == raw
+    assert startup.encode() == raw
     assert server.stats["client_tls"]["version"] == "TLSv1.3"
     assert server.tls.negotiatedProtocol == b"postgresql"
     assert client.negotiatedProtocol == b"postgresql"
@@ -473,7 +473,7 @@ def test_tls_startup_in_pieces_with_pipelined_query(route: Route, pki: PKI) -> N
     client.sendTLS(raw[3:] + query)
     pump.flush()
     [(_, startup)] = sessions(route)
-    assert startup.raw == raw
+    assert startup.encode() == raw
     assert bytes(server.pending) == query
 
 
@@ -534,7 +534,7 @@ def test_direct_tls_session(route: Route, pki: PKI) -> None:
     assert client.negotiatedProtocol == b"postgresql"
     [(proto, startup)] = sessions(route)
     assert proto is server
-    assert startup.raw == raw
+    assert startup.encode() == raw
     assert server.stats["client_tls"]["version"] == "TLSv1.3"
     assert not serverIO.disconnecting
 

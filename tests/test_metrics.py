@@ -216,7 +216,7 @@ async def test_refusals_by_reason(pki, pg_tls, tmp_path):
         ],
         tmp_path,
         metrics=METRICS,
-        admin={"users": [SCRAM_USER]},
+        admin={"auth": "backend", "users": [SCRAM_USER]},
     )
     try:
         expected = {
@@ -243,7 +243,7 @@ async def test_refusals_by_reason(pki, pg_tls, tmp_path):
             connect_error,
             admin_dsn(proxy, pki, "app", user=MD5_USER, password=MD5_PASSWORD),
         )
-        assert "may not use the admin console" in text
+        assert "password authentication failed" in text
         # limit: max_clients = 1 and one client connected.
         text = await in_thread(hold_and_refuse, proxy.dsn("limited", **params(pki)))
         assert "too many clients" in text
@@ -342,7 +342,7 @@ async def test_pool_metrics(pki, pg_tls, tmp_path):
         [pooled_route(pki, pg_tls, max_size=1)],
         tmp_path,
         metrics=METRICS,
-        admin={"users": [SCRAM_USER]},
+        admin={"auth": "backend", "users": [SCRAM_USER]},
     )
     labels = {"route": POOLED, "database": APP_DB}
     try:
@@ -430,7 +430,7 @@ async def test_reload_moves_the_metrics_endpoint(pki, pg_tls, tmp_path):
 
     path = tmp_path / "pgtls.toml"
     routes = [route(pki, pg_tls)]
-    admin = {"users": [SCRAM_USER]}
+    admin = {"auth": "backend", "users": [SCRAM_USER]}
     write_config(path, routes, admin=admin, metrics=METRICS)
     proxy = start_from_file(path)
     try:
@@ -461,7 +461,7 @@ async def test_reload_to_a_busy_metrics_port_changes_nothing(pki, pg_tls, tmp_pa
     import socket
 
     path = tmp_path / "pgtls.toml"
-    admin = {"users": [SCRAM_USER]}
+    admin = {"auth": "backend", "users": [SCRAM_USER]}
     write_config(path, [route(pki, pg_tls)], admin=admin, metrics=METRICS)
     proxy = start_from_file(path)
     busy = socket.socket()

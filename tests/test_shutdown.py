@@ -426,7 +426,7 @@ def test_admin_shutdown_is_sigterm(pki, pg_tls, tmp_path, processes):
         tmp_path,
         [on_port(route(pki, pg_tls), port)],
         shutdown_timeout="20s",
-        admin={"users": [SCRAM_USER]},
+        admin={"auth": "backend", "users": [SCRAM_USER]},
     )
     session = connect(port, pki)
     pid = one(session, "SELECT pg_backend_pid()")
@@ -454,7 +454,7 @@ def test_admin_shutdown_does_not_wait_for_the_console(pki, pg_tls, tmp_path, pro
         tmp_path,
         [on_port(route(pki, pg_tls), port)],
         shutdown_timeout="4s",
-        admin={"users": [SCRAM_USER]},
+        admin={"auth": "backend", "users": [SCRAM_USER]},
     )
     admin = connect(port, pki, dbname="pgtls")
     session = connect(port, pki)

@@ -66,7 +66,7 @@ def start_supervised(pki: Any, cluster: Any, directory: Any) -> Supervised:
         workers=2,
         shutdown_timeout=f"{SHUTDOWN_TIMEOUT:g}s",
         log_level="info",
-        admin={"users": [SCRAM_USER]},
+        admin={"auth": "backend", "users": [SCRAM_USER]},
     )
     try:
         proxy.start()
