@@ -37,16 +37,14 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from scramp import ScramException, ScramMechanism
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from . import __version__, wire
 from .admin import AdminCommands, AdminError, Result
 from .backend import BackendError, ServerProtocol, connect_backend
-from .config import ScramVerifier
 from .logs import Logger
-from .scram import SCRAM_SHA_256, SCRAM_SHA_256_PLUS
+from .scramserver import ScramAuthError, ScramServer, Verifier
 from .serverlogin import LoginResult, ServerLogin, ServerLoginError
 from .tlsconfig import channel_binding_data
 
@@ -106,7 +104,9 @@ class AdminSession:
         client = self.client
         if client.tls is None:
             client.refused("admin_denied")
-            client.fail("28000", "pgtls: the admin console requires TLS (sslmode=require or stronger)")
+            client.fail(
+                "28000", "pgtls: the admin console requires TLS (sslmode=require or stronger)"
+            )
             return
         client.deliver = self._fromClient
         client.onLost = self._clientLost
@@ -147,11 +147,9 @@ class AdminSession:
     # SCRAM, with pgtls as the server.
 
     def _offerScram(self) -> None:
-        offered = [SCRAM_SHA_256]
-        if self._ownBinding() is not None:
-            offered.insert(0, SCRAM_SHA_256_PLUS)
+        self._scram = ScramServer(self._verifier(), self._ownBinding())
         self._expect = self._scramFirst
-        self.client.out.write(wire.authentication_sasl(offered))
+        self.client.out.write(wire.authentication_sasl(self._scram.mechanisms))
 
     def _ownBinding(self) -> bytes | None:
         """C{tls-server-end-point} of the certificate pgtls showed this client."""
@@ -162,15 +160,16 @@ class AdminSession:
             return None
         return channel_binding_data(own.to_cryptography().public_bytes(Encoding.DER))
 
-    def _verifier(self) -> ScramVerifier:
+    def _verifier(self) -> Verifier:
         """The user's verifier, or a made-up one that no password matches."""
         user = self.startup.user
         verifier = self.admin.verifiers.get(user) if self.role is not None else None
         if verifier is not None:
+            self._known = True
             return verifier
         known = next(iter(self.admin.verifiers.values()), None)
         salt = hmac.new(_MOCK_SECRET, user.encode("utf-8"), hashlib.sha256).digest()[:16]
-        return ScramVerifier(
+        return Verifier(
             known.iterations if known is not None else _MOCK_ITERATIONS,
             salt,
             os.urandom(32),
@@ -179,37 +178,15 @@ class AdminSession:
 
     def _scramFirst(self, mtype: bytes, body: bytes) -> None:
         mechanism, data = wire.parse_sasl_initial_response(body)
-        binding = self._ownBinding()
-        offered = (SCRAM_SHA_256, SCRAM_SHA_256_PLUS) if binding is not None else (SCRAM_SHA_256,)
-        if mechanism not in offered:
-            raise wire.ProtocolViolation(
-                "client selected an invalid SASL authentication mechanism"
-            )
-        verifier = self._verifier()
-        self._known = self.role is not None and self.startup.user in self.admin.verifiers
-
-        def lookup(name: str) -> tuple[bytes, bytes, bytes, int]:
-            # The SCRAM user name is ignored, as PostgreSQL does: the
-            # startup packet's user is the one authenticated.
-            return verifier.salt, verifier.stored_key, verifier.server_key, verifier.iterations
-
-        # The channel binding is given for plain SCRAM-SHA-256 too, so that
-        # a client saying "y" (it supports binding, but thinks the server
-        # does not) is caught: someone removed -PLUS from the offer.
-        cb = ("tls-server-end-point", binding) if binding is not None else None
-        self._scram = ScramMechanism(mechanism).make_server(lookup, channel_binding=cb)
-        self._scram.set_client_first(data.decode("utf-8"))
+        serverFirst = self._scram.clientFirst(mechanism, data)
         self._expect = self._scramFinal
-        self.client.out.write(
-            wire.authentication(wire.AUTH_SASL_CONTINUE, self._scram.get_server_first().encode())
-        )
+        self.client.out.write(wire.authentication(wire.AUTH_SASL_CONTINUE, serverFirst))
 
     def _scramFinal(self, mtype: bytes, body: bytes) -> None:
         scram, self._scram = self._scram, None
-        scram.set_client_final(body.decode("utf-8"))
+        final = scram.clientFinal(body)
         if not self._known:
-            raise ScramException("no verifier for this user")
-        final = scram.get_server_final().encode()
+            raise ScramAuthError("no verifier for this user")
         self.client.out.write(wire.authentication(wire.AUTH_SASL_FINAL, final))
         self._loggedIn("SCRAM-SHA-256")
 
@@ -323,7 +300,7 @@ class AdminSession:
                 except wire.ProtocolViolation as e:
                     self._abandon("08P01", e.message)
                     return
-                except (ScramException, UnicodeDecodeError) as e:
+                except ScramAuthError as e:
                     self._passwordRefused(f"SCRAM: {e}")
                     return
         finally:

@@ -35,6 +35,8 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
+from .scramserver import Verifier as ScramVerifier
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -229,20 +231,6 @@ class RouteConfig:
 
 
 ADMIN_AUTH_METHODS = ("cert", "scram", "backend")
-
-
-@dataclass(frozen=True)
-class ScramVerifier:
-    """
-    One C{admin.password_file} entry: what PostgreSQL keeps in
-    C{pg_authid.rolpassword} for a SCRAM-SHA-256 password. It lets pgtls
-    check a password without knowing it.
-    """
-
-    iterations: int
-    salt: bytes
-    stored_key: bytes = field(repr=False)
-    server_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -1046,9 +1034,9 @@ def _check_admin(values: dict[str, Any], where: str, report: _Report) -> None:
     """A password file exactly with C{scram}, readable and well formed."""
     auth, path = values["auth"], values["password_file"]
     if auth == "scram" and path is None:
-        report.add(f"{where}password_file", "required when auth = \"scram\"")
+        report.add(f"{where}password_file", 'required when auth = "scram"')
     elif auth not in ("scram", _BAD) and path not in (None, _BAD):
-        report.add(f"{where}password_file", "only used with auth = \"scram\"")
+        report.add(f"{where}password_file", 'only used with auth = "scram"')
     elif path not in (None, _BAD):
         try:
             values["verifiers"] = read_verifiers(path)

@@ -101,4 +101,6 @@ def make_verifier(password: str, iterations: int = 4096) -> str:
         password, iteration_count=iterations
     )
     b64 = base64.b64encode
-    return f"SCRAM-SHA-256${count}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
+    return (
+        f"SCRAM-SHA-256${count}:{b64(salt).decode()}${b64(stored).decode()}:{b64(server).decode()}"
+    )

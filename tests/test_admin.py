@@ -516,7 +516,9 @@ async def test_the_console_follows_the_listeners_tls_policy(pki, pg_tls, tmp_pat
         assert code != 0 and "requires TLS" in err, err
         # On an "allow" listener too: the console is TLS only, whatever
         # the listener lets sessions do (issue 10).
-        out, err, code = await psql(admin_dsn(proxy, pki, "open", sslmode="disable"), "SHOW VERSION")
+        out, err, code = await psql(
+            admin_dsn(proxy, pki, "open", sslmode="disable"), "SHOW VERSION"
+        )
         assert code != 0 and "admin console requires TLS" in err, err
         _, rows = await show(admin_dsn(proxy, pki, "open"), "CLIENTS")
         (me,) = [r for r in rows if r["database"] == "pgtls"]
@@ -530,7 +532,10 @@ async def test_the_console_follows_the_listeners_tls_policy(pki, pg_tls, tmp_pat
 @pytest_twisted.ensureDeferred
 async def test_an_open_console_holds_no_backend_connection(pki, pg_tls, tmp_path):
     proxy = start(
-        pki, pg_tls, tmp_path, admin={"auth": "backend", "users": [SCRAM_USER], "auth_database": APP_DB}
+        pki,
+        pg_tls,
+        tmp_path,
+        admin={"auth": "backend", "users": [SCRAM_USER], "auth_database": APP_DB},
     )
     try:
         probe = "pgtls_admin_probe"
@@ -732,7 +737,11 @@ async def test_reload_from_the_console(pki, pg_tls, tmp_path, no_logged_errors):
         await in_thread(admin.execute, "RELOAD")
         assert notices == ["no route changed; certificates re-read"]
 
-        write_config(path, [app, route(pki, pg_tls, name="extra")], admin={"auth": "backend", "users": [SCRAM_USER]})
+        write_config(
+            path,
+            [app, route(pki, pg_tls, name="extra")],
+            admin={"auth": "backend", "users": [SCRAM_USER]},
+        )
         notices.clear()
         await in_thread(admin.execute, "RELOAD")
         assert any('route "extra" added' in n for n in notices), notices

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from pgtls_twisted import __main__ as cli
-from pgtls_twisted.scram import make_verifier
 from pgtls_twisted.config import (
     DEFAULT_CIPHERS,
     AdminConfig,
@@ -37,6 +36,7 @@ from pgtls_twisted.config import (
     parse_config,
     parse_duration,
 )
+from pgtls_twisted.scram import make_verifier
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -1253,7 +1253,10 @@ def test_operations_keys(certs: Path) -> None:
             {"admin": {"auth": "cert", "users": "ops"}},
             "routes.toml: admin.users: expected a list of user names",
         ),
-        ({"admin": {"auth": "cert", "users": [""]}}, "routes.toml: admin.users: expected user names"),
+        (
+            {"admin": {"auth": "cert", "users": [""]}},
+            "routes.toml: admin.users: expected user names",
+        ),
         ({"admin": {"users": ["ops"]}}, "routes.toml: admin.auth: missing (this key is required)"),
         (
             {"admin": {"auth": "cert"}},
@@ -1263,7 +1266,10 @@ def test_operations_keys(certs: Path) -> None:
             {"admin": {"auth": "backend"}},
             'routes.toml: admin.auth: is "backend", but no route has backend.tls = "verify-full"',
         ),
-        ({"admin": {"auth": "scram"}}, 'routes.toml: admin.password_file: required when auth = "scram"'),
+        (
+            {"admin": {"auth": "scram"}},
+            'routes.toml: admin.password_file: required when auth = "scram"',
+        ),
         (
             {
                 "admin": {"auth": "cert", "user": ["ops"]},

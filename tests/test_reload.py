@@ -487,7 +487,12 @@ async def test_admin_settings_apply_on_reload(pki, pg_tls, tmp_path, proxies):
 
     notes = proxy.service.reload(
         load_config(
-            write_config(path, [app], shutdown_timeout="0s", admin={"auth": "backend", "users": ["scram_user"]})
+            write_config(
+                path,
+                [app],
+                shutdown_timeout="0s",
+                admin={"auth": "backend", "users": ["scram_user"]},
+            )
         )
     )
     assert notes == ["admin settings changed"]

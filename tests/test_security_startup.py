@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import psycopg
 import pytest_twisted
 from support.fakebackend import FakeBackend
 from support.proxy import route, running
@@ -83,7 +82,9 @@ async def test_repeated_user_cannot_bypass_cert_user_match(pki, pg_tls, tmp_path
             assert recv_exact(raw, 1) == b"S"
             cert = {"cert": pki.cert("client"), "key": pki.key("client")}
             with tls_wrap(raw, pki.cert("ca"), **cert) as sock:
-                sock.sendall(_startup("user", CERT_USER, "database", "postgres", "user", TRUST_USER))
+                sock.sendall(
+                    _startup("user", CERT_USER, "database", "postgres", "user", TRUST_USER)
+                )
                 return read_until_close(sock)
 
     async with recorded(pki, pg_tls, tmp_path, listener) as (proxy, recorder):

@@ -790,5 +790,3 @@ def test_fuzz_encode_startup_message_round_trip(
     assert (msg.major << 16) | msg.minor == version
     assert msg.encode() == raw
     assert msg.user == user
-
-
