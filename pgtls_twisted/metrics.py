@@ -54,6 +54,14 @@ REFUSALS = (
     "admin_denied",
 )
 
+#: The most databases one route labels its series and C{SHOW STATS} rows
+#: with; the rest share L{OTHER_DATABASES}. Series exist only for logged-in
+#: clients, and a dropped pool frees its label, but a route in front of
+#: many databases must still not grow the page without bound.
+MAX_DATABASE_LABELS = 100
+#: The label of databases beyond L{MAX_DATABASE_LABELS}.
+OTHER_DATABASES = "(other)"
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
 
@@ -181,6 +189,8 @@ class Metrics:
         )
         self.registry.register(_Snapshot(self))
         self._pooled: dict[tuple[str, str], PoolFigures] = {}
+        #: per route: the databases that have a label of their own
+        self._labels: dict[str, set[str]] = defaultdict(set)
 
     # -- events ------------------------------------------------------------------
 
@@ -203,18 +213,36 @@ class Metrics:
     def cancelRequest(self, route: str, outcome: str) -> None:
         self.stats[route].cancels[outcome] += 1
 
+    def databaseLabel(self, route: str, database: str) -> str:
+        """
+        The C{database} label (and C{SHOW STATS} row) for a logged-in
+        client's database: its own name while the route has fewer than
+        L{MAX_DATABASE_LABELS}, else L{OTHER_DATABASES}. Only ever asked for
+        clients that have logged in: a name an unauthenticated client made
+        up never becomes a label.
+        """
+        labels = self._labels[route]
+        if database in labels:
+            return database
+        if len(labels) < MAX_DATABASE_LABELS:
+            labels.add(database)
+            return database
+        return OTHER_DATABASES
+
     def clientClosed(self, route: str, database: str | None, stats: dict[str, Any]) -> None:
+        """Keep the bytes of a closing client (any bytes mean it had logged in)."""
         if stats["bytes_in"] or stats["bytes_out"]:
-            row = self.stats[route].closedBytes[database or ""]
+            row = self.stats[route].closedBytes[self.databaseLabel(route, database or "")]
             row[0] += stats["bytes_in"]
             row[1] += stats["bytes_out"]
 
     def pooled(self, route: str, database: str) -> PoolFigures:
         """
-        The figures of one pool, looked up once per session: a transaction
-        then costs two list updates and two C{observe()} calls, not
-        label lookups.
+        The figures of one pool, looked up once per session (after its
+        login): a transaction then costs two list updates and two
+        C{observe()} calls, not label lookups.
         """
+        database = self.databaseLabel(route, database)
         key = (route, database)
         figures = self._pooled.get(key)
         if figures is None:
@@ -227,6 +255,25 @@ class Metrics:
             )
         return figures
 
+    def poolDropped(self, route: str, database: str) -> None:
+        """
+        A pool nobody used for C{idle_timeout} was dropped: so are its
+        series, its C{SHOW STATS} row and its label (Prometheus takes the
+        counters' restart, should it come back, as a reset).
+        """
+        if database not in self._labels[route]:
+            return  # it shares "(other)", which stays
+        self._labels[route].discard(database)
+        self._pooled.pop((route, database), None)
+        stats = self.stats[route]
+        stats.databases.pop(database, None)
+        stats.closedBytes.pop(database, None)
+        for histogram in (self.poolWait, self.query, self.transaction):
+            try:
+                histogram.remove(route, database, self.worker)
+            except KeyError:
+                pass
+
     # -- state ---------------------------------------------------------------------
 
     def trafficByDatabase(self, route: str) -> dict[str, tuple[int, int]]:
@@ -235,9 +282,10 @@ class Metrics:
         for r in self.routes():
             if r.name == route:
                 for client in r.clients:
-                    if client.startup is None:
-                        continue
-                    row = totals.setdefault(client.startup.database, [0, 0])
+                    if not client.startupDone or client.startup is None:
+                        continue  # not logged in: names nothing yet
+                    label = self.databaseLabel(route, client.startup.database)
+                    row = totals.setdefault(label, [0, 0])
                     row[0] += client.stats["bytes_in"]
                     row[1] += client.stats["bytes_out"]
         return {db: (row[0], row[1]) for db, row in totals.items()}

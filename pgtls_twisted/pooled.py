@@ -34,6 +34,7 @@ from .backend import connect_backend
 from .framing import MessageSplitter
 from .leg import discard
 from .logs import Logger
+from .metrics import PoolFigures
 from .pool import Pool, PooledServer, PoolTimeout
 from .pump import join, separate
 from .querylog import PEEK, QueryLog
@@ -74,7 +75,10 @@ class PooledSession(Session):
     def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
         super().__init__(route, client, startup)
         self.pools = route.pools
-        self.pool = route.pools.poolFor(startup.database)
+        #: The pool of the client's database: looked up (and so perhaps
+        #: created) only once the server has accepted the client's login,
+        #: so that names a client made up create nothing.
+        self.pool: Pool | None = None
         self._counted = False
         self.transactionMode = route.config.pool.mode == "transaction"
         self.params = ParameterTracker(startup.parameters)
@@ -106,7 +110,7 @@ class PooledSession(Session):
         self._waitStarted = 0.0
         self._queryStarted: float | None = None
         self._transactionStarted: float | None = None
-        self._figures = route.metrics.pooled(route.name, startup.database)
+        self._figures: PoolFigures | None = None
 
     # -- the end of login ----------------------------------------------------------
 
@@ -122,6 +126,8 @@ class PooledSession(Session):
         assert temp is not None
         temp.onLost = None
         temp.close()
+        self.pool = self.pools.poolFor(self.startup.database)
+        self._figures = self.route.metrics.pooled(self.route.name, self.startup.database)
         # A logged-in client may come back for a server any time: its pool
         # must not be dropped meanwhile (PoolManager.reap).
         self.pool.sessions += 1
@@ -528,6 +534,10 @@ class PoolManager:
             pool.reap()
             if pool.size == 0 and pool.unused:
                 del self.pools[database]
+                if not self.route.retired:
+                    # (A retired route's successor of the same name may
+                    # still be using these series.)
+                    self.route.metrics.poolDropped(self.route.name, database)
 
     def close(self) -> None:
         for pool in self.pools.values():
