@@ -124,9 +124,16 @@ class ListenerConfig:
     @ivar direct_tls: accept PostgreSQL 17 C{sslnegotiation=direct}.
     @ivar cert_refresh_interval: seconds between checks of the certificate
         files for changes.
-    @ivar startup_timeout: seconds allowed for the startup packet, the TLS
-        handshake and authentication, together.
+    @ivar startup_timeout: seconds allowed from accept to a started
+        session, all phases together (a PAUSE hold included).
+    @ivar login_timeout: seconds allowed for the TLS handshake, the startup
+        packet and authentication (a PAUSE hold not counted): what an
+        unauthenticated client may take of a login slot.
     @ivar max_clients: the most client connections served at once.
+    @ivar max_logins: the most connections logging in at once; more wait
+        briefly for a slot, then get 53300.
+    @ivar max_logins_per_address: the most connections logging in (or
+        waiting to) from one client address; more get 53300 at once.
     """
 
     bind_address: str
@@ -144,7 +151,10 @@ class ListenerConfig:
     direct_tls: bool = True
     cert_refresh_interval: float = 3600.0
     startup_timeout: float = 60.0
+    login_timeout: float = 15.0
     max_clients: int = 1000
+    max_logins: int = 64
+    max_logins_per_address: int = 16
 
 
 @dataclass(frozen=True)
@@ -713,7 +723,10 @@ _LISTENER: dict[str, _Key] = {
     "direct_tls": _Key(_boolean, True),
     "cert_refresh_interval": _Key(_duration, 3600.0),
     "startup_timeout": _Key(_duration, 60.0),
+    "login_timeout": _Key(_duration, 15.0),
     "max_clients": _Key(_positive_int, 1000),
+    "max_logins": _Key(_positive_int, 64),
+    "max_logins_per_address": _Key(_positive_int, 16),
 }
 
 _BACKEND: dict[str, _Key] = {
@@ -1344,7 +1357,9 @@ def _describe_route(route: RouteConfig) -> list[str]:
     lines.append(mtls)
     lines.append(
         f"  limits     {lst.max_clients} clients,"
-        f" startup timeout {format_duration(lst.startup_timeout)}"
+        f" startup timeout {format_duration(lst.startup_timeout)};"
+        f" {lst.max_logins} logins at once, {lst.max_logins_per_address} per address,"
+        f" login timeout {format_duration(lst.login_timeout)}"
     )
     lines.append(f"  backend    {be.address}, tls {be.tls} ({_BACKEND_TLS_TEXT[be.tls]})")
     if be.tls != "disable":

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 from twisted.python.failure import Failure
 
 from . import wire
-from .leg import Decrypted, Leg, discard
+from .leg import CLOSE_TIMEOUT, Decrypted, Leg, discard
+from .logins import TicketState, TooManyLogins
 from .logs import Logger
 from .tlsconfig import ALPN_POSTGRESQL, describe_tls
 
 if TYPE_CHECKING:
+    from .logins import Ticket
     from .route import Route
 
 _ids = itertools.count(1)
@@ -70,6 +72,9 @@ class ClientProtocol(Leg):
         self.startupDone = False
         self._handshakeDone = False
         self._deadline: Any = None
+        #: The place at the route's L{LoginGate}, until logged in.
+        self._ticket: Ticket | None = None
+        self._loginDeadline: Any = None
         self._started = time.monotonic()
         self._tlsStarted = 0.0
         self.connectedAt = time.time()
@@ -83,9 +88,6 @@ class ClientProtocol(Leg):
         super().connectionMade()
         peer = self.transport.getPeer()
         self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
-        self._deadline = self.route.clock.callLater(
-            self.route.config.listener.startup_timeout, self._startupExpired
-        )
         self.route.clientOpened(self)
         self.route.metrics.accepted(self.route.name)
         self._log.info(
@@ -94,12 +96,76 @@ class ClientProtocol(Leg):
             peer=self.peer,
             route=self.route.name,
         )
+        try:
+            self._ticket = self.route.logins.arrive(
+                str(getattr(peer, "host", "?")), self._admitted, self._refuseEarly
+            )
+        except TooManyLogins as e:
+            self._refuseEarly(str(e))
+            return
+        self._deadline = self.route.clock.callLater(
+            self.route.config.listener.startup_timeout, self._startupExpired
+        )
+        if self._ticket.state is TicketState.ACTIVE:
+            self.startLoginClock()
+        else:
+            # Not a byte is read (nor a handshake done) until a slot is free.
+            self.transport.pauseProducing()
+
+    def _admitted(self) -> None:
+        """A login slot came free for this waiting connection."""
+        self.transport.resumeProducing()
+        self.startLoginClock()
+
+    def _refuseEarly(self, text: str) -> None:
+        """
+        Too many logins: refused before anything is read, with an
+        ErrorResponse in plaintext, as PostgreSQL's postmaster answers
+        when it cannot start a backend (a client reads it as the answer to
+        its SSLRequest or StartupMessage).
+        """
+        self.refused("login_limit")
+        self.stats["reason"] = f"53300 {text}"
+        self._log.warn(
+            "conn={conn} refused peer={peer} route={route}: 53300 {text}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            text=text,
+        )
+        self._closing = True
+        self.deliver = discard
+        self.dataReceived = discard  # type: ignore[method-assign]
+        self.transport.write(wire.error_response("53300", text))
+        self.transport.loseConnection()
+        self._closeTimer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+
+    def startLoginClock(self) -> None:
+        """Start (or restart, after a PAUSE) the C{login_timeout} deadline."""
+        self.stopLoginClock()
+        if self._ticket is not None:
+            self._loginDeadline = self.route.clock.callLater(
+                self.route.config.listener.login_timeout, self._loginExpired
+            )
+
+    def stopLoginClock(self) -> None:
+        if self._loginDeadline is not None and self._loginDeadline.active():
+            self._loginDeadline.cancel()
+        self._loginDeadline = None
+
+    def _leaveGate(self) -> None:
+        """Logged in, or gone: the login slot is free for the next client."""
+        self.stopLoginClock()
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            self.route.logins.leave(ticket)
 
     def appConnectionLost(self, reason: Failure) -> None:
         """The client is gone (after TLS, if any, has shut down)."""
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._leaveGate()
         if self.stats["reason"] is None:
             if self.tls is not None and not self._handshakeDone:
                 self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
@@ -116,12 +182,20 @@ class ClientProtocol(Leg):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._leaveGate()
 
     def _startupExpired(self) -> None:
         self._deadline = None
-        self.refused("startup_timeout")
         timeout = self.route.config.listener.startup_timeout
-        text = f"pgtls: connection startup did not complete within {timeout:g}s"
+        self._expired(f"pgtls: connection startup did not complete within {timeout:g}s")
+
+    def _loginExpired(self) -> None:
+        self._loginDeadline = None
+        timeout = self.route.config.listener.login_timeout
+        self._expired(f"pgtls: login did not complete within {timeout:g}s (listener.login_timeout)")
+
+    def _expired(self, text: str) -> None:
+        self.refused("startup_timeout")
         if self.tls is not None and not self._handshakeDone:
             self.abort(text)  # no channel to speak on yet
         elif self.startup is None and self.tls is None:

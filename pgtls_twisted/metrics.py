@@ -52,6 +52,7 @@ REFUSALS = (
     "startup_timeout",
     "shutdown",
     "admin_denied",
+    "login_limit",
 )
 
 #: The most databases one route labels its series and C{SHOW STATS} rows

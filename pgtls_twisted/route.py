@@ -13,6 +13,8 @@ from twisted.internet.protocol import Factory
 
 from .cancel import CancelRegistry
 from .frontend import ClientProtocol
+from .logins import MAX_WAIT as MAX_LOGIN_WAIT
+from .logins import LoginGate
 from .logs import Logger
 from .metrics import Metrics
 from .tlsconfig import BackendTLS, ServerTLS
@@ -64,6 +66,14 @@ class Route:
         self.backendCreator = BackendTLS(config.backend)
         self.backendTLS = TLSLayer(self.backendCreator, True, reactor)
         self.clients: set[ClientProtocol] = set()
+        listener = config.listener
+        #: Who may be logging in now (see L{pgtls_twisted.logins}).
+        self.logins = LoginGate(
+            reactor,
+            listener.max_logins,
+            listener.max_logins_per_address,
+            min(MAX_LOGIN_WAIT, listener.login_timeout),
+        )
         self.pools: Any = None
         if config.pool is not None:
             from .pooled import PoolManager
@@ -113,6 +123,9 @@ class Route:
             AdminSession(self, client, startup, admin).start()
             return
         if self.paused:
+            # Held until RESUME: the client's own login time stops meanwhile
+            # (startup_timeout still runs).
+            client.stopLoginClock()
             self._held.append((client, startup))
             return
         self._start(client, startup)
@@ -130,6 +143,7 @@ class Route:
             held, self._held = self._held, []
             for client, startup in held:
                 if client.connected and not client._closing:
+                    client.startLoginClock()
                     self._start(client, startup)
 
     def _start(self, client: ClientProtocol, startup: Any) -> None:

@@ -1004,7 +1004,7 @@ def test_describe_config(certs: Path) -> None:
     assert "direct TLS refused" in text
     assert f"client certs required, CA {certs / 'clients-ca.crt'}" in text
     assert "CN must equal the user name" in text
-    assert "50 clients, startup timeout 15s" in text
+    assert "50 clients, startup timeout 15s; 64 logins at once, 16 per address" in text
     assert "checked for changes every 1d" in text
     assert "backend    db.internal:5433, tls verify-full" in text
     assert "server_name pg.example.com" in text

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 import pytest_twisted
 from support.fakebackend import FakeBackend
 from support.proxy import route, running
@@ -26,6 +28,8 @@ from support.rawclient import (
     recv_exact,
     tls_wrap,
 )
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted import wire
@@ -125,3 +129,147 @@ def _read_messages(sock: socket.socket) -> list[tuple[bytes, bytes]]:
         messages.append((mtype, body))
         if mtype in (b"Z", b"E"):
             return messages
+
+
+# ---------------------------------------------------------------------------
+# Item 4: clients that have not logged in cannot exhaust the route or server
+
+FLOODER = "127.0.0.2"
+
+
+def _flood_socket(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.bind((FLOODER, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _answer(sock: socket.socket, timeout: float = 0.5) -> bytes:
+    """Whatever the proxy sent on C{sock} within C{timeout} (b"" if nothing)."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1 << 16)
+    except TimeoutError:
+        return b""
+    except ConnectionResetError:
+        return b""
+
+
+def _scram_login(proxy: Any, pki: Any) -> tuple[str, int]:
+    from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
+
+    with psycopg.connect(
+        proxy.dsn(
+            user=SCRAM_USER,
+            password=SCRAM_PASSWORD,
+            sslmode="verify-full",
+            sslrootcert=pki.cert("ca"),
+            connect_timeout=10,
+        )
+    ) as conn:
+        row = conn.execute("select current_user, 41 + 1").fetchone()
+    return row[0], row[1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_flood_from_one_address_locks_nobody_out(pki, pg_tls, tmp_path):
+    """
+    Forty idle sockets from 127.0.0.2 on a route of max_clients = 30: before
+    the fix they took every client slot until startup_timeout, and a
+    well-behaved client from 127.0.0.1 got "too many clients". Now sixteen
+    of them hold login slots, the rest get 53300 at once, and the
+    well-behaved client logs in and works.
+    """
+    listener = {"max_clients": 30}
+    async with running(tmp_path, [route(pki, pg_tls, listener=listener)]) as proxy:
+        port = proxy.port()
+        flood = await deferToThread(lambda: [_flood_socket(port) for _ in range(40)])
+        try:
+            answers = await deferToThread(lambda: [_answer(s) for s in flood])
+            refused = [a for a in answers if a]
+            assert len(refused) == 40 - 16
+            for data in refused:
+                fields = _fatal(data)
+                assert fields["C"] == "53300"
+                assert "max_logins_per_address = 16" in fields["M"]
+            assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+def _stalled_logins(port: int, ca: Any, count: int) -> tuple[list[socket.socket], int]:
+    """
+    (Blocking.) C{count} connections from the flooder that get as far as
+    the password request and stop there; how many were refused at once.
+    """
+    from support.rawclient import startup_message
+
+    held, refused = [], 0
+    for _ in range(count):
+        raw = _flood_socket(port)
+        raw.sendall(SSL_REQUEST)
+        answer = raw.recv(1)
+        if answer != b"S":
+            refused += 1
+            raw.close()
+            continue
+        sock = tls_wrap(raw, ca)
+        sock.sendall(startup_message("scram_user", "postgres"))
+        held.append(sock)
+    return held, refused
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_logins_do_not_use_up_the_server(pki, pg_tls, tmp_path):
+    """
+    Each login in progress holds a backend connection: from one address,
+    at most max_logins_per_address of them reach the server (before the
+    fix: every one), and a client from another address still logs in.
+    """
+    recorder = FakeBackend(relay_to=(pg_tls.host, pg_tls.port)).start()
+    try:
+        async with running(tmp_path, [route(pki, recorder)]) as proxy:
+            held, refused = await deferToThread(_stalled_logins, proxy.port(), pki.cert("ca"), 30)
+            try:
+                await deferLater(reactor, 0.5, lambda: None)  # the backend legs open
+                assert refused == 30 - 16
+                assert len(recorder.connections) <= 16
+                before = len(recorder.connections)
+                assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
+                assert len(recorder.connections) == before + 1
+            finally:
+                for sock in held:
+                    sock.close()
+    finally:
+        await recorder.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_login_timeout_is_shorter_than_startup_timeout(pki, pg_tls, tmp_path):
+    listener = {"login_timeout": "1s", "startup_timeout": "60s"}
+    async with running(tmp_path, [route(pki, pg_tls, listener=listener)]) as proxy:
+
+        def idle(port: int) -> float:
+            started = time.monotonic()
+            with connect(port) as sock:
+                read_until_close(sock, timeout=10)
+            return time.monotonic() - started
+
+        waited = await deferToThread(idle, proxy.port())
+        assert 0.9 < waited < 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_waits_for_a_free_slot(pki, pg_tls, tmp_path):
+    """
+    max_logins = 1: one idle socket holds the only slot; a real client
+    waits (unread) and logs in as soon as the slot is free.
+    """
+    async with running(tmp_path, [route(pki, pg_tls, listener={"max_logins": 1})]) as proxy:
+        holder = await deferToThread(_flood_socket, proxy.port())
+        reactor.callLater(0.5, holder.close)
+        started = time.monotonic()
+        assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
+        assert time.monotonic() - started >= 0.4
