@@ -38,7 +38,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
-from twisted.logger import eventAsText
+from twisted.logger import eventAsText, formatEvent, globalLogPublisher
 
 from pgtls_twisted.config import (
     BackendConfig,
@@ -341,6 +341,8 @@ async def test_pooled_route_refuses_replication_before_any_backend(pki, pg_tls, 
     own 22023.
     """
     recorder = FakeBackend(relay_to=(pg_tls.host, pg_tls.port)).start()
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)  # type: ignore[arg-type]
     try:
         async with running(tmp_path, [pooled_route(pki, recorder, "session")]) as proxy:
             name = proxy.route().name
@@ -363,11 +365,19 @@ async def test_pooled_route_refuses_replication_before_any_backend(pki, pg_tls, 
             assert recorder.connections == []
             stats = proxy.route().metrics.stats[name]
             assert stats.refused["protocol"] == 4
+            refusals = [
+                formatEvent(e)
+                for e in seen
+                if " refused " in formatEvent(e)
+                and "08P01 pgtls: replication connections cannot be pooled" in formatEvent(e)
+            ]
+            assert len(refusals) == 3 and f"route={name}" in refusals[0], refusals
 
             out, err, code = await psql(f"{base} replication=off", "SELECT current_user")
             assert (code, out.splitlines()) == (0, ["current_user", POOL_USER]), err
             assert recorder.connections
     finally:
+        globalLogPublisher.removeObserver(seen.append)  # type: ignore[arg-type]
         await recorder.stop()
 
 
