@@ -310,6 +310,10 @@ def pgtls_config(b: Bench, ports: dict[str, int], workers: int | None) -> str:
     assert b.cluster is not None
     pki = b.pki
     pw = b.base / "pool.pw"
+    # pgtls refuses a password file others can read: make it 0600 before
+    # the password is in it.
+    pw.touch(mode=0o600)
+    pw.chmod(0o600)
     pw.write_text(POOL_PASSWORD + "\n")
     head = f"workers = {workers}\n" if workers else ""
     text = head + 'log_level = "info"\n'

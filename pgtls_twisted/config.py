@@ -28,6 +28,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ __all__ = [
     "parse_address",
     "parse_config",
     "parse_duration",
+    "secret_file_problem",
 ]
 
 DEFAULT_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!MD5:!DSS"
@@ -650,6 +652,54 @@ def _existing_file(value: object, base_dir: Path) -> Path:
     return path
 
 
+def secret_file_problem(path: Path) -> str | None:
+    """
+    Why a private key or password file is too open, or C{None} when it is
+    not: PostgreSQL's rule (libpq's form of it, which is the one that fits a
+    process that may run as root): no group or world access when the file
+    belongs to anyone but root, and at most group read when it belongs to
+    root, so a key can be shared through a group such as C{ssl-cert}. A
+    readable key is as good as the certificate itself to whoever reads it,
+    so pgtls refuses to use one, as PostgreSQL and libpq do.
+
+    Checked at load and reload (L{_secret_file}) and when certificate files
+    are re-read at run time (L{pgtls_twisted.tlsconfig}), where a key that
+    became readable keeps the last good context.
+
+    @param path: the file; symbolic links are followed, as in PostgreSQL.
+    """
+    if os.name != "posix":  # pragma: no cover - no Unix modes to check
+        return None
+    try:
+        st = path.stat()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == 0:
+        loose = mode & (stat.S_IWGRP | stat.S_IXGRP | stat.S_IRWXO)
+    else:
+        loose = mode & (stat.S_IRWXG | stat.S_IRWXO)
+    if not loose:
+        return None
+    return (
+        f'file "{path}" has group or world access (mode {mode:04o}, owner uid {st.st_uid});'
+        " it must have permissions u=rw (0600) or less if owned by the user pgtls runs as,"
+        " or u=rw,g=r (0640) or less if owned by root"
+    )
+
+
+def _secret_file(value: object, base_dir: Path) -> Path:
+    """
+    A private key or password file: an L{_existing_file} that passes
+    L{secret_file_problem}.
+    """
+    path = _existing_file(value, base_dir)
+    problem = secret_file_problem(path)
+    if problem is not None:
+        raise _Invalid(problem)
+    return path
+
+
 # ---------------------------------------------------------------------------
 # Schema tables
 # ---------------------------------------------------------------------------
@@ -712,7 +762,7 @@ _ROUTE: dict[str, _Key] = {
 _LISTENER: dict[str, _Key] = {
     "bind_address": _Key(_address, _REQUIRED),
     "server_cert": _Key(_existing_file, _REQUIRED),
-    "server_key": _Key(_existing_file, _REQUIRED),
+    "server_key": _Key(_secret_file, _REQUIRED),
     "tls": _Key(_choice(LISTENER_TLS_MODES), "require"),
     "min_tls_version": _Key(_choice(TLS_VERSIONS, suggest=False), "1.2"),
     "ciphers": _Key(_string, DEFAULT_CIPHERS),
@@ -737,7 +787,7 @@ _BACKEND: dict[str, _Key] = {
     "connect_timeout": _Key(_duration, 10.0),
     "min_tls_version": _Key(_choice(TLS_VERSIONS, suggest=False), "1.2"),
     "client_cert": _Key(_existing_file, None),
-    "client_key": _Key(_existing_file, None),
+    "client_key": _Key(_secret_file, None),
 }
 
 
@@ -758,7 +808,7 @@ def _any_string(value: object, base_dir: Path) -> str:
 _POOL: dict[str, _Key] = {
     "mode": _Key(_choice(POOL_MODES), "transaction"),
     "service_user": _Key(_string, _REQUIRED),
-    "service_password_file": _Key(_existing_file, None),
+    "service_password_file": _Key(_secret_file, None),
     "service_password_env": _Key(_string, None),
     "service_password": _Key(_any_string, None),
     "max_size": _Key(_positive_int, 5),
@@ -916,6 +966,16 @@ def _check_pool(values: dict[str, Any], where: str, report: _Report) -> None:
             report.add(f"{where}service_password_file", f"cannot read {path}: {e}")
 
 
+def _first_line(path: Path) -> str:
+    """
+    A password file's first line, without its line ending: what README
+    promises, so a file that goes on with a comment or a second secret
+    does not turn into one long password.  Only C{\\n} (and a C{\\r}
+    before it) ends the line: a password may contain any other character.
+    """
+    return path.read_text().split("\n", 1)[0].removesuffix("\r")
+
+
 def _build_pool(values: dict[str, Any]) -> PoolConfig:
     values = dict(values)
     path = values.pop("service_password_file")
@@ -923,7 +983,7 @@ def _build_pool(values: dict[str, Any]) -> PoolConfig:
     literal = values.pop("service_password")
     password, source = None, None
     if path is not None:
-        password, source = path.read_text().rstrip("\r\n"), "file"
+        password, source = _first_line(path), "file"
     elif env is not None:
         password, source = os.environ[env], "env"
     elif literal is not None:

@@ -447,7 +447,22 @@ class PooledSession(Session):
         if not self.transactionMode and self.route.config.pool.reset_query:
             statements.append(self.route.config.pool.reset_query)
         self.attached = server  # for _internal
-        self._internal("; ".join(statements), lambda: self._resetDone(server))
+        self._internalEach(statements, server, lambda: self._resetDone(server))
+
+    def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
+        """
+        Run C{statements} one Query each, then call C{then}. Not joined into
+        one: a Query of several statements is one implicit transaction, in
+        which C{DISCARD ALL} (and any other statement that refuses a
+        transaction block) always fails, so the connection would be closed
+        instead of reset. After a failure (the connection is then dirty and
+        will be closed) the rest are skipped.
+        """
+        if not statements or server.dirty:
+            then()
+            return
+        first, rest = statements[0], statements[1:]
+        self._internal(first, lambda: self._internalEach(rest, server, then))
 
     def _resetDone(self, server: PooledServer) -> None:
         self.attached = None

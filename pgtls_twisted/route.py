@@ -122,6 +122,12 @@ class Route:
 
             AdminSession(self, client, startup, admin).start()
             return
+        if self.pools is not None:
+            refusal = self._replicationRefusal(startup)
+            if refusal is not None:
+                client.refused("protocol")
+                client.fail(*refusal)
+                return
         if self.paused:
             # Held until RESUME: the client's own login time stops meanwhile
             # (startup_timeout still runs).
@@ -129,6 +135,34 @@ class Route:
             self._held.append((client, startup))
             return
         self._start(client, startup)
+
+    def _replicationRefusal(self, startup: Any) -> tuple[str, str, str] | None:
+        """
+        A pooled route cannot serve a replication connection: the client
+        would log in as a walsender on the temporary login connection and
+        then be given an ordinary pooled session of the service user, which
+        speaks neither replication protocol. Refused before any backend is
+        contacted; values PostgreSQL reads as "off" are no replication.
+
+        @return: the SQLSTATE, message and detail of the refusal, or C{None}.
+        """
+        value = startup.parameters.get("replication")
+        try:
+            kind = replication_kind(value)
+        except ValueError:
+            return (
+                "22023",
+                f'invalid value for parameter "replication": "{value}"',
+                'Valid values are: "false", 0, "true", 1, "database".',
+            )
+        if kind is None:
+            return None
+        return (
+            "08P01",
+            "pgtls: replication connections cannot be pooled",
+            f'Route "{self.name}" pools server connections; replication needs a'
+            " pass-through route (one without [proxy.pool]).",
+        )
 
     def setPaused(self, paused: bool) -> None:
         """Admin C{PAUSE}/C{RESUME}: hold new sessions and pool hand-outs, or let them go."""
@@ -161,6 +195,46 @@ class Route:
         listener = self.serverTLS.reload(force)
         backend = self.backendCreator.reload(force)
         return listener or backend
+
+
+def _parse_bool(text: str) -> bool | None:
+    """
+    PostgreSQL's C{parse_bool}: C{true}, C{false}, C{yes}, C{no} or any
+    prefix of them, C{on} and C{off} (at least two letters), C{1} and
+    C{0}, in any ASCII letter case; C{None} for anything else.
+    """
+    if not text.isascii():
+        return None
+    word = text.lower()
+    for whole, value in (("true", True), ("false", False), ("yes", True), ("no", False)):
+        if word and whole.startswith(word):
+            return value
+    if len(word) >= 2:
+        if "on".startswith(word):
+            return True
+        if "off".startswith(word):
+            return False
+    return {"1": True, "0": False}.get(word)
+
+
+def replication_kind(value: str | None) -> str | None:
+    """
+    What the C{replication} startup parameter asks for, read as PostgreSQL
+    reads it (C{ProcessStartupPacket}): exactly C{"database"} is logical
+    replication, a true boolean physical replication, a false one (or no
+    parameter) none.
+
+    @return: C{"logical"}, C{"physical"} or C{None}.
+    @raise ValueError: a value PostgreSQL refuses (FATAL 22023).
+    """
+    if value is None:
+        return None
+    if value == "database":
+        return "logical"
+    enabled = _parse_bool(value)
+    if enabled is None:
+        raise ValueError(value)
+    return "physical" if enabled else None
 
 
 class _RouteFactory(Factory):

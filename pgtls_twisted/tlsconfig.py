@@ -34,6 +34,7 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import implementer
 
+from .config import secret_file_problem
 from .logs import Logger
 
 if TYPE_CHECKING:
@@ -123,6 +124,12 @@ def _use_certificate(ctx: SSL.Context, cert: Path, key: Path, what: str) -> None
         ctx.use_certificate_chain_file(str(cert))
     except SSL.Error as e:
         raise _load_error(f"{what} certificate", cert, e) from None
+    # The configuration checked the key's mode at load; this is for the
+    # certificate refresh, which must not start using a key that has
+    # since become readable by others (the last good context is kept).
+    problem = secret_file_problem(key)
+    if problem is not None:
+        raise TLSConfigError(f"{what} key: {problem}")
     try:
         ctx.use_privatekey_file(str(key))
     except SSL.Error as e:
@@ -152,9 +159,40 @@ def _select_alpn(conn: SSL.Connection, offered: list[bytes]) -> bytes:
     raise SSL.Error([("SSL routines", "", "client offered ALPN protocols without postgresql")])
 
 
+class LegConnection(SSL.Connection):
+    """
+    An L{SSL.Connection} that knows the leg (client or backend protocol) it
+    belongs to, so the verify callbacks can report to it.
+
+    Why not C{set_app_data}: the app data is Twisted's. Its connection
+    factory sets it to the TLS protocol I{after} our creator returns (see
+    C{_convertToAppropriateFactory} in C{twisted.protocols._tls_legacy}),
+    so anything a creator stored there would be overwritten, and finding
+    the leg from what Twisted leaves there means walking its protocol
+    wrappers. An attribute of our own connection object survives that, and
+    pyOpenSSL hands the callbacks that very object.
+
+    @ivar leg: the leg, or C{None} for a connection made outside a
+        L{pgtls_twisted.tlswrap.TLSLayer} (the verify callbacks then refuse
+        any certificate that fails, see L{_record_client_verify}).
+    """
+
+    leg: Any = None
+
+
+def _new_connection(context: SSL.Context, tlsProtocol: object) -> LegConnection:
+    """
+    A connection for C{tlsProtocol}, carrying the leg that
+    L{pgtls_twisted.tlswrap.TLSLayer.attach} gave it.
+    """
+    conn = LegConnection(context, None)
+    conn.leg = getattr(tlsProtocol, "leg", None)
+    return conn
+
+
 def _leg_of(conn: SSL.Connection) -> Any:
-    """The leg (client or backend protocol) a TLS connection belongs to."""
-    return getattr(getattr(conn.get_app_data(), "wrappedProtocol", None), "leg", None)
+    """The leg a TLS connection belongs to (see L{LegConnection})."""
+    return getattr(conn, "leg", None)
 
 
 def _record_client_verify(
@@ -166,10 +204,16 @@ def _record_client_verify(
     client why in a FATAL ErrorResponse instead of a bare TLS alert.
     L{pgtls_twisted.frontend} refuses the session before anything else
     happens when C{verifyError} is set.
+
+    Nothing but this callback stands between a certificate from another CA
+    and a session, so it fails closed: a failure with no leg to remember it
+    aborts the handshake instead of being forgotten.
     """
     if not ok:
         leg = _leg_of(conn)
-        if leg is not None and leg.verifyError is None:
+        if leg is None:
+            return False
+        if leg.verifyError is None:
             leg.verifyError = describe_x509_error(errno)
     return True
 
@@ -227,15 +271,21 @@ class _ReloadableContext:
     def _files(self) -> list[Path]:
         raise NotImplementedError
 
-    def _filesStamp(self) -> tuple[tuple[str, int, int], ...]:
+    def _filesStamp(self) -> tuple[tuple[str, int, int, int, int], ...]:
+        """
+        What says a file changed: its modification time and size, and its
+        mode and owner too, so a key made readable by others is noticed
+        (and refused, see L{_use_certificate}) even though C{chmod} and
+        C{chown} leave the modification time alone.
+        """
         stamp = []
         for path in self._files():
             try:
                 st = path.stat()
             except OSError:
-                stamp.append((str(path), -1, -1))
+                stamp.append((str(path), -1, -1, -1, -1))
             else:
-                stamp.append((str(path), st.st_mtime_ns, st.st_size))
+                stamp.append((str(path), st.st_mtime_ns, st.st_size, st.st_mode, st.st_uid))
         return tuple(stamp)
 
     def reload(self, force: bool = False) -> bool:
@@ -282,7 +332,7 @@ class ServerTLS(_ReloadableContext):
         ]
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        return SSL.Connection(self.context, None)
+        return _new_connection(self.context, tlsProtocol)
 
 
 # ---------------------------------------------------------------------------
@@ -363,7 +413,7 @@ class BackendTLS(_ReloadableContext):
         return [p for p in (b.root_ca, b.client_cert, b.client_key) if p is not None]
 
     def clientConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
-        conn = SSL.Connection(self.context, None)
+        conn = _new_connection(self.context, tlsProtocol)
         if not _is_ip(self.server_name):
             conn.set_tlsext_host_name(self.server_name.encode("idna"))
         return conn

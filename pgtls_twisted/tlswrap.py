@@ -81,6 +81,10 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     Handshakes, shutdown, errors and producers are the base class's code.
     """
 
+    #: The leg this TLS session belongs to, set by L{TLSLayer.attach}
+    #: before the connection creator is called, which copies it to the
+    #: connection (L{pgtls_twisted.tlsconfig.LegConnection}).
+    leg: Any = None
     _pending: list[bytes]
     _pendingSize = 0
     _scheduled: Any = None
@@ -308,9 +312,11 @@ class TLSLayer:
         straight into the TLS engine (an instance attribute shadows the
         method), and C{received} (bytes already read, such as a direct-TLS
         ClientHello) is fed in first. C{outer.connectionLost} must forward
-        to the TLS protocol.
+        to the TLS protocol. C{outer} is the leg the certificate verify
+        callbacks report to (see L{LeanTLSProtocol.leg}).
         """
         tls = self._factory.protocol(self._factory, inner)
+        tls.leg = outer
         tls.makeConnection(outer.transport)
         outer.dataReceived = tls.dataReceived  # type: ignore[method-assign]
         if received:

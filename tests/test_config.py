@@ -64,9 +64,10 @@ DUMMY_FILES = (
 
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
-    """Dummy files for every file key, in C{tmp_path}."""
+    """Dummy files for every file key, in C{tmp_path} (0600: keys must be private)."""
     for name in DUMMY_FILES:
         (tmp_path / name).write_text(f"dummy {name}\n")
+        (tmp_path / name).chmod(0o600)
     return tmp_path
 
 
@@ -1114,6 +1115,7 @@ def sample_with_real_files(tmp_path: Path) -> dict[str, Any]:
                 if key in route.get(section, {}):
                     target = tmp_path / Path(route[section][key]).name
                     target.write_text("dummy\n")
+                    target.chmod(0o600)
                     route[section][key] = str(target)
     if "password_file" in data.get("admin", {}):
         target = tmp_path / Path(data["admin"]["password_file"]).name
@@ -1179,6 +1181,7 @@ def test_pool_defaults_and_password_sources(certs: Path, monkeypatch: pytest.Mon
     assert route.pool.service_password is None and route.pool.password_source is None
     assert parse(minimal_doc(), certs).routes[0].pool is None
     (certs / "pool.pw").write_text("s3cret\n")
+    (certs / "pool.pw").chmod(0o600)
     from_file = parse(pool_doc(service_password_file="pool.pw"), certs).routes[0].pool
     assert from_file is not None and from_file.service_password == "s3cret"
     assert "s3cret" not in repr(from_file)
@@ -1190,6 +1193,7 @@ def test_pool_defaults_and_password_sources(certs: Path, monkeypatch: pytest.Mon
 
 def test_pool_errors(certs: Path) -> None:
     (certs / "pool.pw").write_text("x\n")
+    (certs / "pool.pw").chmod(0o600)
     both = single_error(pool_doc(service_password="a", service_password_file="pool.pw"), certs)
     assert "pool.service_password" in both and "conflicts with service_password_file" in both
     missing = single_error(pool_doc(service_password_env="PGTLS_SURELY_UNSET_VARIABLE"), certs)
