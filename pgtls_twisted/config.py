@@ -1042,7 +1042,7 @@ _ADMIN: dict[str, _Key] = {
     "database": _Key(_string, "pgtls"),
     "users": _Key(_names, ()),
     "stats_users": _Key(_names, ()),
-    "password_file": _Key(_existing_file, None),
+    "password_file": _Key(_secret_file, None),
     "auth_database": _Key(_string, "postgres"),
 }
 

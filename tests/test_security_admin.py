@@ -414,3 +414,24 @@ async def test_cert_console_needs_a_certificate_for_the_user(pki, pg_tls, tmp_pa
             assert code != 0 and expected in err, (dsn, err)
     finally:
         await proxy.stop()
+
+
+def test_password_file_must_not_be_readable_by_others(tmp_path):
+    path = password_file(tmp_path, ops="pw")
+    path.chmod(0o644)
+    doc = {
+        "proxy": [
+            {
+                "listener": {
+                    "bind_address": "127.0.0.1:0",
+                    "server_cert": __file__,
+                    "server_key": str(path),
+                },
+                "backend": {"address": "127.0.0.1:5432", "tls": "verify-full"},
+            }
+        ],
+        "admin": {"auth": "scram", "users": ["ops"], "password_file": str(path)},
+    }
+    with pytest.raises(ConfigError) as e:
+        parse_config(doc)
+    assert f'admin.password_file: file "{path}" has group or world access' in str(e.value)
