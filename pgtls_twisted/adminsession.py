@@ -23,6 +23,7 @@ from twisted.internet import defer
 from . import __version__, wire
 from .admin import AdminCommands, AdminError, Result
 from .logs import Logger
+from .redact import redact
 from .session import Session
 
 if TYPE_CHECKING:
@@ -136,7 +137,7 @@ class AdminSession(Session):
                 "conn={conn} admin console user={user}: {sql}",
                 conn=self.client.connId,
                 user=self.startup.user,
-                sql=sql[:200],
+                sql=redact(sql[:200]),
             )
             results = AdminCommands(self.route.process).run(sql)
             self._busy = True
