@@ -244,6 +244,21 @@ def test_configure_output_escapes_text_under_twist_and_twistd():
     assert chosen["logger"] == "my.observer"
 
 
+def test_twistd_syslog_lines_are_escaped_too(monkeypatch):
+    from twisted.python.syslog import SyslogObserver
+
+    sent: list[str] = []
+    monkeypatch.setattr(SyslogObserver, "openlog", lambda *args: None)
+    monkeypatch.setattr(SyslogObserver, "syslog", lambda *args: sent.append(args[-1]))
+    monkeypatch.setattr(logs, "_twistd_options", {"syslog": True, "prefix": "pgtls"})
+    observer = logs.twistd_text_observer()
+    Logger(namespace="pgtls_twisted.test", observer=observer).info(
+        "conn={conn} close user={user}", conn=1, user="a\nforged"
+    )
+    # SyslogObserver sends each line of a message as a message of its own.
+    assert sent == ["[-] conn=1 close user=a\\nforged"]
+
+
 # ---------------------------------------------------------------------------
 # End to end: real PostgreSQL, a pooled route, log_queries = true
 
