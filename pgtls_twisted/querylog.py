@@ -46,7 +46,9 @@ class QueryLog:
     one ReadyForQuery, in order, so a FIFO pairs texts with completions.
 
     @ivar _pending: per request still to complete, in order: an L{_Entry},
-        or an int counting consecutive requests with nothing to log.
+        or an int counting consecutive requests with nothing to log. Every
+        entry holds a text and two counts are never next to each other, so
+        it has at most C{2 * MAX_HELD + 1} items.
     @ivar _held: how many texts L{_pending} and L{_batch} hold.
     """
 
