@@ -44,6 +44,7 @@ from . import __version__, wire
 from .admin import AdminCommands, AdminError, Result
 from .backend import BackendError, ServerProtocol, connect_backend
 from .logs import Logger
+from .redact import redact
 from .scramserver import ScramAuthError, ScramServer, Verifier
 from .serverlogin import LoginResult, ServerLogin, ServerLoginError
 from .tlsconfig import channel_binding_data
@@ -328,7 +329,7 @@ class AdminSession:
                 "conn={conn} admin console user={user}: {sql}",
                 conn=self.client.connId,
                 user=self.startup.user,
-                sql=sql[:200],
+                sql=redact(sql[:200]),
             )
             results = AdminCommands(self.route.process, self.role or "stats").run(sql)
             self._busy = True

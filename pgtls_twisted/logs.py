@@ -6,14 +6,22 @@ C{--log-format}); the configuration's C{log_level} sets the lowest level
 pgtls itself emits. It is applied in L{Logger.emit}, before an event is
 built, so a disabled level costs one comparison (Twisted's own
 C{Logger.emit} has no such short cut: filtering happens in observers).
+
+Text logs escape control characters in every message (L{escape_controls}):
+user, database and application names, statement texts and error messages
+come from clients, and a name holding a newline, a carriage return or a
+terminal escape sequence must not forge or hide a log line. JSON lines
+need no such care (JSON escapes them) and keep the exact values.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 from twisted.logger import Logger as _TwistedLogger
-from twisted.logger import LogLevel
+from zope.interface import implementer
 
 _PRIORITY = {
     LogLevel.debug: 0,
@@ -63,8 +71,6 @@ def event_as_json_line(event: dict[str, Any]) -> str:
     import json
     from datetime import datetime, timezone
 
-    from twisted.logger import formatEvent
-
     level = event.get("log_level")
     when = event.get("log_time")
     record: dict[str, Any] = {
@@ -95,6 +101,65 @@ def event_as_json_line(event: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":"), default=repr) + "\n"
 
 
+#: What L{escape_controls} escapes: C0 and C1 controls and DEL, Unicode line
+#: and paragraph separators, and the bidirectional overrides that can make a
+#: line read differently from what it holds.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    c = match.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_controls(text: str) -> str:
+    """
+    C{text} on one line, safe for a terminal: C{\\n}, C{\\r}, C{\\t} and
+    C{\\xNN}/C{\\uNNNN} for the other characters L{_CONTROL} matches.
+    (A backslash is left as it is, so SQL stays readable; JSON logs carry
+    exact values.)
+    """
+    return _CONTROL.sub(_escape, text)
+
+
+def escaped_event(event: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{event} with its message formatted once and escaped
+    (L{escape_controls}), as its new C{log_format}, for a text observer.
+    Fields are kept as they are; a failure's traceback, which Twisted
+    appends on lines of its own, too.
+    """
+    message = formatEvent(event)
+    if not message:
+        return event
+    safe = dict(event)
+    safe["log_format"] = escape_controls(message).replace("{", "{{").replace("}", "}}")
+    return safe
+
+
+@implementer(ILogObserver)
+class EscapingObserver:
+    """Passes L{escaped_event}s to another observer (a text one)."""
+
+    def __init__(self, observer: Any) -> None:
+        self._observer = observer
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._observer(escaped_event(event))
+
+
+def text_line_observer(out: Any) -> ILogObserver:
+    """Twisted's text lines (C{textFileLogObserver}) to the file C{out}, escaped."""
+    from twisted.logger import textFileLogObserver
+
+    return EscapingObserver(textFileLogObserver(out))
+
+
 def json_line_observer(out: Any) -> Any:
     """A log observer writing L{event_as_json_line} lines to the file C{out}."""
     from twisted.logger import FileLogObserver
@@ -115,22 +180,23 @@ def configure_output(parent: Any, log_format: str) -> None:
         if log_format == "json":
             parent["fileLogObserverFactory"] = json_line_observer
         else:
-            from twisted.logger import textFileLogObserver
-
-            parent["fileLogObserverFactory"] = textFileLogObserver
-    elif log_format == "json" and "logfile" in parent:  # twistd
+            parent["fileLogObserverFactory"] = text_line_observer
+    elif "logfile" in parent:  # twistd
         # twistd's --logger takes the dotted name of a factory, which gets
         # no arguments: the options it needs are kept here.
         global _twistd_options
         _twistd_options = parent
-        parent["logger"] = f"{__name__}.twistd_json_observer"
+        if log_format == "json":
+            parent["logger"] = f"{__name__}.twistd_json_observer"
+        elif not parent.get("logger"):  # an explicit --logger is the operator's choice
+            parent["logger"] = f"{__name__}.twistd_text_observer"
 
 
 _twistd_options: Any = None
 
 
-def twistd_json_observer() -> Any:
-    """JSON lines where twistd would write its log (C{--logfile}, or stdout with C{-n})."""
+def _twistd_log_file() -> Any:
+    """Where twistd would write its log: C{--logfile}, or stdout with C{-n}."""
     import sys
 
     from twisted.python.logfile import LogFile
@@ -138,5 +204,22 @@ def twistd_json_observer() -> Any:
     options = _twistd_options or {}
     path = options.get("logfile") or ""
     if path == "-" or (not path and options.get("nodaemon")):
-        return json_line_observer(sys.stdout)
-    return json_line_observer(LogFile.fromFullPath(path or "twistd.log"))
+        return sys.stdout
+    return LogFile.fromFullPath(path or "twistd.log")
+
+
+def twistd_json_observer() -> Any:
+    """JSON lines where twistd would write its log (C{--logfile}, or stdout with C{-n})."""
+    return json_line_observer(_twistd_log_file())
+
+
+def twistd_text_observer() -> Any:
+    """twistd's text log (to a file, stdout or C{--syslog}), escaped."""
+    options = _twistd_options or {}
+    if options.get("syslog"):
+        from twisted.logger import LegacyLogObserverWrapper
+        from twisted.python.syslog import SyslogObserver
+
+        syslog = SyslogObserver(options.get("prefix") or "twisted")
+        return EscapingObserver(LegacyLogObserverWrapper(syslog.emit))
+    return text_line_observer(_twistd_log_file())

@@ -29,7 +29,7 @@ from support.admin import write_config
 from support.proxy import route, start_proxy
 from test_commands import BIN, free_port
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel, textFileLogObserver
+from twisted.logger import LogLevel
 
 from pgtls_twisted import logs
 from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
@@ -149,7 +149,8 @@ def test_configure_output_for_twist():
     assert parent["fileLogObserverFactory"] is logs.json_line_observer
     # The configuration decides, not twist's "JSON when not a terminal".
     logs.configure_output(parent, "text")
-    assert parent["fileLogObserverFactory"] is textFileLogObserver
+    # Text: Twisted's text lines, with control characters escaped.
+    assert parent["fileLogObserverFactory"] is logs.text_line_observer
     logs.configure_output(None, "json")  # embedded: nothing to configure
 
 
