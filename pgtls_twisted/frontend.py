@@ -98,7 +98,7 @@ class ClientProtocol(Leg):
         )
         try:
             self._ticket = self.route.logins.arrive(
-                str(getattr(peer, "host", "?")), self._admitted, self._refuseEarly
+                str(getattr(peer, "host", "?")), self.transport.resumeProducing
             )
         except TooManyLogins as e:
             self._refuseEarly(str(e))
@@ -106,16 +106,11 @@ class ClientProtocol(Leg):
         self._deadline = self.route.clock.callLater(
             self.route.config.listener.startup_timeout, self._startupExpired
         )
-        if self._ticket.state is TicketState.ACTIVE:
-            self.startLoginClock()
-        else:
-            # Not a byte is read (nor a handshake done) until a slot is free.
-            self.transport.pauseProducing()
-
-    def _admitted(self) -> None:
-        """A login slot came free for this waiting connection."""
-        self.transport.resumeProducing()
+        # The login clock runs from accept, a wait for a login slot included.
         self.startLoginClock()
+        if self._ticket.state is TicketState.WAITING:
+            # Not a byte is read (nor a handshake done) until it is let in.
+            self.transport.pauseProducing()
 
     def _refuseEarly(self, text: str) -> None:
         """
@@ -191,6 +186,12 @@ class ClientProtocol(Leg):
 
     def _loginExpired(self) -> None:
         self._loginDeadline = None
+        ticket = self._ticket
+        if ticket is not None and ticket.state is TicketState.WAITING:
+            text = self.route.logins.refusal(ticket)
+            self._leaveGate()
+            self._refuseEarly(text)
+            return
         timeout = self.route.config.listener.login_timeout
         self._expired(f"pgtls: login did not complete within {timeout:g}s (listener.login_timeout)")
 

@@ -13,7 +13,6 @@ from twisted.internet.protocol import Factory
 
 from .cancel import CancelRegistry
 from .frontend import ClientProtocol
-from .logins import MAX_WAIT as MAX_LOGIN_WAIT
 from .logins import LoginGate
 from .logs import Logger
 from .metrics import Metrics
@@ -69,10 +68,7 @@ class Route:
         listener = config.listener
         #: Who may be logging in now (see L{pgtls_twisted.logins}).
         self.logins = LoginGate(
-            reactor,
-            listener.max_logins,
-            listener.max_logins_per_address,
-            min(MAX_LOGIN_WAIT, listener.login_timeout),
+            listener.max_logins, listener.max_logins_per_address, listener.max_clients
         )
         self.pools: Any = None
         if config.pool is not None:
@@ -107,7 +103,10 @@ class Route:
         if self.process is not None and self.process.draining:
             return ("57P03", "pgtls: the proxy is shutting down", "shutdown")
         limit = self.config.listener.max_clients
-        if len(self.clients) > limit:
+        # Connections still waiting for a login slot are not clients yet
+        # (they are bounded by the gate): a flood of them from one address
+        # must not lock everyone else out.
+        if len(self.clients) - self.logins.waiting > limit:
             return (
                 "53300",
                 f'pgtls: sorry, too many clients already on route "{self.name}" (max_clients = {limit})',
