@@ -36,6 +36,7 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
+from .authpolicy import parse_require_auth
 from .scramserver import Verifier as ScramVerifier
 
 if sys.version_info >= (3, 11):
@@ -82,6 +83,11 @@ LOG_FORMATS = ("text", "json")
 MAX_WORKERS = 64
 LISTENER_TLS_MODES = ("require", "allow")
 BACKEND_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
+#: PostgreSQL's default is 4096 (its C{scram_iterations}, 16+); 100,000
+#: costs about 35 ms of one core per login, in a thread.
+DEFAULT_MAX_SCRAM_ITERATIONS = 100_000
+#: A smaller limit would refuse PostgreSQL's own default.
+MIN_MAX_SCRAM_ITERATIONS = 4096
 TLS_VERSIONS = ("1.2", "1.3")
 
 
@@ -169,9 +175,12 @@ class BackendConfig:
     @ivar host: the host part of C{address}, without IPv6 brackets.
     @ivar port: the port.
     @ivar tls: a libpq C{sslmode}: C{"disable"}, C{"prefer"}, C{"require"},
-        C{"verify-ca"} or C{"verify-full"}.
+        C{"verify-ca"} or C{"verify-full"} (the default: whoever answers
+        must prove it is the server named, or no password reaches it).
     @ivar root_ca: absolute path of the CA bundle for the C{verify-*} modes;
-        L{None} means the system trust store.
+        L{None} means the system trust store (C{verify-full} only:
+        C{verify-ca} against every public CA would accept anyone's
+        certificate, so it requires C{root_ca}, as libpq 16 does).
     @ivar server_name: the name sent as SNI and checked in C{verify-full};
         when constructed empty it becomes C{host}, so code and tests that
         build a L{BackendConfig} directly get the same default as the file.
@@ -181,18 +190,25 @@ class BackendConfig:
     @ivar client_cert: absolute path of the proxy's own certificate, for
         PostgreSQL C{cert} authentication; set together with C{client_key}.
     @ivar client_key: absolute path of its private key.
+    @ivar require_auth: libpq's C{require_auth}: the authentication methods
+        the server may ask for (see L{pgtls_twisted.authpolicy}); L{None}
+        allows all of them.
+    @ivar max_scram_iterations: the most PBKDF2 iterations a server's SCRAM
+        challenge may ask pgtls to compute.
     """
 
     address: str
     host: str
     port: int
-    tls: str = "prefer"
+    tls: str = "verify-full"
     root_ca: Path | None = None
     server_name: str = ""
     connect_timeout: float = 10.0
     min_tls_version: str = "1.2"
     client_cert: Path | None = None
     client_key: Path | None = None
+    require_auth: str | None = None
+    max_scram_iterations: int = DEFAULT_MAX_SCRAM_ITERATIONS
 
     def __post_init__(self) -> None:
         if not self.server_name:
@@ -779,15 +795,40 @@ _LISTENER: dict[str, _Key] = {
     "max_logins_per_address": _Key(_positive_int, 16),
 }
 
+
+def _require_auth(value: object, base_dir: Path) -> str:
+    """libpq's C{require_auth} syntax, checked now rather than at the first login."""
+    text = _string(value, base_dir)
+    try:
+        parse_require_auth(text)
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
+    return text
+
+
+def _scram_iterations(value: object, base_dir: Path) -> int:
+    """An iteration limit no lower than PostgreSQL's default count."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an integer, got {_show(value)}")
+    if value < MIN_MAX_SCRAM_ITERATIONS:
+        raise _Invalid(
+            f"must be at least {MIN_MAX_SCRAM_ITERATIONS} (PostgreSQL's default iteration"
+            f" count), got {value}"
+        )
+    return value
+
+
 _BACKEND: dict[str, _Key] = {
     "address": _Key(_connect_address, _REQUIRED),
-    "tls": _Key(_choice(BACKEND_TLS_MODES), "prefer"),
+    "tls": _Key(_choice(BACKEND_TLS_MODES), "verify-full"),
     "root_ca": _Key(_existing_file, None),
     "server_name": _Key(_server_name, None),
     "connect_timeout": _Key(_duration, 10.0),
     "min_tls_version": _Key(_choice(TLS_VERSIONS, suggest=False), "1.2"),
     "client_cert": _Key(_existing_file, None),
     "client_key": _Key(_secret_file, None),
+    "require_auth": _Key(_require_auth, None),
+    "max_scram_iterations": _Key(_scram_iterations, DEFAULT_MAX_SCRAM_ITERATIONS),
 }
 
 
@@ -929,6 +970,13 @@ def _check_backend(values: dict[str, Any], where: str, report: _Report) -> None:
         report.add(f"{where}client_cert", "required when client_key is set")
     if key is None and cert not in (None, _BAD):
         report.add(f"{where}client_key", "required when client_cert is set")
+    if values["tls"] == "verify-ca" and values["root_ca"] is None:
+        report.add(
+            f"{where}root_ca",
+            'required with tls = "verify-ca": checking the chain against the system trust'
+            " store without the host name accepts a certificate any public CA issued to"
+            ' anyone (name the CA here, or use "verify-full")',
+        )
 
 
 def _build_listener(values: dict[str, Any]) -> ListenerConfig:
@@ -1429,6 +1477,10 @@ def _describe_route(route: RouteConfig) -> list[str]:
         )
         if be.client_cert is not None:
             lines.append(f"             client cert {be.client_cert} (key {be.client_key})")
+    auth = f"require_auth {be.require_auth}" if be.require_auth else "any method"
+    if be.tls not in ("verify-ca", "verify-full"):
+        auth += "; cleartext passwords refused (leg not verified)"
+    lines.append(f"             auth {auth}; SCRAM iterations <= {be.max_scram_iterations}")
     lines.append(f"             connect timeout {format_duration(be.connect_timeout)}")
     pool = route.pool
     if pool is None:

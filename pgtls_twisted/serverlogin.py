@@ -9,6 +9,11 @@ answer the authentication request (cleartext, MD5, or SCRAM-SHA-256, bound
 to the server's certificate with -PLUS when the leg is TLS), and collect
 the ParameterStatus set and the BackendKeyData up to the first
 ReadyForQuery. The password never leaves this module and is never logged.
+
+What the server may ask for is the route's L{pgtls_twisted.authpolicy}
+(C{backend.require_auth}; never the cleartext password over a leg that is
+not verified TLS), and the SCRAM keys are derived in a thread, within
+C{backend.max_scram_iterations}.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from typing import Any
 from twisted.internet import defer
 
 from . import wire
+from .authpolicy import REFUSED, LoginGuard
 from .backend import BackendError
-from .scram import SCRAM_SHA_256_PLUS, ScramLogin, ScramLoginError
+from .scram import SCRAM_SHA_256_PLUS, ScramLogin, ScramLoginError, in_thread_pool
 from .tlsconfig import channel_binding_data
 
 
@@ -47,8 +53,17 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
     return b"md5" + hashlib.md5(inner + salt).hexdigest().encode()  # noqa: S324
 
 
+class _Refused(Exception):
+    """The server asked for something L{LoginGuard} does not allow."""
+
+
 class ServerLogin:
-    """Drive one login on a ready backend leg; L{done} fires with a L{LoginResult}."""
+    """
+    Drive one login on a ready backend leg; L{done} fires with a L{LoginResult}.
+
+    @param server: a L{pgtls_twisted.backend.ServerProtocol}; its route's
+        C{backend} configuration and reactor are the ones used.
+    """
 
     def __init__(
         self,
@@ -72,6 +87,13 @@ class ServerLogin:
         self._password = password
         self._reader = wire.MessageReader()
         self._scram: ScramLogin | None = None
+        self._backend = server.route.config.backend
+        self._reactor = server.route.reactor
+        self._guard = LoginGuard(
+            self._backend.require_auth, self._backend.tls, server.tls is not None
+        )
+        #: The SCRAM keys are being derived: later messages wait in the reader.
+        self._deriving = False
         self._result = LoginResult()
         self.done: defer.Deferred[LoginResult] = defer.Deferred()
         startup = {"user": user, "database": database, **parameters}
@@ -81,19 +103,26 @@ class ServerLogin:
 
     def _data(self, data: bytes) -> None:
         self._reader.feed(data)
-        while not self.done.called:
+        while not self.done.called and not self._deriving:
             try:
                 msg = self._reader.next()
                 if msg is None:
                     return
                 self._message(*msg)
-            except (wire.ProtocolViolation, ScramLoginError) as e:
+            except _Refused as e:
+                self._fail(REFUSED, str(e))
+            except ScramLoginError as e:
+                self._fail(e.sqlstate, f"backend login failed: {e}")
+            except wire.ProtocolViolation as e:
                 self._fail("08006", f"backend login failed: {e}")
 
     def _message(self, mtype: bytes, body: bytes) -> None:
         out = self._server.out
         if mtype == b"R":
             code = wire.auth_code(body)
+            refusal = self._guard.refusal(code)
+            if refusal is not None:
+                raise _Refused(refusal)
             if code == wire.AUTH_OK:
                 if self._passwordRequired and not self._askedPassword:
                     raise ScramLoginError("the server did not ask for a password")
@@ -109,12 +138,17 @@ class ServerLogin:
                 )
             elif code == wire.AUTH_SASL:
                 self._scram = ScramLogin(
-                    wire.sasl_mechanisms(body), self._user, self._binding(body)
+                    wire.sasl_mechanisms(body),
+                    self._binding(body),
+                    tls=self._server.tls is not None,
+                    maxIterations=self._backend.max_scram_iterations,
                 )
                 out.write(self._scram.start(self._secret()))
                 self._password = None
             elif code == wire.AUTH_SASL_CONTINUE and self._scram is not None:
-                out.write(self._scram.challenge(body[4:]))
+                derivation = self._scram.challenge(body[4:], in_thread_pool(self._reactor))
+                self._deriving = True
+                derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
             elif code == wire.AUTH_SASL_FINAL and self._scram is not None:
                 self._scram.finish(body[4:])
             else:
@@ -137,6 +171,18 @@ class ServerLogin:
             self._server.onLost = None
             self.done.callback(self._result)
         # NoticeResponse and NegotiateProtocolVersion need nothing.
+
+    def _clientFinal(self, message: bytes) -> None:
+        """The keys are ready: send client-final, then read on."""
+        self._deriving = False
+        if self.done.called:
+            return
+        self._server.out.write(message)
+        self._data(b"")
+
+    def _derivationFailed(self, failure: Any) -> None:
+        self._deriving = False
+        self._fail("08006", f"backend login failed: {failure.getErrorMessage()}")
 
     def _secret(self) -> str:
         self._askedPassword = True

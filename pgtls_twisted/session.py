@@ -9,7 +9,9 @@ there:
  - authentication through two TLS legs (see L{pgtls_twisted.scram}): pgtls
    runs SCRAM itself when the backend asks for it over TLS and the client
    leg is TLS too; with a plaintext client and a TLS backend it strips
-   C{-PLUS} from the offer; everything else is relayed unchanged;
+   C{-PLUS} from the offer; everything else is relayed unchanged, once
+   L{pgtls_twisted.authpolicy} has allowed it (C{backend.require_auth}, and
+   no cleartext password over a backend leg that is not verified TLS);
  - the backend's BackendKeyData is replaced by a key minted in
    L{pgtls_twisted.cancel};
  - errors and the backend's closing are turned into ErrorResponses.
@@ -24,21 +26,34 @@ from typing import TYPE_CHECKING, Any
 from twisted.python.failure import Failure
 
 from . import wire
+from .authpolicy import REFUSED, LoginGuard
 from .backend import BackendError, ServerProtocol, connect_backend
 from .logs import Logger
 from .pump import Pump
-from .scram import SCRAM_SHA_256_PLUS, ScramLogin, ScramLoginError
+from .scram import (
+    SCRAM_SHA_256_PLUS,
+    ScramLogin,
+    ScramLoginError,
+    ScramPolicyError,
+    in_thread_pool,
+)
 from .tlsconfig import channel_binding_data
 
 if TYPE_CHECKING:
     from .frontend import ClientProtocol
     from .route import Route
 
+#: What a client may pipeline behind its password while pgtls runs SCRAM
+#: for it (see L{Session._clientHeld}); more ends the login, so that an
+#: unauthenticated client cannot make pgtls buffer without bound.
+MAX_HELD_DURING_LOGIN = 64 * 1024
+
 
 class Session:
     """
     @ivar server: the backend leg, once connected.
     @ivar scram: the proxy's own SCRAM exchange, when it runs one.
+    @ivar guard: what the backend may ask for during login.
     """
 
     _log = Logger()
@@ -49,7 +64,14 @@ class Session:
         self.startup = startup
         self.server: ServerProtocol | None = None
         self.scram: ScramLogin | None = None
+        self.guard: LoginGuard | None = None
         self._awaitingPassword = False
+        #: The SCRAM keys are being derived in a thread: the server's
+        #: messages wait in their reader until client-final is sent (the
+        #: client's wait anyway, see L{_clientHeld}).
+        self._deriving = False
+        #: Bytes in the client's reader, not yet handled.
+        self._heldBytes = 0
         self._clientReader = wire.MessageReader()
         self._serverReader = wire.MessageReader()
         self._backendKey: tuple[int, bytes] | None = None
@@ -88,6 +110,8 @@ class Session:
             server.close()
             return
         self.server = server
+        backend = self.route.config.backend
+        self.guard = LoginGuard(backend.require_auth, backend.tls, server.tls is not None)
         client = self.client
         client.stats["backend_tls"] = server.tlsInfo
         client.onLost = self._clientLost
@@ -106,7 +130,8 @@ class Session:
     def _clientData(self, data: bytes) -> None:
         reader = self._clientReader
         reader.feed(data)
-        while True:
+        self._heldBytes += len(data)
+        while not self._clientHeld():
             try:
                 msg = reader.next()
             except wire.ProtocolViolation as e:
@@ -114,9 +139,23 @@ class Session:
                 return
             if msg is None:
                 return
+            self._heldBytes -= 5 + len(msg[1])
             self._clientMessage(*msg)
             if self._done:
                 return
+        if self._clientHeld() and self._heldBytes > MAX_HELD_DURING_LOGIN:
+            self._abandon(
+                "08P01", "pgtls: too much data from the client before authentication completed"
+            )
+
+    def _clientHeld(self) -> bool:
+        """
+        Whether the client's messages must wait in their reader: from its
+        password until the session starts when pgtls runs SCRAM itself. The
+        server expects SASL responses then, and only pgtls sends those; what
+        the client pipelined goes on once the session has started.
+        """
+        return self.scram is not None and not self._awaitingPassword
 
     def _clientMessage(self, mtype: bytes, body: bytes) -> None:
         assert self.server is not None
@@ -126,12 +165,14 @@ class Session:
                 return
             self._awaitingPassword = False
             try:
-                password = wire.password_from_message(body)
+                wire.password_from_message(body)
             except wire.ProtocolViolation as e:
                 self._abandon("08P01", e.message)
                 return
             assert self.scram is not None
-            self.server.out.write(self.scram.start(password))
+            # The bytes as sent: PostgreSQL hashes those when they are not
+            # valid UTF-8, and so must we.
+            self.server.out.write(self.scram.start(body[:-1]))
             return
         if mtype == b"X":
             self._finish("client terminated during startup")
@@ -141,7 +182,7 @@ class Session:
     def _serverData(self, data: bytes) -> None:
         reader = self._serverReader
         reader.feed(data)
-        while not self._done:
+        while not self._done and not self._deriving:
             try:
                 msg = reader.next()
             except wire.ProtocolViolation as e:
@@ -176,9 +217,13 @@ class Session:
         return False
 
     def _authentication(self, body: bytes) -> None:
-        assert self.server is not None
+        assert self.server is not None and self.guard is not None
         out = self.client.out
         code = wire.auth_code(body)
+        refusal = self.guard.refusal(code)
+        if refusal is not None:
+            self._abandon(REFUSED, f'pgtls route "{self.route.name}": {refusal}')
+            return
         if self.scram is not None and code in (
             wire.AUTH_SASL_CONTINUE,
             wire.AUTH_SASL_FINAL,
@@ -186,7 +231,7 @@ class Session:
         ):
             try:
                 if code == wire.AUTH_SASL_CONTINUE:
-                    self.server.out.write(self.scram.challenge(body[4:]))
+                    self._scramContinue(body[4:])
                 elif code == wire.AUTH_SASL_FINAL:
                     self.scram.finish(body[4:])
                 elif not self.scram.done:
@@ -196,7 +241,7 @@ class Session:
                 else:
                     out.write(wire.AUTHENTICATION_OK)
             except ScramLoginError as e:
-                self._abandon("08006", f"backend authentication failed: {e}")
+                self._scramFailed(e)
             return
         if code == wire.AUTH_SASL and self.server.tls is not None:
             offered = wire.sasl_mechanisms(body)
@@ -222,13 +267,52 @@ class Session:
                 from cryptography.hazmat.primitives.serialization import Encoding
 
                 binding = channel_binding_data(der.public_bytes(Encoding.DER))
+        backend = self.route.config.backend
         try:
-            self.scram = ScramLogin(offered, self.startup.user, binding)
+            self.scram = ScramLogin(
+                offered, binding, tls=True, maxIterations=backend.max_scram_iterations
+            )
         except ScramLoginError as e:
             self._abandon("28000", str(e))
             return
         self._awaitingPassword = True
         self.client.out.write(wire.AUTHENTICATION_CLEARTEXT_PASSWORD)
+
+    def _scramContinue(self, serverFirst: bytes) -> None:
+        """
+        Derive the SCRAM keys off the reactor thread. Until client-final is
+        sent nothing else is read from the server (nor from the client, see
+        L{_clientHeld}), so no message can overtake it; a side that closes
+        meanwhile ends the session as usual, and the late result is dropped.
+        """
+        assert self.scram is not None
+        derivation = self.scram.challenge(serverFirst, in_thread_pool(self.route.reactor))
+        self._deriving = True
+        derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
+
+    def _clientFinal(self, message: bytes) -> None:
+        self._deriving = False
+        if self._done:
+            return
+        assert self.server is not None
+        self.server.out.write(message)
+        # Go on with whatever the server sent in the meantime.
+        self._serverData(b"")
+
+    def _derivationFailed(self, failure: Failure) -> None:
+        self._deriving = False
+        if self._done:
+            return
+        self._log.failure(
+            "conn={conn} SCRAM key derivation failed", failure, conn=self.client.connId
+        )
+        self._abandon("08006", "backend authentication failed: could not compute the SCRAM proof")
+
+    def _scramFailed(self, error: ScramLoginError) -> None:
+        if isinstance(error, ScramPolicyError):
+            self._abandon(error.sqlstate, f'pgtls route "{self.route.name}": {error}')
+        else:
+            self._abandon(error.sqlstate, f"backend authentication failed: {error}")
 
     # -- after startup ---------------------------------------------------------
 

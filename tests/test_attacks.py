@@ -833,14 +833,17 @@ async def test_slow_authentication_cut_off_at_startup_deadline(pki, pg_tls, tmp_
                 data = read_until_close(sock, timeout=STARTUP_TIMEOUT + LATE + 1)
                 return time.monotonic() - start, request, data
 
-    fake = FakeBackend(answer_startup(wire.AUTHENTICATION_CLEARTEXT_PASSWORD)).start()
+    # MD5, not cleartext: pgtls never relays a cleartext password request
+    # over a plaintext backend leg (issue 10, item 5).
+    md5_request = wire.authentication(wire.AUTH_MD5_PASSWORD, b"salt")
+    fake = FakeBackend(answer_startup(md5_request)).start()
     routes = [
         route(pki, fake, name="evil", listener={"startup_timeout": "2s"}),
         route(pki, pg_tls, name="app"),
     ]
     async with running(tmp_path, routes, fake) as proxy:
         elapsed, request, data = await deferToThread(stall, proxy.port("evil"), pki.cert("ca"))
-        assert request == (b"R", struct.pack("!I", wire.AUTH_CLEARTEXT_PASSWORD))
+        assert request == (b"R", struct.pack("!I", wire.AUTH_MD5_PASSWORD) + b"salt")
         assert STARTUP_TIMEOUT - 0.2 <= elapsed <= STARTUP_TIMEOUT + LATE
         assert code_and_message(only_fatal(data)) == ("08006", _SLOW_TEXT)
         await fake.settle()

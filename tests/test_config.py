@@ -229,13 +229,15 @@ def test_minimal_config_defaults(certs: Path) -> None:
     assert lst.startup_timeout == 60.0
     assert lst.max_clients == 1000
     assert be == BackendConfig(address="db.internal:5432", host="db.internal", port=5432)
-    assert be.tls == "prefer"
+    assert be.tls == "verify-full"
     assert be.root_ca is None
     assert be.server_name == "db.internal"
     assert be.connect_timeout == 10.0
     assert be.min_tls_version == "1.2"
     assert be.client_cert is None
     assert be.client_key is None
+    assert be.require_auth is None
+    assert be.max_scram_iterations == 100_000
 
 
 def test_default_names_use_position(certs: Path) -> None:
@@ -680,6 +682,8 @@ def test_backend_value_errors(certs: Path, key: str, value: object, reason: str)
 def test_backend_tls_modes(certs: Path, mode: str) -> None:
     doc = minimal_doc()
     doc["proxy"][0]["backend"]["tls"] = mode
+    if mode == "verify-ca":
+        doc["proxy"][0]["backend"]["root_ca"] = "backend-ca.crt"
     assert parse(doc, certs).routes[0].backend.tls == mode
 
 
@@ -1021,7 +1025,7 @@ def test_describe_defaults(certs: Path) -> None:
     text = describe_config(parse(minimal_doc(), certs))
     assert 'route "proxy-1"' in text
     assert "client tls require (plaintext sessions refused); TLS >= 1.2" in text
-    assert "tls prefer (TLS if offered, else plaintext; certificate not verified)" in text
+    assert "tls verify-full (TLS required; certificate chain and host name verified)" in text
     assert "server_name db.internal; TLS >= 1.2; system CAs" in text
     assert "connect timeout 10s" in text
 
@@ -1267,7 +1271,10 @@ def test_operations_keys(certs: Path) -> None:
             'routes.toml: admin.auth: is "cert", but no listener has a client_ca',
         ),
         (
-            {"admin": {"auth": "backend"}},
+            {
+                "admin": {"auth": "backend"},
+                "proxy": [{**minimal_route(), "backend": {"address": "db:5432", "tls": "require"}}],
+            },
             'routes.toml: admin.auth: is "backend", but no route has backend.tls = "verify-full"',
         ),
         (
