@@ -128,9 +128,7 @@ class ClientProtocol(Leg):
             route=self.route.name,
             text=text,
         )
-        self._closing = True
-        self.deliver = discard
-        self.dataReceived = discard  # type: ignore[method-assign]
+        self._ignoreInput()
         self.transport.write(wire.error_response("53300", text))
         self.transport.loseConnection()
         self._closeTimer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
@@ -274,10 +272,14 @@ class ClientProtocol(Leg):
             route=self.route.name,
             reason=reason,
         )
+        self._ignoreInput()
+        self.transport.abortConnection()
+
+    def _ignoreInput(self) -> None:
+        """Closing: whatever the client still sends is not looked at."""
         self._closing = True
         self.deliver = discard
         self.dataReceived = discard  # type: ignore[method-assign]
-        self.transport.abortConnection()
 
     # -- before TLS ----------------------------------------------------------
 

@@ -387,28 +387,15 @@ async def test_cert_console_needs_a_certificate_for_the_user(pki, pg_tls, tmp_pa
         )
         assert rows[0]["version"].startswith("pgtls ")
         expected = f'pgtls: certificate authentication failed for user "{CERT_USER}"'
-        attempts = [
-            admin_dsn(proxy, pki, "app", user=CERT_USER, password=None),
-            admin_dsn(
-                proxy,
-                pki,
-                "app",
-                user=CERT_USER,
-                password=None,
-                sslcert=pki.cert("client_other_ca"),
-                sslkey=pki.key("client_other_ca"),
-            ),
-            admin_dsn(
-                proxy,
-                pki,
-                "app",
-                user=CERT_USER,
-                password=None,
-                sslcert=pki.cert("client_wrong_user"),
-                sslkey=pki.key("client_wrong_user"),
-            ),
-            admin_dsn(proxy, pki, "no_ca", user=CERT_USER, password=None, **good),
+        others = [
+            {"sslcert": pki.cert(name), "sslkey": pki.key(name)}
+            for name in ("client_other_ca", "client_wrong_user")
         ]
+        attempts = [
+            admin_dsn(proxy, pki, "app", user=CERT_USER, password=None, **tls)
+            for tls in ({}, *others)
+        ]
+        attempts.append(admin_dsn(proxy, pki, "no_ca", user=CERT_USER, password=None, **good))
         for dsn in attempts:
             out, err, code = await psql(dsn, "SHOW VERSION")
             assert code != 0 and expected in err, (dsn, err)

@@ -191,13 +191,17 @@ async def test_idle_flood_from_one_address_locks_nobody_out(pki, pg_tls, tmp_pat
             gate = proxy.route().logins
             assert (gate.active, gate.waiting) == (16, 24)
             assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
+            # At login_timeout every flood socket is gone: the waiting ones
+            # with 53300, unless a slot freed at that very moment let them
+            # in first (then they are dropped as idle ones are).
             answers = await deferToThread(lambda: [_answer(s, timeout=6) for s in flood])
-            refused = [a for a in answers if a]
-            assert len(refused) == 24
-            for data in refused:
-                fields = _fatal(data)
-                assert fields["C"] == "53300"
-                assert "max_logins_per_address = 16" in fields["M"]
+            for data in answers:
+                if data:
+                    fields = _fatal(data)
+                    assert fields["C"] == "53300"
+                    assert "max_logins_per_address = 16" in fields["M"]
+            await deferLater(reactor, 0.2, lambda: None)
+            assert (gate.active, gate.waiting) == (0, 0)
         finally:
             for sock in flood:
                 sock.close()
@@ -276,3 +280,41 @@ async def test_a_login_waits_for_a_free_slot(pki, pg_tls, tmp_path):
         started = time.monotonic()
         assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
         assert time.monotonic() - started >= 0.4
+
+
+def _held_login(port: int, ca: Any) -> socket.socket:
+    """(Blocking.) A client whose startup packet is held by a paused route."""
+    from support.rawclient import request_tls, startup_message
+
+    sock = request_tls(connect(port), ca)
+    sock.sendall(startup_message("scram_user", "postgres"))
+    return sock
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_still_waiting_at_login_timeout_gets_53300(pki, pg_tls, tmp_path):
+    """
+    max_logins = 1, held by a client that a PAUSE keeps (its login clock
+    stopped): the next connection waits, unread, and at its login_timeout
+    gets FATAL 53300 naming the limit.
+    """
+    listener = {"max_logins": 1, "login_timeout": "1s"}
+    async with running(tmp_path, [route(pki, pg_tls, listener=listener)]) as proxy:
+        proxy.service.setPaused(None, True)
+        held = await deferToThread(_held_login, proxy.port(), pki.cert("ca"))
+        try:
+            await deferLater(reactor, 0.2, lambda: None)
+            assert proxy.route().logins.active == 1
+
+            def late(port: int) -> tuple[bytes, float]:
+                started = time.monotonic()
+                with connect(port) as sock:
+                    return read_until_close(sock, timeout=10), time.monotonic() - started
+
+            data, waited = await deferToThread(late, proxy.port())
+            fields = _fatal(data)
+            assert fields["C"] == "53300"
+            assert "listener.max_logins = 1" in fields["M"]
+            assert 0.9 < waited < 5
+        finally:
+            held.close()

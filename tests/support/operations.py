@@ -59,6 +59,10 @@ def refused(port: int) -> bool:
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        # Queued on a listener that was closing: reset, as README says
+        # (SO_REUSEPORT); the port is no longer served either way.
+        return True
     return False
 
 
