@@ -32,7 +32,10 @@ $(DEPS_STAMP): pyproject.toml | $(BIN)/python
 
 # Always reinstall the package itself, so the tests run the current code;
 # without build isolation (setuptools is already in the venv) this is quick.
+# setuptools' build/ directory is removed first: a module deleted or moved
+# in the checkout would otherwise linger in it and be installed again.
 install: $(DEPS_STAMP)
+	rm -rf build
 	$(BIN)/pip install -q --force-reinstall --no-deps --no-build-isolation .
 
 # pytest's console script, unlike `python -m pytest`, does not put the current

@@ -30,7 +30,7 @@ import time
 
 from scramp import ScramClient
 
-from pgtls_twisted import wire
+from pgtls_twisted.protocol import _wire as wire
 
 
 def _context(ca: str) -> ssl.SSLContext:

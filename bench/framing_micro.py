@@ -1,6 +1,6 @@
 """
 Micro-benchmark of pool-mode framing: how fast can one core split
-pgbench-like server traffic with L{pgtls_twisted.framing.MessageSplitter}?
+pgbench-like server traffic with L{pgtls_twisted.protocol._framing.MessageSplitter}?
 
 The traffic is what C{pgbench -S} gets back per transaction (RowDescription,
 one small DataRow, CommandComplete, ReadyForQuery: 4 messages in about 70
@@ -9,7 +9,7 @@ arbitrary points, as TCP/TLS delivers it. Three figures are printed:
 
  - C{baseline}: the loop with no splitting (what a pass-through pump pays);
  - C{split}: one L{MessageSplitter.feed} per chunk, watching what
-   L{pgtls_twisted.txstate.TransactionTracker} needs;
+   L{pgtls_twisted.protocol._txstate.TransactionTracker} needs;
  - C{split+track}: the same, feeding each event to a tracker, i.e. the
    whole per-chunk work of a transaction pooler's server side.
 
@@ -24,9 +24,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from pgtls_twisted import wire
-from pgtls_twisted.framing import MessageSplitter
-from pgtls_twisted.txstate import SERVER_PEEK, SERVER_WATCH, TransactionTracker
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._framing import MessageSplitter
+from pgtls_twisted.protocol._txstate import SERVER_PEEK, SERVER_WATCH, TransactionTracker
 
 CHUNK = 16 * 1024
 

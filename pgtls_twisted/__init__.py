@@ -3,7 +3,9 @@ pgtls: a protocol-aware TLS-terminating proxy for PostgreSQL, on Twisted.
 
 Embedding::
 
-    from pgtls_twisted import load_config, make_service
+    from pgtls_twisted import load_config
+
+    from pgtls_twisted import make_service
     make_service(load_config("routes.toml")).setServiceParent(application)
 
 Where a byte goes, by module: L{frontend} (client leg: SSLRequest, TLS,
@@ -13,8 +15,8 @@ L{backend} (backend leg: SSLRequest, TLS, verification), L{pump}
 codec), L{tlsconfig} (TLS policy), L{route}/L{service} (listeners).
 """
 
-from ._version import __version__
-from .config import Config, ConfigError, load_config
-from .service import make_service
+from pgtls_twisted._version import __version__
+from pgtls_twisted.app._service import make_service
+from pgtls_twisted.config import Config, ConfigError, load_config
 
 __all__ = ["Config", "ConfigError", "__version__", "load_config", "make_service"]

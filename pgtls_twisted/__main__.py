@@ -4,7 +4,7 @@ The C{pgtls} command line.
 C{check} validates a configuration and prints what it would run;
 C{admin-verifier} prints an C{admin.password_file} line for a password;
 C{worker} is what the supervisor of C{workers = N} starts (see
-L{pgtls_twisted.workers}), not meant to be run by hand.
+L{pgtls_twisted.app._workers}), not meant to be run by hand.
 C{check} exists so that a configuration can be tested in CI or before a
 restart without binding any port: a typo must never be found by a proxy
 that fails to come back up.
@@ -98,7 +98,7 @@ def _admin_verifier(args: argparse.Namespace) -> int:
     """Print C{name:verifier}; the password comes from a prompt or stdin, never argv."""
     import getpass
 
-    from pgtls_twisted.scram import make_verifier
+    from pgtls_twisted.protocol._scram import make_verifier
 
     if args.iterations < 4096:
         print("pgtls: --iterations must be at least 4096", file=sys.stderr)
@@ -121,7 +121,7 @@ def _admin_verifier(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from pgtls_twisted.workers import run_worker
+    from pgtls_twisted.app._workers import run_worker
 
     return run_worker(args.config, args.index, args.run_dir)
 

@@ -64,7 +64,7 @@ from support.rawclient import (
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from pgtls_twisted import wire
+from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.testing.cluster import MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER
 from pgtls_twisted.testing.pki import PKI, write_leaf
 

@@ -36,7 +36,7 @@ from pgtls_twisted.config import (
     parse_config,
     parse_duration,
 )
-from pgtls_twisted.scram import make_verifier
+from pgtls_twisted.protocol._scram import make_verifier
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -818,7 +818,7 @@ def test_optional_section_machinery(certs: Path) -> None:
     Future tables ([proxy.pool], [admin]) are schema entries; an optional
     one that is absent yields None, a present one is checked like the rest.
     """
-    from pgtls_twisted import config as module
+    from pgtls_twisted.config import _config as module
 
     section = module._Section(
         {"size": module._Key(module._positive_int, 10)}, build=dict, required=False

@@ -1,7 +1,7 @@
 """
 Pool-mode protocol groundwork: header-only framing
-(L{pgtls_twisted.framing}) and the transaction and parameter trackers
-(L{pgtls_twisted.txstate}).
+(L{pgtls_twisted.protocol._framing}) and the transaction and parameter trackers
+(L{pgtls_twisted.protocol._txstate}).
 
 The splitter is fuzzed: whatever the chunking, it must forward exactly the
 bytes it was fed, in order, report exactly the original message boundaries,
@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pgtls_twisted import wire
-from pgtls_twisted.framing import HEADER_SIZE, MessageSplitter
-from pgtls_twisted.txstate import (
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._framing import HEADER_SIZE, MessageSplitter
+from pgtls_twisted.protocol._txstate import (
     CLIENT_WATCH,
     PARAMETER_STATUS_PEEK,
     SERVER_PEEK,
@@ -31,7 +31,7 @@ from pgtls_twisted.txstate import (
     parameterStatusFromPeek,
     quoteLiteral,
 )
-from pgtls_twisted.wire import ProtocolViolation
+from pgtls_twisted.protocol._wire import ProtocolViolation
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

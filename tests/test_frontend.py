@@ -1,5 +1,5 @@
 """
-The client leg before its session (L{pgtls_twisted.frontend}): encryption
+The client leg before its session (L{pgtls_twisted.proxy._frontend}): encryption
 negotiation, the one startup packet, and the ways a connection is refused,
 without sockets or a running reactor.
 
@@ -28,8 +28,8 @@ from support.fakes import (
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from pgtls_twisted import wire
-from pgtls_twisted.route import Route
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._route import Route
 from pgtls_twisted.testing.pki import PKI
 
 
@@ -241,7 +241,7 @@ def test_plaintext_bytes_after_startup_go_to_the_session(allow_route: Route) -> 
     """
     Later chunks must reach C{deliver} like the first: C{pending} while the
     backend connects, then whatever the session put there (here, as
-    L{pgtls_twisted.session} does for its first client message, a
+    L{pgtls_twisted.proxy._session} does for its first client message, a
     PasswordMessage).
     """
     proto, transport = connect_client(allow_route)
@@ -570,7 +570,7 @@ def test_alpn_without_postgresql_is_refused(route: Route, pki: PKI, direct: bool
 
 
 def test_role_name_is_what_postgresql_logs_in_as() -> None:
-    from pgtls_twisted.frontend import _role_name
+    from pgtls_twisted.proxy._frontend import _role_name
 
     assert _role_name(b"alice") == b"alice"
     assert _role_name(b"v" * 63 + b"x") == b"v" * 63

@@ -1,10 +1,10 @@
-"""L{pgtls_twisted.logins.LoginGate}: the bookkeeping of login slots."""
+"""L{pgtls_twisted.proxy._logins.LoginGate}: the bookkeeping of login slots."""
 
 from __future__ import annotations
 
 import pytest
 
-from pgtls_twisted.logins import LoginGate, TicketState, TooManyLogins
+from pgtls_twisted.proxy._logins import LoginGate, TicketState, TooManyLogins
 
 
 class Admissions:

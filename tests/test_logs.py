@@ -3,7 +3,7 @@ Logs (issue #5, item 3): C{log_format = "json"} gives one JSON object per
 line with the connection id on every event of that connection, and
 C{log_level} filters pgtls's own events.
 
-The unit tests call L{pgtls_twisted.logs} directly; the end-to-end ones
+The unit tests call L{pgtls_twisted.ops._logs} directly; the end-to-end ones
 run C{twist pgtls} (and C{twistd -n pgtls}) as a separate process with a
 real client, so they use blocking clients directly.
 """
@@ -31,7 +31,7 @@ from test_commands import BIN, free_port
 from twisted.internet.threads import deferToThread
 from twisted.logger import LogLevel
 
-from pgtls_twisted import logs
+from pgtls_twisted.ops import _logs as logs
 from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
 
 # ---------------------------------------------------------------------------

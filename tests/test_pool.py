@@ -1,5 +1,5 @@
 """
-Unit tests of the pool's bookkeeping (L{pgtls_twisted.pool}) with a fake
+Unit tests of the pool's bookkeeping (L{pgtls_twisted.pool._pool}) with a fake
 clock and fake connections: fairness, limits, deadlines, cancel guard,
 reaping.
 """
@@ -12,7 +12,7 @@ import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
-from pgtls_twisted.pool import Pool, PooledServer, PoolTimeout
+from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 
 
 class FakeLeg:

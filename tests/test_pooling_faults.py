@@ -33,7 +33,7 @@ from support.proxy import start_proxy
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
-from pgtls_twisted import wire
+from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.testing.cluster import (
     APP_DB,
     POOL_USER,

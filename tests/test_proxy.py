@@ -297,7 +297,7 @@ async def test_psql_ctrl_c_cancels(pki, pg_tls, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_cancel_with_a_wrong_key_does_nothing(pki, pg_tls, tmp_path):
-    from pgtls_twisted import wire
+    from pgtls_twisted.protocol import _wire as wire
 
     async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         conn = await deferToThread(psycopg.connect, client_dsn(proxy, pki))

@@ -1,4 +1,4 @@
-"""Unit tests of the pooled query log (pgtls_twisted.querylog)."""
+"""Unit tests of the pooled query log (pgtls_twisted.pool._querylog)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 
-from pgtls_twisted.querylog import PEEK, QueryLog
+from pgtls_twisted.pool._querylog import PEEK, QueryLog
 
 
 @pytest.fixture

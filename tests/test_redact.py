@@ -1,6 +1,6 @@
 """
-Unit tests of the SQL lexer (pgtls_twisted.sqllex) and of password
-redaction (pgtls_twisted.redact), issue 10 item 6: every quoting form
+Unit tests of the SQL lexer (pgtls_twisted.protocol._sqllex) and of password
+redaction (pgtls_twisted.protocol._redact), issue 10 item 6: every quoting form
 PostgreSQL has, cut texts, and hostile input.
 """
 
@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pgtls_twisted import sqllex
-from pgtls_twisted.redact import MARKER, redact
-from pgtls_twisted.sqllex import (
+from pgtls_twisted.protocol import _sqllex as sqllex
+from pgtls_twisted.protocol._redact import MARKER, redact
+from pgtls_twisted.protocol._sqllex import (
     COMMENT,
     NUMBER,
     OPERATOR,
@@ -378,7 +378,7 @@ def test_lexer_and_redaction_are_pure_python():
     """Reusable anywhere (no Twisted, no I/O): they import only these."""
     import ast
 
-    from pgtls_twisted import redact as redact_module
+    from pgtls_twisted.protocol import _redact as redact_module
 
     allowed = {"__future__", "re", "collections.abc", "typing", "sqllex"}
     for module in (sqllex, redact_module):

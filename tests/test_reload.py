@@ -45,7 +45,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.config import ConfigError, load_config
-from pgtls_twisted.logs import apply_log_level
+from pgtls_twisted.ops._logs import apply_log_level
 from pgtls_twisted.testing.cluster import APP_DB
 from pgtls_twisted.testing.pki import write_leaf
 

@@ -1,5 +1,5 @@
 """
-pgtls as a SCRAM-SHA-256 server (L{pgtls_twisted.scramserver}), driven by
+pgtls as a SCRAM-SHA-256 server (L{pgtls_twisted.protocol._scramserver}), driven by
 scramp's client (an independent implementation) and by hand-made hostile
 messages.
 """
@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scramp import ScramClient, ScramMechanism
 
-from pgtls_twisted.scramserver import (
+from pgtls_twisted.protocol._scramserver import (
     SCRAM_SHA_256,
     SCRAM_SHA_256_PLUS,
     ScramAuthError,

@@ -22,9 +22,9 @@ from support import rawclient
 from support.admin import admin_dsn, in_thread, psql, show
 from support.proxy import route, start_proxy
 
-from pgtls_twisted import wire
 from pgtls_twisted.config import ConfigError, parse_config
-from pgtls_twisted.scram import make_verifier
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._scram import make_verifier
 from pgtls_twisted.testing.cluster import (
     CERT_USER,
     MD5_PASSWORD,

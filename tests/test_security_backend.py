@@ -48,21 +48,21 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pgtls_twisted import wire
-from pgtls_twisted.authpolicy import LoginGuard, parse_require_auth
-from pgtls_twisted.backend import connect_backend
-from pgtls_twisted.cancel import CancelRegistry
 from pgtls_twisted.config import ConfigError, describe_config, parse_config
-from pgtls_twisted.route import Route
-from pgtls_twisted.scram import (
+from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._authpolicy import LoginGuard, parse_require_auth
+from pgtls_twisted.protocol._scram import (
     ScramLogin,
     ScramLoginError,
     ScramPolicyError,
     derivation_pool,
     prepare_password,
 )
-from pgtls_twisted.serverlogin import ServerLogin, ServerLoginError
-from pgtls_twisted.session import MAX_HELD_DURING_LOGIN
+from pgtls_twisted.proxy._backend import connect_backend
+from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._route import Route
+from pgtls_twisted.proxy._session import MAX_HELD_DURING_LOGIN
 from pgtls_twisted.testing.cluster import (
     APP_DB,
     MD5_PASSWORD,

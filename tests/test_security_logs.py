@@ -33,8 +33,8 @@ from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, globalLogPublisher
 
-from pgtls_twisted import logs
-from pgtls_twisted.querylog import PEEK, QueryLog
+from pgtls_twisted.ops import _logs as logs
+from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.testing.cluster import APP_DB, SCRAM_PASSWORD, SCRAM_USER
 
 # ---------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class Numbered:
     def __init__(self, log: QueryLog) -> None:
         self.numbers: list[int] = []
         self.untimed = 0
-        log._log = logs.Logger(namespace="pgtls_twisted.querylog", observer=self)
+        log._log = logs.Logger(namespace="pgtls_twisted.pool._querylog", observer=self)
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.numbers.append(int(event["statement"].split()[1].rstrip(",")))
@@ -236,7 +236,7 @@ def test_configure_output_escapes_text_under_twist_and_twistd():
     assert parent["fileLogObserverFactory"] is logs.text_line_observer
     twistd: dict[str, Any] = {"logfile": None, "logger": None, "nodaemon": True}
     logs.configure_output(twistd, "text")
-    assert twistd["logger"] == "pgtls_twisted.logs.twistd_text_observer"
+    assert twistd["logger"] == "pgtls_twisted.ops._logs.twistd_text_observer"
     assert isinstance(logs.twistd_text_observer(), logs.EscapingObserver)
     # An observer named with twistd --logger is the operator's choice.
     chosen: dict[str, Any] = {"logfile": None, "logger": "my.observer"}

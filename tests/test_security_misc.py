@@ -47,7 +47,7 @@ from pgtls_twisted.config import (
     load_config,
     parse_config,
 )
-from pgtls_twisted.route import replication_kind
+from pgtls_twisted.proxy._route import replication_kind
 from pgtls_twisted.testing.cluster import (
     APP_DB,
     POOL_PASSWORD,
@@ -55,14 +55,14 @@ from pgtls_twisted.testing.cluster import (
     SCRAM_USER,
 )
 from pgtls_twisted.testing.pki import PKI, write_leaf
-from pgtls_twisted.tlsconfig import (
+from pgtls_twisted.tls._contexts import (
     BackendTLS,
     LegConnection,
     ServerTLS,
     _record_client_verify,
     _record_server_verify,
 )
-from pgtls_twisted.tlswrap import TLSLayer
+from pgtls_twisted.tls._lean import TLSLayer
 
 
 async def sleep(seconds: float) -> None:

@@ -72,7 +72,7 @@ async def test_unauthenticated_names_create_nothing(pki, pg_tls, tmp_path):
 
 
 def test_database_labels_are_capped_and_freed() -> None:
-    from pgtls_twisted.metrics import MAX_DATABASE_LABELS, OTHER_DATABASES, Metrics
+    from pgtls_twisted.ops._metrics import MAX_DATABASE_LABELS, OTHER_DATABASES, Metrics
 
     metrics = Metrics()
     names = [f"db{i}" for i in range(MAX_DATABASE_LABELS + 20)]

@@ -32,7 +32,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
-from pgtls_twisted import wire
+from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.testing.cluster import CERT_USER, TRUST_USER
 
 

@@ -510,8 +510,8 @@ def test_sigusr1_pauses_and_sigusr2_resumes(pki, pg_tls, tmp_path, processes):
 
 def test_reload_during_a_drain_changes_nothing(pki, pg_tls, tmp_path):
     """An embedder calling reload() while the proxy drains gets a note, and no new listener."""
+    from pgtls_twisted.app._service import make_service
     from pgtls_twisted.config import parse_config
-    from pgtls_twisted.service import make_service
 
     data = {"proxy": [route(pki, pg_tls, name="app")], "shutdown_timeout": "0s"}
     service = make_service(parse_config(data, base_dir=tmp_path))

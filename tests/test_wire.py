@@ -1,5 +1,5 @@
 """
-The wire codec (L{pgtls_twisted.wire}): startup packets, typed-message
+The wire codec (L{pgtls_twisted.protocol._wire}): startup packets, typed-message
 framing and the few messages the proxy builds or reads itself.
 
 Startup packet parsing faces unauthenticated bytes, so besides the cases
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pgtls_twisted import wire
-from pgtls_twisted.wire import (
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._wire import (
     CancelRequest,
     GSSENCRequest,
     MessageReader,

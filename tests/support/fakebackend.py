@@ -28,7 +28,7 @@ from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
-from pgtls_twisted import wire
+from pgtls_twisted.protocol import _wire as wire
 
 #: What a scripted fake does with each chunk it receives, after recording
 #: it: C{script(connection, data)}. The connection's C{received} already

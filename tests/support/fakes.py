@@ -21,11 +21,11 @@ from twisted.python.failure import Failure
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
-from pgtls_twisted import wire
-from pgtls_twisted.cancel import CancelRegistry
 from pgtls_twisted.config import parse_config
-from pgtls_twisted.frontend import ClientProtocol
-from pgtls_twisted.route import Route
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._frontend import ClientProtocol
+from pgtls_twisted.proxy._route import Route
 from pgtls_twisted.testing.pki import PKI
 
 #: The address every fake client connects from.

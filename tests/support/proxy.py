@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pgtls_twisted.app._service import make_service, route_services
 from pgtls_twisted.config import load_config, parse_config
-from pgtls_twisted.service import make_service, route_services
 from pgtls_twisted.testing.cluster import PostgresCluster
 from pgtls_twisted.testing.pki import PKI
 

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pgtls_twisted import serverlogin, wire
+from pgtls_twisted.pool import _serverlogin as serverlogin
+from pgtls_twisted.protocol import _wire as wire
 
 #: Seconds any single blocking operation may take before the test fails.
 TIMEOUT = 5.0

@@ -14,9 +14,9 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from pgtls_twisted import wire
+from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.testing.pki import PKI
-from pgtls_twisted.tlswrap import TLSLayer
+from pgtls_twisted.tls._lean import TLSLayer
 
 
 class _Creator:

@@ -3,14 +3,14 @@ The C{pgtls} plugin for C{twist} and C{twistd}.
 
 Kept trivial on purpose: every module in C{twisted/plugins} is imported
 whenever Twisted scans for plugins, so this only names where the real
-code lives (L{pgtls_twisted.tap}), which is imported when the command runs.
+code lives (L{pgtls_twisted.app._tap}), which is imported when the command runs.
 """
 
 from twisted.application.service import ServiceMaker
 
 pgtls = ServiceMaker(
     "pgtls",
-    "pgtls_twisted.tap",
+    "pgtls_twisted.app._tap",
     "TLS-terminating proxy and connection pooler for PostgreSQL",
     "pgtls",
 )

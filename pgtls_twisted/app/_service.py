@@ -1,0 +1,668 @@
+# -*- test-case-name: tests.test_operations -*-
+"""
+Services: what C{twist pgtls}, C{twistd pgtls} and embedding applications
+run.
+
+L{make_service} builds a L{ProxyService}: one L{RouteService} (the
+listener) plus certificate-refresh and pool-reaping timers per route, and
+the C{/metrics} endpoint. The ProxyService is also where the process-wide
+operations live, because they all act on every route at once:
+
+ - B{reload} (L{ProxyService.reload}): a new configuration is checked in
+   full (TOML, TLS files, binds) before anything changes; then added
+   routes listen, removed ones stop accepting and drain, changed ones get
+   a new L{Route} for new connections (a listener whose address did not
+   change keeps its socket, so no connection is refused meanwhile), and
+   unchanged ones are left alone apart from re-reading their certificates;
+ - B{graceful shutdown} (L{ProxyService.stopService}): stop accepting at
+   once, let sessions finish (transaction-mode clients at the end of their
+   transaction) for up to C{shutdown_timeout}, then close the rest with
+   FATAL 57P01;
+ - B{pause/resume} per route (the admin console's C{PAUSE}/C{RESUME}).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall, deferLater
+
+from pgtls_twisted.config import Config, ConfigError, load_config
+from pgtls_twisted.ops._logs import Logger, apply_log_level
+from pgtls_twisted.ops._metrics import Metrics
+from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._route import Route
+
+#: After the shutdown deadline, how long closing connections get to go.
+CLOSE_GRACE = 2.0
+#: How often a drain checks whether every session has ended.
+DRAIN_POLL = 0.25
+#: How long the last FATALs and close_notify alerts get to leave before exit.
+FLUSH_DELAY = 0.2
+
+
+class ListeningService(Service):
+    """
+    A service that owns one listening port.
+
+    Like L{twisted.application.internet.TCPServer}, it binds in
+    C{privilegedStartService} (so C{twistd} can bind before dropping
+    privileges), but it keeps the listening port public: tests and
+    embedders bind port 0 and need to know what they got.
+
+    @ivar port: the L{IListeningPort} while running.
+    """
+
+    port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self.port is None:
+            self.port = self._bind()
+
+    def _bind(self) -> Any:
+        """Start listening; return the port."""
+        raise NotImplementedError
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+
+class RouteService(ListeningService):
+    """
+    Listens for one route.
+
+    It binds with C{SO_REUSEPORT}, so that every worker process has a
+    listening socket of its own on the same port, and a new pgtls can
+    start on the ports of one that is draining (a deploy that drops no
+    session). The kernel only lets processes of the same user share a
+    port.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route, reactor: Any) -> None:
+        self.route = route
+        self.name = route.name
+        self._reactor = reactor
+
+    def _bind(self) -> Any:
+        listener = self.route.config.listener
+        port = listen_reuseport(self._reactor, listener.host, listener.port, self.route.factory())
+        self.route.port = port
+        address = port.getHost()
+        backend = self.route.config.backend
+        self._log.info(
+            "route={route} listening on {host}:{port} -> backend {backend} (backend.tls={mode})",
+            route=self.name,
+            host=address.host,
+            port=address.port,
+            backend=f"{backend.host}:{backend.port}",
+            mode=backend.tls,
+        )
+        return port
+
+    def serve(self, route: Route) -> None:
+        """Hand new connections on the same socket to C{route} (a reload)."""
+        old, self.route = self.route, route
+        self.name = route.name
+        old.port = None
+        route.port = self.port
+        if self.port is not None:
+            self.port.factory = route.factory()
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.route.port = None
+        return super().stopService()
+
+
+def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: int = 128) -> Any:
+    """
+    Listen on C{host:port} with C{SO_REUSEPORT}: Twisted's C{listenTCP}
+    has no such option (twisted#9101), so the socket is made here and
+    adopted (C{adoptStreamPort} dups it; ours is closed).
+    """
+    from twisted.internet.error import CannotListenError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    except OSError as e:
+        raise CannotListenError(host, port, e) from None
+    finally:
+        sock.close()
+
+
+class _RouteGroup(MultiService):
+    """
+    A route's listener and timers, started and stopped together.
+
+    The listener is held, not parented: a reload that changes a route
+    but not its address hands the listening socket to the new group,
+    and a service cannot change parents without being stopped.
+    """
+
+    def __init__(self, route: Route, listener: RouteService | None) -> None:
+        super().__init__()
+        self.route = route
+        self.listener = listener
+
+    def privilegedStartService(self) -> None:
+        if self.listener is not None:
+            self.listener.privilegedStartService()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        if self.listener is not None and not self.listener.running:
+            self.listener.startService()
+        super().startService()
+
+    def stopService(self) -> defer.Deferred[None]:
+        stopped = super().stopService()
+        if self.listener is None or not self.listener.running:
+            return stopped
+        listener = defer.maybeDeferred(self.listener.stopService)
+        return defer.gatherResults([stopped, listener]).addCallback(lambda _: None)
+
+
+class ProxyService(MultiService):
+    """
+    The whole proxy of one process.
+
+    @ivar worker: this process's worker number (0 without workers).
+    @ivar draining: shutting down: no new sessions.
+    @ivar groups: route name to its L{_RouteGroup}, for the current
+        configuration.
+    @ivar retired: routes removed or replaced by a reload that still have
+        sessions.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        worker: int = 0,
+        serveMetrics: bool = True,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.worker = worker
+        self.draining = False
+        self.cancels = CancelRegistry(worker)
+        self.metrics = Metrics(worker)
+        self.metrics.routes = self.liveRoutes
+        self.metrics.inReactor = self._inReactor
+        self.groups: dict[str, _RouteGroup] = {}
+        self.retired: set[Route] = set()
+        self.shutdownRequested: Any = None
+        self._stopping: defer.Deferred[None] | None = None
+        self._deadline: Any = None
+        self._giveUpCall: Any = None
+        self._drained: defer.Deferred[None] | None = None
+        self._metricsService: Service | None = None
+        self._serveMetrics = serveMetrics
+        for routeConfig in config.routes:
+            self._addGroup(self._newRoute(routeConfig))
+        self._setMetrics(config)
+
+    # -- routes -------------------------------------------------------------------
+
+    def liveRoutes(self) -> list[Route]:
+        """Every route with a listener or with sessions, current ones first."""
+        return [g.route for g in self.groups.values()] + sorted(self.retired, key=lambda r: r.name)
+
+    def _newRoute(self, routeConfig: Any) -> Route:
+        """A route (TLS contexts built now, so bad files fail here)."""
+        return Route(routeConfig, self.reactor, self.cancels, self.metrics, self)
+
+    def _addGroup(self, route: Route, listener: RouteService | None = None) -> _RouteGroup:
+        if listener is None:
+            listener = RouteService(route, self.reactor)
+        elif listener.route is not route:
+            listener.serve(route)
+        group = _RouteGroup(route, listener)
+        group.name = route.name
+        routeConfig = route.config
+        refresh = TimerService(routeConfig.listener.cert_refresh_interval, route.reloadCertificates)
+        refresh.clock = self.reactor
+        refresh.setServiceParent(group)
+        if route.pools is not None:
+            pool = routeConfig.pool
+            if pool.password_source == "literal":
+                self._log.warn(
+                    "route={route}: pool.service_password is written in the configuration file; "
+                    "prefer service_password_file or service_password_env",
+                    route=route.name,
+                )
+            interval = max(0.5, min(30.0, pool.idle_timeout / 4))
+            reaper = TimerService(interval, route.pools.reap)
+            reaper.clock = self.reactor
+            reaper.setServiceParent(group)
+        self.groups[route.name] = group
+        group.setServiceParent(self)
+        return group
+
+    def _retire(self, route: Route, successor: Route | None = None) -> None:
+        """
+        C{route} takes no new sessions; its pools are still reaped, and
+        closed once its last client leaves. Without a successor (removed,
+        not changed) nothing could RESUME it, so it is resumed now.
+        """
+        route.retired = True
+        held, route._held = route._held, []
+        for client, _ in held:
+            client.terminate()
+        if successor is None and route.paused:
+            route.setPaused(False)
+        if not route.clients:
+            self.routeEmpty(route)
+            return
+        self.retired.add(route)
+        if route.pools is not None:
+            interval = max(0.5, min(30.0, route.config.pool.idle_timeout / 4))
+            route.reaper = LoopingCall(route.pools.reap)
+            route.reaper.clock = self.reactor
+            route.reaper.start(interval, now=False)
+
+    def routeEmpty(self, route: Route) -> None:
+        """Called by a route when its last client has gone."""
+        if route.retired:
+            self.retired.discard(route)
+            if route.reaper is not None and route.reaper.running:
+                route.reaper.stop()
+            if route.pools is not None:
+                route.pools.close()
+        self._checkDrained()
+
+    def _checkDrained(self) -> None:
+        """
+        Drained when every client is gone or being closed: a client that
+        does not answer a close (TLS close_notify) must not hold up the
+        exit for the close timeout.
+        """
+        if self._drained is None:
+            return
+        for route in self.liveRoutes():
+            for client in route.clients:
+                if not client._closing:
+                    return
+        drained, self._drained = self._drained, None
+        drained.callback(None)
+
+    # -- reload -------------------------------------------------------------------
+
+    def reloadFromFile(self) -> list[str]:
+        """
+        Re-read the configuration file (SIGHUP, admin C{RELOAD}).
+
+        @return: what changed, one line each.
+        @raise ConfigError: the file is invalid; nothing was changed.
+        """
+        if self.config.path is None:
+            raise ConfigError("this proxy was not started from a configuration file")
+        try:
+            config = load_config(self.config.path)
+            return self.reload(config)
+        except ConfigError as e:
+            for line in str(e).splitlines():
+                self._log.error("reload refused, nothing changed: {problem}", problem=line)
+            raise
+
+    def reload(self, config: Config) -> list[str]:
+        """
+        Apply C{config}. Everything that can fail (TLS files, binding new
+        listeners) is done first; if anything fails, nothing changes.
+
+        @raise ConfigError: naming every problem.
+        """
+        from pgtls_twisted.tls._contexts import TLSConfigError
+
+        if self.draining:
+            self._log.warn("reload ignored: pgtls is shutting down")
+            return ["reload ignored: pgtls is shutting down"]
+        old = {g.route.name: g for g in self.groups.values()}
+        new = {r.name: r for r in config.routes}
+        built: dict[str, Route] = {}
+        problems = []
+        for name, routeConfig in new.items():
+            group = old.get(name)
+            if group is not None and group.route.config == routeConfig:
+                continue
+            try:
+                built[name] = self._newRoute(routeConfig)
+            except TLSConfigError as e:
+                problems.append(f'route "{name}": {e}')
+        if problems:
+            raise ConfigError(problems)
+        # Which listening socket each new or changed route takes over: its
+        # own if its address did not change, or that of a removed route on
+        # the same address (a rename); the others are bound now, before
+        # anything is touched.
+        removed = {name: g for name, g in old.items() if name not in new}
+        vacated = {g.route.config.listener.bind_address: g for g in removed.values()}
+        successors: dict[str, _RouteGroup] = {}
+        for name, route in built.items():
+            group = old.get(name)
+            if group is not None and _same_address(group.route.config, route.config):
+                successors[name] = group
+            elif group is None and route.config.listener.bind_address in vacated:
+                successors[name] = vacated.pop(route.config.listener.bind_address)
+        bound: dict[str, RouteService] = {}
+        for name, route in built.items():
+            if name in successors:
+                continue
+            listener = RouteService(route, self.reactor)
+            try:
+                listener._listen()
+            except Exception as e:
+                _undo(bound, built)
+                raise ConfigError(
+                    [f'route "{name}": cannot listen on {route.config.listener.bind_address}: {e}']
+                ) from None
+            bound[name] = listener
+        metrics = None
+        if config.metrics != self.config.metrics:
+            metrics = self._newMetricsService(config)
+            try:
+                if metrics is not None:
+                    metrics._listen()
+            except Exception as e:
+                _undo(bound, built)
+                assert config.metrics is not None
+                raise ConfigError(
+                    [f"metrics: cannot listen on {config.metrics.bind_address}: {e}"]
+                ) from None
+        notes = []
+        handedOver = {id(g): name for name, g in successors.items()}
+        for name, group in removed.items():
+            if id(group) in handedOver:
+                continue
+            self._removeGroup(group)
+            notes.append(f'route "{name}" removed: stopped listening, its sessions go on')
+        for name, route in built.items():
+            group = old.get(name)
+            predecessor = successors.get(name)
+            if predecessor is not None:
+                listener = predecessor.listener
+                assert listener is not None
+                self._removeGroup(predecessor, successor=route)
+                self._addGroup(route, listener)
+            else:
+                if group is not None:
+                    self._removeGroup(group, successor=route)
+                self._addGroup(route, bound[name])
+            if group is None and predecessor is not None:
+                notes.append(
+                    f'route "{predecessor.route.name}" renamed "{name}": sessions go on,'
+                    " new connections use the new settings"
+                )
+            elif group is None:
+                notes.append(
+                    f'route "{name}" added: listening on {route.config.listener.bind_address}'
+                )
+            else:
+                notes.append(f'route "{name}" changed: new connections use the new settings')
+        for name, group in self.groups.items():
+            if name not in built:
+                group.route.reloadCertificates(force=True)
+        self._applyTopLevel(config, notes, metrics)
+        self.config = config
+        for note in notes or ["no route changed; certificates re-read"]:
+            self._log.info("reload: {note}", note=note)
+        return notes or ["no route changed; certificates re-read"]
+
+    def _removeGroup(self, group: _RouteGroup, successor: Route | None = None) -> None:
+        """
+        Stop C{group}'s timers, and its listener unless C{successor} takes
+        it over; a successor also inherits the pause and the clients
+        held by it.
+        """
+        route = group.route
+        del self.groups[route.name]
+        if successor is not None:
+            if group.listener is not None and group.listener.route is route:
+                if successor.config.listener.bind_address == route.config.listener.bind_address:
+                    group.listener = None
+            successor.paused = route.paused
+            successor._held, route._held = route._held, []
+        group.disownServiceParent()
+        self._retire(route, successor)
+
+    def _applyTopLevel(
+        self, config: Config, notes: list[str], metrics: ListeningService | None
+    ) -> None:
+        for key in ("workers", "log_format"):
+            if getattr(config, key) != getattr(self.config, key):
+                notes.append(f"{key} changed: takes effect after a restart")
+        if config.log_level != self.config.log_level:
+            apply_log_level(config.log_level)
+            notes.append(f"log_level is now {config.log_level}")
+        if config.admin != self.config.admin:
+            notes.append("admin settings changed")
+        if config.metrics != self.config.metrics:
+            self._setMetrics(config, metrics)
+            notes.append("metrics endpoint changed")
+
+    # -- metrics ------------------------------------------------------------------
+
+    def _newMetricsService(self, config: Config) -> ListeningService | None:
+        if not self._serveMetrics or config.metrics is None:
+            return None
+        from pgtls_twisted.app._metricsweb import MetricsService
+
+        return MetricsService(config.metrics, self.metrics.registry, self.reactor)
+
+    def _setMetrics(self, config: Config, service: ListeningService | None = None) -> None:
+        """Serve C{/metrics} as C{config} says (with C{service}, if already bound)."""
+        if self._metricsService is not None:
+            self._metricsService.disownServiceParent()
+            self._metricsService = None
+        if service is None:
+            service = self._newMetricsService(config)
+        if service is not None:
+            self._metricsService = service
+            service.setServiceParent(self)
+
+    def _inReactor(self, f: Any) -> Any:
+        from twisted.python.threadable import isInIOThread
+
+        if isInIOThread():
+            return f()
+        from twisted.internet.threads import blockingCallFromThread
+
+        return blockingCallFromThread(self.reactor, f)
+
+    # -- pause --------------------------------------------------------------------
+
+    def setPaused(self, name: str | None, paused: bool) -> list[str]:
+        """Pause or resume one route, or all (C{None}), in this process."""
+        if name is not None and name not in self.groups:
+            raise KeyError(name)
+        names = [name] if name is not None else list(self.groups)
+        # Retired routes too: their sessions may be queued in their pools.
+        for route in self.liveRoutes():
+            if route.name in names:
+                route.setPaused(paused)
+        for n in names:
+            self._log.info("route={route} {what}", route=n, what="paused" if paused else "resumed")
+        return names
+
+    def metricsPort(self) -> int | None:
+        """The port C{/metrics} is served on (C{None} if it is not)."""
+        service = self._metricsService
+        if service is None or service.port is None:
+            return None
+        return int(service.port.getHost().port)
+
+    def requestReload(self) -> list[str]:
+        """Admin C{RELOAD}."""
+        return self.reloadFromFile()
+
+    def requestPause(self, name: str | None, paused: bool) -> list[str]:
+        """Admin C{PAUSE}/C{RESUME} (with workers, of every worker)."""
+        return self.setPaused(name, paused)
+
+    def complete(self, results: list[Any]) -> Any:
+        """Admin results are complete in one process (see L{WorkerProxy.complete})."""
+        return results
+
+    def requestShutdown(self) -> None:
+        """Admin C{SHUTDOWN}: what SIGTERM does."""
+        if self.shutdownRequested is not None:
+            self.shutdownRequested()
+        else:
+            self.reactor.callLater(0, self.reactor.stop)
+
+    # -- shutdown -----------------------------------------------------------------
+
+    def stopService(self) -> defer.Deferred[None]:
+        """Graceful: see L{shutdown}, with C{shutdown_timeout}."""
+        return self.shutdown(self.config.shutdown_timeout)
+
+    def shutdown(self, timeout: float) -> defer.Deferred[None]:
+        """
+        Stop accepting now; let sessions finish for up to C{timeout}
+        seconds; then close the rest with FATAL 57P01 and close the pools.
+        """
+        if self._stopping is not None:
+            if timeout == 0 and self._deadline is not None and self._deadline.active():
+                self._deadline.reset(0)
+            return _chain(self._stopping)
+        self.draining = True
+        Service.stopService(self)
+        # Stop accepting now; everything else (signal handlers, metrics,
+        # worker control sockets, which relay cancels) stays up while
+        # sessions drain.
+        accepting = [defer.maybeDeferred(g.stopService) for g in self.groups.values() if g.running]
+        clients = [c for r in self.liveRoutes() for c in list(r.clients)]
+        if clients:
+            self._log.info(
+                "shutting down: {count} connections get up to {timeout:g}s to finish",
+                count=len(clients),
+                timeout=timeout,
+            )
+        for route in self.liveRoutes():
+            # Clients held by a PAUSE have no session to finish.
+            held, route._held = route._held, []
+            for client, _ in held:
+                client.terminate()
+        for client in clients:
+            client.drain()
+        self._drained = drained = defer.Deferred()
+        poll = LoopingCall(self._checkDrained)
+        poll.clock = self.reactor
+        poll.start(DRAIN_POLL, now=True)
+        self._deadline = self.reactor.callLater(timeout, self._terminateAll)
+
+        def finish(_: object) -> defer.Deferred[None]:
+            for call in (self._deadline, self._giveUpCall):
+                if call is not None and call.active():
+                    call.cancel()
+            if poll.running:
+                poll.stop()
+            for route in self.liveRoutes():
+                if route.pools is not None:
+                    route.pools.close()
+            rest = [
+                defer.maybeDeferred(child.stopService)
+                for child in reversed(list(self))
+                if child.running and not isinstance(child, _RouteGroup)
+            ]
+            # A moment for the last goodbyes (FATAL, close_notify) to be sent.
+            flushed = deferLater(self.reactor, FLUSH_DELAY, lambda: None) if clients else None
+            waits = accepting + rest + ([flushed] if flushed is not None else [])
+            return defer.gatherResults(waits).addCallback(lambda _: None)
+
+        self._stopping = drained.addCallback(finish)
+        return _chain(self._stopping)
+
+    def _terminateAll(self) -> None:
+        clients = [c for r in self.liveRoutes() for c in list(r.clients)]
+        if not clients:
+            return
+        self._log.info(
+            "shutdown deadline: closing {count} remaining connections (57P01)", count=len(clients)
+        )
+        for client in clients:
+            client.terminate()
+        # Closing is graceful (close_notify); give it a moment, then go.
+        self._giveUpCall = self.reactor.callLater(CLOSE_GRACE, self._giveUp)
+
+    def _giveUp(self) -> None:
+        for route in self.liveRoutes():
+            for client in list(route.clients):
+                client.transport.abortConnection()
+        if self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+
+def _chain(d: defer.Deferred[None]) -> defer.Deferred[None]:
+    """A Deferred that fires with C{d} without taking its result from others."""
+    out: defer.Deferred[None] = defer.Deferred()
+
+    def fire(result: Any) -> Any:
+        out.callback(None)
+        return result
+
+    d.addBoth(fire)
+    return out
+
+
+def _undo(bound: dict[str, RouteService], built: dict[str, Route]) -> None:
+    """A reload that failed half way: close what it opened."""
+    for listener in bound.values():
+        listener.port.stopListening()
+    for route in built.values():
+        if route.pools is not None:
+            route.pools.close()
+
+
+def _same_address(a: Any, b: Any) -> bool:
+    """Whether a changed route can keep its listening socket (port 0 keeps its port)."""
+    return bool(a.listener.bind_address == b.listener.bind_address)
+
+
+def make_service(config: Config, reactor: Any = None, **kwargs: Any) -> ProxyService:
+    """
+    Build the service tree for C{config}. TLS contexts are built here, so a
+    certificate that cannot be used fails before anything binds.
+
+    @param reactor: defaults to the global reactor, imported only now so
+        that embedding applications and C{twist --reactor} choose it first.
+    """
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    return ProxyService(config, reactor, **kwargs)
+
+
+def route_services(top: Any) -> list[RouteService]:
+    """The route listeners of a tree built by L{make_service}, in order."""
+    return [g.listener for g in top.groups.values()]

@@ -1,0 +1,65 @@
+"""
+The configuration: a TOML file (or a mapping) in, frozen dataclasses out,
+with every problem reported at once, before anything binds.
+
+This is public API: L{load_config}, L{parse_config}, the dataclasses, and
+L{describe_config} (what C{pgtls check} prints).
+"""
+
+from pgtls_twisted.config._config import (
+    ADMIN_AUTH_METHODS,
+    BACKEND_TLS_MODES,
+    DEFAULT_CIPHERS,
+    LISTENER_TLS_MODES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    MAX_WORKERS,
+    POOL_MODES,
+    TLS_VERSIONS,
+    AdminConfig,
+    BackendConfig,
+    Config,
+    ConfigError,
+    ListenerConfig,
+    MetricsConfig,
+    PoolConfig,
+    RouteConfig,
+    ScramVerifier,
+    describe_config,
+    format_duration,
+    load_config,
+    parse_address,
+    parse_config,
+    parse_duration,
+    read_verifiers,
+    secret_file_problem,
+)
+
+__all__ = [
+    "ADMIN_AUTH_METHODS",
+    "BACKEND_TLS_MODES",
+    "DEFAULT_CIPHERS",
+    "LISTENER_TLS_MODES",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "MAX_WORKERS",
+    "POOL_MODES",
+    "TLS_VERSIONS",
+    "AdminConfig",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "ListenerConfig",
+    "MetricsConfig",
+    "PoolConfig",
+    "RouteConfig",
+    "ScramVerifier",
+    "describe_config",
+    "format_duration",
+    "load_config",
+    "parse_address",
+    "parse_config",
+    "parse_duration",
+    "read_verifiers",
+    "secret_file_problem",
+]

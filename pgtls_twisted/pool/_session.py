@@ -1,0 +1,560 @@
+# -*- test-case-name: tests.test_pooling -*-
+"""
+A pooled session: the client's credentials are checked by the real server
+over a temporary connection, then its queries run on pooled server
+connections that logged in as the route's service user (the pooling seed's
+design).
+
+Login is L{pgtls_twisted.proxy._session.Session}'s startup phase unchanged (the
+same TLS-leg rules, SCRAM included); at the backend's ReadyForQuery the
+temporary connection is closed instead of becoming a pump. The client has
+by then received AuthenticationOk, the server's ParameterStatus set, a
+minted BackendKeyData and ReadyForQuery.
+
+From then on both directions are framed by their headers only
+(L{pgtls_twisted.protocol._framing}), never parsed, and a
+L{pgtls_twisted.protocol._txstate.TransactionTracker} says when the server
+connection may go back to the pool: when the client leaves (session
+mode), or at every ReadyForQuery that leaves the connection idle
+(transaction mode). Nothing goes back dirty: a connection the client
+leaves in a transaction, a COPY or a pending request is closed, and in
+session mode an idle one is rolled back and reset first.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from pgtls_twisted.ops._logs import Logger
+from pgtls_twisted.ops._metrics import PoolFigures
+from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
+from pgtls_twisted.pool._querylog import PEEK, QueryLog
+from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._framing import MessageSplitter
+from pgtls_twisted.protocol._txstate import (
+    CLIENT_WATCH,
+    SERVER_PEEK,
+    SERVER_WATCH,
+    ParameterTracker,
+    TransactionTracker,
+    parameterStatusFromPeek,
+)
+from pgtls_twisted.proxy._backend import connect_backend
+from pgtls_twisted.proxy._leg import discard
+from pgtls_twisted.proxy._pump import join, separate
+from pgtls_twisted.proxy._session import Session
+
+if TYPE_CHECKING:
+    from pgtls_twisted.proxy._frontend import ClientProtocol
+    from pgtls_twisted.proxy._route import Route
+
+_TERMINATE = ord("X")
+_READY = ord("Z")
+_PARAMETER_STATUS = ord("S")
+_ERROR = ord("E")
+#: Client bytes held while it waits for a server connection, before pgtls
+#: stops reading from it.
+_MAX_HELD = 256 * 1024
+#: Enough of an ErrorResponse to see a FATAL severity field.
+_ERROR_PEEK = 16
+
+
+class PooledSession(Session):
+    """
+    @ivar attached: the pooled server connection serving the client now.
+    @ivar params: the session parameters the client should see on any server.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
+        super().__init__(route, client, startup)
+        self.pools = route.pools
+        #: The pool of the client's database: looked up (and so perhaps
+        #: created) only once the server has accepted the client's login,
+        #: so that names a client made up create nothing.
+        self.pool: Pool | None = None
+        self._counted = False
+        self.transactionMode = route.config.pool.mode == "transaction"
+        self.params = ParameterTracker(startup.parameters)
+        self.attached: PooledServer | None = None
+        self._tracker: TransactionTracker | None = None
+        self.queryLog: QueryLog | None = None
+        if route.config.pool.log_queries:
+            self.queryLog = QueryLog(
+                route.clock,
+                conn=client.connId,
+                client=client.peer,
+                user=startup.user,
+                route=route.name,
+                database=startup.database,
+            )
+            self._clientSplitter = MessageSplitter(CLIENT_WATCH, peek={b"Q": PEEK, b"P": PEEK})
+        else:
+            self._clientSplitter = MessageSplitter(CLIENT_WATCH)
+        self._serverSplitter: MessageSplitter | None = None
+        self._waiting: defer.Deferred[PooledServer] | None = None
+        self._held: list[bytes] = []
+        self._heldBytes = 0
+        self._heldTypes: list[int] = []
+        self._serverSaidFatal = False
+        self._internalRunning = False
+        self._draining = False
+        #: Wall-clock time since which the client has waited for a server (admin console).
+        self.waitingSince: float | None = None
+        self._waitStarted = 0.0
+        self._queryStarted: float | None = None
+        self._transactionStarted: float | None = None
+        self._figures: PoolFigures | None = None
+
+    # -- the end of login ----------------------------------------------------------
+
+    def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
+        if mtype == b"S":
+            name, value = wire.parse_parameter_status(body)
+            self.params.serverReported(name, value)
+        return super()._serverMessage(mtype, body)
+
+    def _startPump(self) -> None:
+        """The temporary connection said ReadyForQuery: the login is done."""
+        temp, self.server = self.server, None
+        assert temp is not None
+        temp.onLost = None
+        temp.close()
+        self.pool = self.pools.poolFor(self.startup.database)
+        self._figures = self.route.metrics.pooled(self.route.name, self.startup.database)
+        # A logged-in client may come back for a server any time: its pool
+        # must not be dropped meanwhile (PoolManager.reap).
+        self.pool.sessions += 1
+        self._counted = True
+        client = self.client
+        self._started(
+            " pool={pool} mode={mode}", pool=self.pool.name, mode=self.route.config.pool.mode
+        )
+        client.deliver = self._fromClient
+        client.onLost = self._clientLost
+        early = self._clientReader.drain()
+        if early:
+            self._fromClient(early)
+        elif self._draining and self.transactionMode:
+            self._closeForShutdown()
+
+    def cancelTarget(self) -> tuple[Route, int, bytes, Any] | None:
+        server = self.attached
+        if server is None or server.backendKey is None or self._done:
+            return None
+        server.cancels += 1
+        return (
+            self.route,
+            server.backendKey[0],
+            server.backendKey[1],
+            lambda: self.pool.cancelDone(server),
+        )
+
+    # -- client to server ----------------------------------------------------------
+
+    def _fromClient(self, data: bytes) -> None:
+        try:
+            out, events = self._clientSplitter.feed(data)
+        except wire.ProtocolViolation as e:
+            self._abandon("08P01", e.message)
+            return
+        types = [event[1] for event in events]
+        if self.queryLog is not None:
+            for _, mtype, length, peek in events:
+                self.queryLog.clientMessage(mtype, length, peek)
+        if _TERMINATE in types:
+            # Never forwarded: the server connection outlives this client.
+            cut = events[types.index(_TERMINATE)][0]
+            out, types = out[:cut], types[: types.index(_TERMINATE)]
+            self._send(out, types)
+            self._finish("client terminated")
+            return
+        self._send(out, types)
+
+    def _send(self, out: bytes, types: list[int]) -> None:
+        self.client.stats["bytes_in"] += len(out)
+        if types and self._queryStarted is None:
+            self._queryStarted = now = time.monotonic()
+            self.client.lastRequest = time.time()
+            if self._transactionStarted is None:
+                self._transactionStarted = now
+        if self.attached is not None and not self._internalRunning:
+            tracker = self._tracker
+            assert tracker is not None
+            for t in types:
+                tracker.clientMessage(t)
+            if out:
+                self.attached.leg.out.write(out)
+            return
+        if not out:
+            return
+        self._held.append(out)
+        self._heldTypes.extend(types)
+        self._heldBytes += len(out)
+        if self._heldBytes > _MAX_HELD:
+            # Enough held for a client without a server: read no more. (Not
+            # sooner: a paused socket would not notice the client leaving
+            # the queue, Twisted #11168.)
+            self.client.transport.pauseProducing()
+        if self._waiting is None and self.attached is None:
+            self.waitingSince = time.time()
+            self._waitStarted = time.monotonic()
+            self._waiting = self.pool.acquire()
+            self._waiting.addCallbacks(self._acquired, self._notAcquired)
+
+    def _acquired(self, server: PooledServer) -> None:
+        self._waiting = None
+        self.waitingSince = None
+        self._figures.waited(time.monotonic() - self._waitStarted)
+        if self._done:
+            self.pool.release(server)
+            return
+        self._attach(server)
+
+    def _notAcquired(self, failure: Failure) -> None:
+        self._waiting = None
+        self.waitingSince = None
+        if self._done or failure.check(defer.CancelledError):
+            return
+        if failure.check(PoolTimeout):
+            self._abandon("53300", f"pgtls: {failure.value}")
+        elif failure.check(ServerLoginError):
+            err = failure.value
+            self._abandon(err.sqlstate, f'pgtls pool "{self.pool.name}": {err.message}')
+        else:
+            self._abandon("08001", f'pgtls pool "{self.pool.name}": {failure.getErrorMessage()}')
+
+    # -- attaching and detaching ----------------------------------------------------
+
+    def _attach(self, server: PooledServer) -> None:
+        self.attached = server
+        server.holder = self
+        self._tracker = TransactionTracker()
+        self._serverSplitter = MessageSplitter(
+            SERVER_WATCH, peek={**SERVER_PEEK, b"E": _ERROR_PEEK}
+        )
+        leg = server.leg
+        leg.onLost = self._attachedLost
+        join(self.client, leg)
+        diff = self.params.differences(server.parameters)
+        if diff:
+            self._internal(ParameterTracker.applySQL(diff), self._flushHeld)
+        else:
+            self._flushHeld()
+
+    def _flushHeld(self) -> None:
+        server = self.attached
+        assert server is not None and self._tracker is not None
+        server.leg.deliver = self._fromServer
+        held, types = b"".join(self._held), self._heldTypes
+        self._held, self._heldTypes, self._heldBytes = [], [], 0
+        for t in types:
+            self._tracker.clientMessage(t)
+        if held:
+            server.leg.out.write(held)
+        self.client.transport.resumeProducing()
+
+    def _detach(self) -> PooledServer:
+        server = self.attached
+        assert server is not None
+        self.attached = None
+        self._tracker = None
+        leg = server.leg
+        separate(self.client, leg)
+        leg.deliver = discard
+        leg.onLost = lambda reason: self.pool.lost(server)
+        return server
+
+    # -- server to client ----------------------------------------------------------
+
+    def _fromServer(self, data: bytes) -> None:
+        splitter, tracker = self._serverSplitter, self._tracker
+        assert splitter is not None and tracker is not None and self.attached is not None
+        try:
+            out, events = splitter.feed(data)
+        except wire.ProtocolViolation as e:
+            self.attached.dirty = True
+            self._abandon("08006", f"backend protocol violation: {e.message}")
+            return
+        for _, mtype, length, peek in events:
+            if mtype == _PARAMETER_STATUS:
+                param = parameterStatusFromPeek(length, peek)
+                if param is not None:
+                    self.attached.parameters[param[0]] = param[1]
+                    self.params.serverReported(*param)
+            elif mtype == _ERROR:
+                if b"SFATAL\0" in peek:
+                    self._serverSaidFatal = True
+                tracker.serverMessage(mtype)
+            else:
+                tracker.serverMessage(mtype, peek or None)
+                if mtype == _READY:
+                    self._ready(tracker)
+        self.client.stats["bytes_out"] += len(out)
+        self.client.out.write(out)
+        if (
+            self.transactionMode
+            and tracker.idle
+            and splitter.atBoundary
+            and self._clientSplitter.atBoundary
+        ):
+            self.pool.release(self._detach())
+            if self._draining:
+                self._closeForShutdown()
+
+    def _ready(self, tracker: TransactionTracker) -> None:
+        """A ReadyForQuery: a query (and maybe a transaction) is over."""
+        if self.queryLog is not None:
+            self.queryLog.readyForQuery()
+        now = time.monotonic()
+        if self._queryStarted is not None:
+            self._figures.queryDone(now - self._queryStarted)
+            self._queryStarted = now if tracker.pendingSyncs else None
+        if tracker.transactionStatus == "I" and self._transactionStarted is not None:
+            self._figures.transactionDone(now - self._transactionStarted)
+            self._transactionStarted = None
+
+    # -- shutting down ---------------------------------------------------------------
+
+    def drain(self) -> None:
+        """
+        The proxy is shutting down: in transaction mode the client is let
+        go at the end of its current transaction (now, if it has none);
+        in session mode its session runs on until the deadline.
+        """
+        self._draining = True
+        if self.transactionMode and self.client.startupDone and self._betweenTransactions():
+            self._closeForShutdown()
+
+    def terminate(self) -> None:
+        """The deadline: FATAL 57P01 where a message boundary allows, and close."""
+        if not self.client.startupDone:
+            super().terminate()
+            return
+        if self.attached is None or (
+            self._serverSplitter is not None and self._serverSplitter.atBoundary
+        ):
+            self.client.fail("57P01", "terminating connection due to administrator command")
+        self._finish("pgtls shutdown")
+
+    def _betweenTransactions(self) -> bool:
+        return self.attached is None and self._waiting is None and not self._held
+
+    def _closeForShutdown(self) -> None:
+        self.client.fail("57P01", "terminating connection due to administrator command")
+        self._finish("pgtls shutdown")
+
+    # -- the proxy's own statements ----------------------------------------------------
+
+    def _internal(self, sql: str, then: Any) -> None:
+        """
+        Run C{sql} on the attached server, swallowing its answers, then call
+        C{then}. A failure marks the connection dirty (closed on release)
+        and ends the client's session: its state could not be restored.
+        """
+        server = self.attached
+        assert server is not None
+        reader = wire.MessageReader()
+        failed: list[str] = []
+
+        def answer(data: bytes) -> None:
+            reader.feed(data)
+            while True:
+                try:
+                    msg = reader.next()
+                except wire.ProtocolViolation as e:
+                    server.dirty = True
+                    self._abandon("08006", f"backend protocol violation: {e.message}")
+                    return
+                if msg is None:
+                    return
+                mtype, body = msg
+                if mtype == b"E":
+                    failed.append(wire.parse_error_fields(body).get("M", "error"))
+                elif mtype == b"S":
+                    name, value = wire.parse_parameter_status(body)
+                    server.parameters[name] = value
+                elif mtype == b"Z":
+                    self._internalRunning = False
+                    server.leg.deliver = discard
+                    if failed:
+                        server.dirty = True
+                        self._log.warn(
+                            "conn={conn} pool={pool}: {sql!r} failed: {error}",
+                            conn=self.client.connId,
+                            pool=self.pool.name,
+                            sql=sql,
+                            error=failed[0],
+                        )
+                    then()
+                    rest = reader.drain()
+                    if rest:
+                        # Asynchronous messages right behind our answer.
+                        server.leg.deliver(rest)
+                    return
+
+        self._internalRunning = True
+        server.leg.deliver = answer
+        server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
+
+    # -- ending ----------------------------------------------------------------------
+
+    def _finish(self, reason: str) -> None:
+        if self._done:
+            return
+        if self._counted:
+            self._counted = False
+            self.pool.sessions -= 1
+        if self._waiting is not None:
+            waiting, self._waiting = self._waiting, None
+            waiting.cancel()
+        if self.attached is not None:
+            self._giveBack()
+        super()._finish(reason)
+
+    def _giveBack(self) -> None:
+        """The client is leaving: return its server connection clean, or close it."""
+        tracker = self._tracker
+        assert tracker is not None
+        quiet = (
+            tracker.pendingSyncs == 0
+            and tracker.inCopy is None
+            and not tracker.batchOpen
+            and tracker.pinned is None
+            and self._clientSplitter.atBoundary
+            and self._serverSplitter is not None
+            and self._serverSplitter.atBoundary
+        )
+        server = self._detach()
+        if not quiet:
+            # Mid-request: what the server is doing is unknown, so nobody
+            # else may have it.
+            server.dirty = True
+            self.pool.release(server)
+            return
+        if self.transactionMode and tracker.transactionStatus == "I":
+            self.pool.release(server)
+            return
+        statements = []
+        if tracker.transactionStatus != "I":
+            statements.append("ROLLBACK")
+        if not self.transactionMode and self.route.config.pool.reset_query:
+            statements.append(self.route.config.pool.reset_query)
+        self.attached = server  # for _internal
+        self._internalEach(statements, server, lambda: self._resetDone(server))
+
+    def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
+        """
+        Run C{statements} one Query each, then call C{then}. Not joined into
+        one: a Query of several statements is one implicit transaction, in
+        which C{DISCARD ALL} (and any other statement that refuses a
+        transaction block) always fails, so the connection would be closed
+        instead of reset. After a failure (the connection is then dirty and
+        will be closed) the rest are skipped.
+        """
+        if not statements or server.dirty:
+            then()
+            return
+        first, rest = statements[0], statements[1:]
+        self._internal(first, lambda: self._internalEach(rest, server, then))
+
+    def _resetDone(self, server: PooledServer) -> None:
+        self.attached = None
+        server.leg.deliver = discard
+        server.leg.onLost = lambda reason: self.pool.lost(server)
+        # Parameters are back to the service user's defaults after a reset.
+        self.pool.release(server)
+
+    def _attachedLost(self, reason: Failure) -> None:
+        server = self.attached
+        if server is None:
+            return
+        self.attached = None
+        self.pool.lost(server)
+        if not self._done:
+            if self._serverSaidFatal:
+                self._finish("server connection closed by the server")
+            else:
+                self._abandon("08006", f'pgtls pool "{self.pool.name}": server connection lost')
+
+
+class PoolManager:
+    """
+    The pools of one route, one per database (the service user is the
+    route's), created on first use and dropped when empty and idle.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.config = route.config.pool
+        self.pools: dict[str, Pool] = {}
+
+    def poolFor(self, database: str) -> Pool:
+        pool = self.pools.get(database)
+        if pool is None:
+            config = self.config
+            pool = Pool(
+                f"{config.service_user}/{database}",
+                lambda: self._open(database),
+                self.route.clock,
+                maxSize=config.max_size,
+                minSize=config.min_size,
+                acquireTimeout=config.acquire_timeout,
+                idleTimeout=config.idle_timeout,
+                maxLifetime=config.max_lifetime,
+            )
+            pool.paused = self.route.paused
+            self.pools[database] = pool
+        return pool
+
+    def _open(self, database: str) -> defer.Deferred[PooledServer]:
+        """A new server connection, logged in as the service user."""
+        config = self.config
+        clock = self.route.clock
+
+        def login(leg: Any) -> defer.Deferred[PooledServer]:
+            attempt = ServerLogin(
+                leg,
+                config.service_user,
+                database,
+                config.service_password,
+                {"application_name": "pgtls"},
+            )
+
+            def ready(result: Any) -> PooledServer:
+                now = clock.seconds()
+                server = PooledServer(leg, now, dict(result.parameters), result.backendKey, now)
+                # Until a client holds it, the pool watches it: one that
+                # dies while idle must leave the pool, not be handed out.
+                pool = self.pools.get(database)
+                leg.deliver = discard
+                leg.onLost = (lambda reason: pool.lost(server)) if pool is not None else None
+                return server
+
+            return attempt.done.addCallback(ready)
+
+        return connect_backend(self.route).addCallback(login)
+
+    def reap(self) -> None:
+        """Close idle and over-age connections; forget pools nobody uses."""
+        for database, pool in list(self.pools.items()):
+            pool.reap()
+            if pool.size == 0 and pool.unused:
+                del self.pools[database]
+                if not self.route.retired:
+                    # (A retired route's successor of the same name may
+                    # still be using these series.)
+                    self.route.metrics.poolDropped(self.route.name, database)
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+        self.pools.clear()

@@ -1,0 +1,256 @@
+# -*- test-case-name: tests.test_backend -*-
+"""
+The backend leg: pgtls connecting to the real server, as libpq would.
+
+L{connect_backend} opens a TCP connection, negotiates encryption according
+to the route's C{backend.tls} mode (libpq's sslmode meanings), verifies the
+server, and hands back a L{ServerProtocol} ready for a startup packet. Every
+failure becomes a L{BackendError} whose text is fit for the client's
+ErrorResponse and names the route.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
+from twisted.internet.protocol import ClientFactory
+from twisted.python.failure import Failure
+
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import Decrypted, Leg
+from pgtls_twisted.tls._contexts import BackendVerification, describe_tls
+
+if TYPE_CHECKING:
+    from pgtls_twisted.proxy._route import Route
+
+
+class BackendError(Exception):
+    """
+    The backend could not be reached or trusted.
+
+    @ivar sqlstate: 08001 (could not establish) or 08006 (failure of an
+        established or encrypting connection), as libpq uses them.
+    """
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+        self.message = message
+
+
+class ServerProtocol(Leg):
+    """
+    One connection to the backend.
+
+    Before it is ready it answers to its L{connect_backend} Deferred; after,
+    to whoever sets C{deliver} and C{onLost} (a session, or a cancel).
+
+    @ivar tlsInfo: TLS version and cipher, or C{None} for plaintext.
+    """
+
+    def __init__(self, route: Route, ready: defer.Deferred[ServerProtocol]) -> None:
+        super().__init__()
+        self.route = route
+        self.clock = route.clock
+        self.mode = route.config.backend.tls
+        self._ready: defer.Deferred[ServerProtocol] | None = ready
+        self.tlsInfo: dict[str, str | None] | None = None
+        self.connectedAt: float | None = None
+        self.verification = BackendVerification()
+        self.deliver = self._unexpected
+        self._waitingForSSLReply = False
+
+    # -- establishing --------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.connectedAt = time.time()
+        if self.mode == "disable":
+            self._succeed()
+            return
+        self._waitingForSSLReply = True
+        self.transport.write(wire.SSL_REQUEST)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self._waitingForSSLReply:
+            self.deliver(data)
+            return
+        self._waitingForSSLReply = False
+        answer = data[:1]
+        if len(data) != 1 and answer in (b"S", b"N"):
+            # CVE-2021-23222: whatever follows the one-byte answer was not
+            # protected by the TLS session we are about to start.
+            self._fail("08006", "received unencrypted data after SSL response")
+        elif answer == b"S":
+            self.tls = self.route.backendTLS.attach(self, Decrypted(self))
+            self.out = self.tls
+        elif answer == b"N":
+            if self.mode == "prefer":
+                self._succeed()
+            else:
+                self._fail(
+                    "08001", f"server does not support SSL, but backend.tls is {self.mode!r}"
+                )
+        elif answer == b"E":
+            # CVE-2024-10977: an error sent before TLS is unauthenticated;
+            # its text is never shown to anyone.
+            self._fail("08001", "server answered the SSL request with an error")
+        else:
+            self._fail("08001", f"server sent an invalid response to the SSL request ({answer!r})")
+
+    def handshakeCompleted(self) -> None:
+        conn = self.tls.getHandle()
+        problem = self.route.backendCreator.check_hostname(conn)
+        if problem is not None:
+            self._fail("08006", f"backend TLS verification failed: {problem}")
+            return
+        self.tlsInfo = describe_tls(conn)
+        self._succeed()
+
+    def _succeed(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None and not ready.called:
+            ready.callback(self)
+        else:
+            # connect_timeout expired while we were negotiating.
+            self.close()
+
+    def _fail(self, sqlstate: str, message: str) -> None:
+        ready, self._ready = self._ready, None
+        self._closing = True
+        self.transport.abortConnection()
+        if ready is not None and not ready.called:
+            ready.errback(BackendError(sqlstate, message))
+
+    def _unexpected(self, data: bytes) -> None:
+        # Bytes before anyone listens (e.g. after a plaintext 'N'): a
+        # server never speaks first, so this is a protocol violation.
+        self._fail("08006", "backend sent data before the startup packet")
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def appConnectionLost(self, reason: Failure) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None:
+            self._lost = True
+            if not ready.called:
+                ready.errback(_explain_handshake_failure(self, reason))
+            return
+        super().appConnectionLost(reason)
+
+
+def _explain_handshake_failure(leg: ServerProtocol, reason: Failure) -> BackendError:
+    """Turn a connection lost before the leg was ready into words."""
+    if leg.verification.chain_error is not None:
+        return BackendError(
+            "08006", f"backend TLS verification failed: {leg.verification.chain_error}"
+        )
+    if leg.tls is not None:
+        text = str(reason.value)
+        minimum = leg.route.config.backend.min_tls_version
+        if (
+            "protocol" in text.lower()
+            and "version" in text.lower()
+            or "unsupported protocol" in text.lower()
+        ):
+            return BackendError(
+                "08006",
+                f"backend TLS handshake failed: the server cannot use TLS {minimum} or later "
+                f"(backend.min_tls_version = {minimum!r})",
+            )
+        return BackendError("08006", f"backend TLS handshake failed: {_openssl_reason(reason)}")
+    return BackendError("08006", "backend closed the connection during startup")
+
+
+def _openssl_reason(reason: Failure) -> str:
+    value = reason.value
+    args = getattr(value, "args", ())
+    if args and isinstance(args[0], list) and args[0]:
+        # pyOpenSSL errors: [(library, function, reason), ...]
+        return "; ".join(str(item[-1]) for item in args[0])
+    return str(value) or reason.type.__name__
+
+
+class _BackendFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, route: Route, ready: defer.Deferred[ServerProtocol]) -> None:
+        self.route = route
+        self.ready = ready
+
+    def buildProtocol(self, addr: object) -> ServerProtocol:
+        return ServerProtocol(self.route, self.ready)
+
+    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
+        if not self.ready.called:
+            self.ready.errback(_explain_connect_failure(self.route, reason))
+
+
+def _explain_connect_failure(route: Route, reason: Failure) -> BackendError:
+    backend = route.config.backend
+    where = f"{backend.host}:{backend.port}"
+    if reason.check(ConnectionRefusedError):
+        return BackendError("08001", f"could not connect to backend {where}: connection refused")
+    if reason.check(TimeoutError, defer.TimeoutError):
+        return BackendError("08001", f"could not connect to backend {where}: timeout expired")
+    if reason.check(DNSLookupError):
+        return BackendError("08001", f"could not translate backend host name {backend.host!r}")
+    if reason.check(ConnectError):
+        return BackendError(
+            "08001", f"could not connect to backend {where}: {reason.getErrorMessage()}"
+        )
+    return BackendError(
+        "08001", f"could not connect to backend {where}: {reason.getErrorMessage()}"
+    )
+
+
+def connect_backend(route: Route) -> defer.Deferred[ServerProtocol]:
+    """
+    Connect to the route's backend and negotiate encryption.
+
+    C{backend.connect_timeout} covers the TCP connect, the SSL negotiation
+    and the TLS handshake together.
+
+    @return: a Deferred firing with the ready L{ServerProtocol}, or failing
+        with L{BackendError}.
+    """
+    backend = route.config.backend
+    ready: defer.Deferred[ServerProtocol] = defer.Deferred()
+    factory = _BackendFactory(route, ready)
+    connector = route.reactor.connectTCP(
+        backend.host, backend.port, factory, timeout=backend.connect_timeout
+    )
+
+    def expired() -> None:
+        if not ready.called:
+            ready.errback(
+                BackendError(
+                    "08001",
+                    f"could not connect to backend {backend.host}:{backend.port}: "
+                    f"timeout expired after {backend.connect_timeout:g}s",
+                )
+            )
+            connector.disconnect()
+
+    timer = route.clock.callLater(backend.connect_timeout, expired)
+    started = time.monotonic()
+
+    def done(result: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        if isinstance(result, Failure):
+            route.metrics.backendFailed(route.name, result.getErrorMessage())
+        else:
+            route.metrics.backendConnected(route.name, time.monotonic() - started)
+        return result
+
+    ready.addBoth(done)
+    return ready

@@ -1,0 +1,489 @@
+# -*- test-case-name: tests.test_frontend -*-
+"""
+The client leg: everything a client sends before its session starts.
+
+A client connection goes through, at most: a GSSENCRequest (answered
+C{N}), an SSLRequest (answered C{S}, then TLS) or a direct TLS ClientHello,
+and then exactly one startup packet inside the chosen layer: a
+StartupMessage, which starts a L{pgtls_twisted.proxy._session.Session}, or a
+CancelRequest, which is handed to L{pgtls_twisted.proxy._cancel}. Each request is
+allowed once, so alternating requests cannot loop (CVE-2026-6479).
+
+All parsing here is of startup packets, whose lengths are bounded before
+any bytes are buffered for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import TYPE_CHECKING, Any
+
+from twisted.python.failure import Failure
+
+from pgtls_twisted.ops._logs import Logger
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, discard
+from pgtls_twisted.proxy._logins import TicketState, TooManyLogins
+from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, describe_tls
+
+if TYPE_CHECKING:
+    from pgtls_twisted.proxy._logins import Ticket
+    from pgtls_twisted.proxy._route import Route
+
+_ids = itertools.count(1)
+
+
+def number_connections(first: int, step: int) -> None:
+    """
+    Number this process's connections C{first}, C{first + step}, ...: with
+    N workers, worker I uses (I + 1, N), so a connection id (the C{conn} of
+    every log line, C{SHOW CLIENTS}'s C{id}) names one connection across
+    all of them.
+    """
+    global _ids
+    _ids = itertools.count(first, step)
+
+
+class ClientProtocol(Leg):
+    """
+    One client connection, from accept to close.
+
+    C{deliver} is the startup parser until a session takes over.
+
+    @ivar stats: what the close log line reports, filled in by whoever
+        learns it (this leg, the session, the backend leg).
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route) -> None:
+        super().__init__()
+        self.route = route
+        self.clock = route.clock
+        self.connId = next(_ids)
+        self.session: Any = None
+        self.deliver = self._startupData
+        self.verifyError: str | None = None
+        self.startup: wire.StartupMessage | None = None
+        self._buf = bytearray()
+        self._gssDone = False
+        self._direct = False
+        self.startupDone = False
+        self._handshakeDone = False
+        self._deadline: Any = None
+        #: The place at the route's L{LoginGate}, until logged in.
+        self._ticket: Ticket | None = None
+        self._loginDeadline: Any = None
+        self._started = time.monotonic()
+        self._tlsStarted = 0.0
+        self.connectedAt = time.time()
+        #: When the client last started a request (pooled sessions set it).
+        self.lastRequest: float | None = None
+        self.stats: dict[str, Any] = {"reason": None, "bytes_in": 0, "bytes_out": 0}
+
+    # -- connection lifecycle ------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        peer = self.transport.getPeer()
+        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.route.clientOpened(self)
+        self.route.metrics.accepted(self.route.name)
+        self._log.info(
+            "conn={conn} open peer={peer} route={route}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+        )
+        try:
+            self._ticket = self.route.logins.arrive(
+                str(getattr(peer, "host", "?")), self.transport.resumeProducing
+            )
+        except TooManyLogins as e:
+            self._refuseEarly(str(e))
+            return
+        self._deadline = self.route.clock.callLater(
+            self.route.config.listener.startup_timeout, self._startupExpired
+        )
+        # The login clock runs from accept, a wait for a login slot included.
+        self.startLoginClock()
+        if self._ticket.state is TicketState.WAITING:
+            # Not a byte is read (nor a handshake done) until it is let in.
+            self.transport.pauseProducing()
+
+    def _refuseEarly(self, text: str) -> None:
+        """
+        Too many logins: refused before anything is read, with an
+        ErrorResponse in plaintext, as PostgreSQL's postmaster answers
+        when it cannot start a backend (a client reads it as the answer to
+        its SSLRequest or StartupMessage).
+        """
+        self.refused("login_limit")
+        self.stats["reason"] = f"53300 {text}"
+        self._log.warn(
+            "conn={conn} refused peer={peer} route={route}: 53300 {text}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            text=text,
+        )
+        self._ignoreInput()
+        self.transport.write(wire.error_response("53300", text))
+        self.transport.loseConnection()
+        self._closeTimer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)
+
+    def startLoginClock(self) -> None:
+        """Start (or restart, after a PAUSE) the C{login_timeout} deadline."""
+        self.stopLoginClock()
+        if self._ticket is not None:
+            self._loginDeadline = self.route.clock.callLater(
+                self.route.config.listener.login_timeout, self._loginExpired
+            )
+
+    def stopLoginClock(self) -> None:
+        if self._loginDeadline is not None and self._loginDeadline.active():
+            self._loginDeadline.cancel()
+        self._loginDeadline = None
+
+    def _leaveGate(self) -> None:
+        """Logged in, or gone: the login slot is free for the next client."""
+        self.stopLoginClock()
+        ticket, self._ticket = self._ticket, None
+        if ticket is not None:
+            self.route.logins.leave(ticket)
+
+    def appConnectionLost(self, reason: Failure) -> None:
+        """The client is gone (after TLS, if any, has shut down)."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._leaveGate()
+        if self.stats["reason"] is None:
+            if self.tls is not None and not self._handshakeDone:
+                self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
+                self.refused("handshake_failure")
+            else:
+                self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
+        self.route.clientClosed(self)
+        super().appConnectionLost(reason)
+        self._logClose()
+
+    def startupComplete(self) -> None:
+        """The session is established; the startup deadline no longer applies."""
+        self.startupDone = True
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._leaveGate()
+
+    def _startupExpired(self) -> None:
+        self._deadline = None
+        timeout = self.route.config.listener.startup_timeout
+        self._expired(f"pgtls: connection startup did not complete within {timeout:g}s")
+
+    def _loginExpired(self) -> None:
+        self._loginDeadline = None
+        ticket = self._ticket
+        if ticket is not None and ticket.state is TicketState.WAITING:
+            text = self.route.logins.refusal(ticket)
+            self._leaveGate()
+            self._refuseEarly(text)
+            return
+        timeout = self.route.config.listener.login_timeout
+        self._expired(f"pgtls: login did not complete within {timeout:g}s (listener.login_timeout)")
+
+    def _expired(self, text: str) -> None:
+        self.refused("startup_timeout")
+        if self.tls is not None and not self._handshakeDone:
+            self.abort(text)  # no channel to speak on yet
+        elif self.startup is None and self.tls is None:
+            self.abort(text)
+        else:
+            self.fail("08006", text)
+
+    def _logClose(self) -> None:
+        s = self.stats
+        self._log.info(
+            "conn={conn} close peer={peer} route={route} user={user} database={database} "
+            "client_tls={client_tls} backend_tls={backend_tls} bytes_in={bytes_in} "
+            "bytes_out={bytes_out} duration={duration:.3f}s reason={reason}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            user=self.startup.user if self.startup else None,
+            database=self.startup.database if self.startup else None,
+            client_tls=s.get("client_tls"),
+            backend_tls=s.get("backend_tls"),
+            bytes_in=s["bytes_in"],
+            bytes_out=s["bytes_out"],
+            duration=time.monotonic() - self._started,
+            reason=s["reason"],
+        )
+
+    def refused(self, reason: str) -> None:
+        """Count this connection as refused (see L{pgtls_twisted.ops._metrics.REFUSALS})."""
+        self.route.metrics.refused(self.route.name, reason)
+
+    # -- shutting down -------------------------------------------------------
+
+    def drain(self) -> None:
+        """The proxy is shutting down: finish what may be finished, then close."""
+        if self.session is not None:
+            self.session.drain()
+
+    def terminate(self) -> None:
+        """The shutdown deadline has passed: close now, telling the client why (57P01)."""
+        if self._closing:
+            return
+        if self.session is not None:
+            self.session.terminate()
+        elif self.startup is not None or (self.tls is not None and self._handshakeDone):
+            self.fail("57P01", "terminating connection due to administrator command")
+        else:
+            self.abort("pgtls is shutting down")
+
+    # -- closing -------------------------------------------------------------
+
+    def fail(self, sqlstate: str, text: str, detail: str | None = None) -> None:
+        """Send a FATAL ErrorResponse (if a channel is open) and close."""
+        if self._closing:
+            return
+        self.stats["reason"] = f"{sqlstate} {text}"
+        self._log.warn(
+            "conn={conn} refused peer={peer} route={route}: {sqlstate} {text}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            sqlstate=sqlstate,
+            text=text,
+        )
+        self.out.write(wire.error_response(sqlstate, text, detail=detail))
+        self.close()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection at once: nothing may be sent (or trusted)."""
+        if self.stats["reason"] is None:
+            self.stats["reason"] = reason
+        self._log.warn(
+            "conn={conn} dropped peer={peer} route={route}: {reason}",
+            conn=self.connId,
+            peer=self.peer,
+            route=self.route.name,
+            reason=reason,
+        )
+        self._ignoreInput()
+        self.transport.abortConnection()
+
+    def _ignoreInput(self) -> None:
+        """Closing: whatever the client still sends is not looked at."""
+        self._closing = True
+        self.deliver = discard
+        self.dataReceived = discard  # type: ignore[method-assign]
+
+    # -- before TLS ----------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        """Plaintext bytes before any TLS: encryption requests and the like."""
+        buf = self._buf
+        first = not buf and not self._gssDone
+        buf += data
+        if first and buf[0] == wire.TLS_HANDSHAKE_RECORD:
+            self._directTLS()
+            return
+        while buf:
+            parsed = self._nextPacket()
+            if parsed is None:
+                return
+            packet, used = parsed
+            if isinstance(packet, wire.SSLRequest):
+                if len(buf) != used:
+                    # CVE-2021-23214: bytes pipelined after the request were
+                    # sent before any encryption and must never be trusted.
+                    self.refused("protocol")
+                    self.fail("08P01", "received unencrypted data after SSL request")
+                    return
+                del buf[:used]
+                self.transport.write(b"S")
+                self._startTLS(b"")
+                return
+            if isinstance(packet, wire.GSSENCRequest):
+                if self._gssDone:
+                    self.refused("protocol")
+                    self.fail("08P01", "pgtls: duplicate GSSAPI encryption request")
+                    return
+                if len(buf) != used:
+                    self.refused("protocol")
+                    self.fail("08P01", "received unencrypted data after GSSAPI encryption request")
+                    return
+                self._gssDone = True
+                del buf[:used]
+                self.transport.write(b"N")
+                continue
+            del buf[:used]
+            self.stats["client_tls"] = None
+            self.deliver = self._startupData
+            # Plaintext from here on: what the socket delivers is
+            # application data, routed like decrypted bytes would be.
+            self.dataReceived = lambda data: self.deliver(data)  # type: ignore[method-assign]
+            self._packet(packet, bytes(buf))
+            buf.clear()
+            return
+
+    def _nextPacket(self) -> tuple[wire.StartupPacket, int] | None:
+        """The next startup packet, or C{None} (incomplete, or refused)."""
+        try:
+            return wire.parse_startup_packet(self._buf)
+        except wire.ProtocolViolation as e:
+            self.refused("protocol")
+            if e.sqlstate is None:
+                self.abort(e.message)
+            else:
+                self.fail(e.sqlstate, e.message)
+            return None
+
+    def _directTLS(self) -> None:
+        if not self.route.config.listener.direct_tls:
+            self.refused("protocol")
+            self.abort("direct TLS connection refused: listener.direct_tls is off")
+            return
+        self._direct = True
+        received = bytes(self._buf)
+        self._buf.clear()
+        self._startTLS(received)
+
+    def _startTLS(self, received: bytes) -> None:
+        self._tlsStarted = time.monotonic()
+        self.deliver = self._startupData
+        self.tls = self.route.clientTLS.attach(self, Decrypted(self), received)
+        if not self._closing:
+            self.out = self.tls
+
+    # -- inside TLS ----------------------------------------------------------
+
+    def handshakeCompleted(self) -> None:
+        self._handshakeDone = True
+        conn = self.tls.getHandle()
+        info = self.stats["client_tls"] = describe_tls(conn)
+        self.route.metrics.handshakeDone(
+            self.route.name,
+            time.monotonic() - self._tlsStarted,
+            info["version"] or "",
+            info["cipher"] or "",
+        )
+        if self._direct and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:
+            self.refused("protocol")
+            self.abort("direct TLS connection without ALPN protocol negotiation extension")
+
+    def _startupData(self, data: bytes) -> None:
+        """Application bytes before the session: exactly one startup packet."""
+        buf = self._buf
+        buf += data
+        parsed = self._nextPacket()
+        if parsed is None:
+            return
+        packet, used = parsed
+        rest = bytes(buf[used:])
+        buf.clear()
+        self._packet(packet, rest)
+
+    def _packet(self, packet: wire.StartupPacket, rest: bytes) -> None:
+        if isinstance(packet, (wire.SSLRequest, wire.GSSENCRequest)):
+            code = (
+                wire.SSL_REQUEST_CODE
+                if isinstance(packet, wire.SSLRequest)
+                else wire.GSSENC_REQUEST_CODE
+            )
+            self.refused("protocol")
+            self.fail(
+                "08P01",
+                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: encryption is already in use",
+            )
+        elif isinstance(packet, wire.CancelRequest):
+            self.stats["reason"] = "cancel request"
+            self.route.cancels.cancel(packet, self.connId, self.route)
+            self.close()
+        else:
+            self._startupMessage(packet, rest)
+
+    def _startupMessage(self, startup: wire.StartupMessage, rest: bytes) -> None:
+        self.startup = startup
+        listener = self.route.config.listener
+        if self.tls is None and listener.tls == "require":
+            self.refused("tls_required")
+            self.fail("28000", "pgtls: this listener requires TLS (sslmode=require or stronger)")
+            return
+        if self.tls is None and listener.mtls:
+            self.refused("client_certificate")
+            self.fail("28000", "pgtls: connection requires a valid client certificate")
+            return
+        refusal = self.route.admission(self)
+        if refusal is not None:
+            sqlstate, text, reason = refusal
+            self.refused(reason)
+            self.fail(sqlstate, text)
+            return
+        if self.tls is not None:
+            problem = self._clientCertificateProblem(startup.user.encode("utf-8"))
+            if problem is not None:
+                self.refused("client_certificate")
+                self.fail("28000", problem)
+                return
+        # Nothing more is read from the client until its backend is ready.
+        self.transport.pauseProducing()
+        self.deliver = self._early
+        self.pending = bytearray(rest)
+        self.route.startSession(self, startup)
+
+    def _clientCertificateProblem(self, user: bytes) -> str | None:
+        listener = self.route.config.listener
+        if not listener.mtls:
+            return None
+        cert = self.tls.getHandle().get_peer_certificate(as_cryptography=True)
+        if cert is None:
+            return "pgtls: connection requires a valid client certificate"
+        if self.verifyError is not None:
+            return f"pgtls: client certificate refused: {self.verifyError}"
+        if listener.cert_user_match:
+            from cryptography.x509.oid import NameOID
+
+            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            cn = cns[0].value if cns else None
+            role = _role_name(user)
+            if role is None or not isinstance(cn, str) or cn.encode("utf-8") != role:
+                shown = user.decode("utf-8", "replace")
+                return f'pgtls: certificate authentication failed for user "{shown}": certificate CN is "{cn}"'
+        return None
+
+    def _early(self, data: bytes) -> None:
+        """Bytes that arrive while the backend is being connected."""
+        self.pending += data
+
+
+#: PostgreSQL's NAMEDATALEN - 1: longer names in the startup packet are cut.
+_MAX_NAME_BYTES = 63
+
+
+def _role_name(user: bytes) -> bytes | None:
+    """
+    The role PostgreSQL will log in for C{user} (the startup packet's raw
+    bytes): cut to 63 bytes without splitting a character. A certificate
+    must match that name exactly, not a longer one that merely starts the
+    same way, nor a different byte string that decodes alike. C{None} for a
+    name that is not UTF-8, which no certificate can vouch for.
+    """
+    try:
+        user.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return user[:_MAX_NAME_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+def _tls_error(reason: Failure | None) -> str:
+    """The OpenSSL reason of a failed handshake, for the close log line."""
+    if reason is None:
+        return "connection lost"
+    args = getattr(reason.value, "args", ())
+    if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
+        return "; ".join(str(item[-1]) for item in args[0])
+    return reason.getErrorMessage()

@@ -1,0 +1,407 @@
+# -*- test-case-name: tests.test_session -*-
+"""
+A pass-through session: one client leg joined to one backend leg.
+
+From the client's StartupMessage to the backend's first ReadyForQuery the
+session reads every message both ways, because three things must happen
+there:
+
+ - authentication through two TLS legs (see L{pgtls_twisted.protocol._scram}): pgtls
+   runs SCRAM itself when the backend asks for it over TLS and the client
+   leg is TLS too; with a plaintext client and a TLS backend it strips
+   C{-PLUS} from the offer; everything else is relayed unchanged, once
+   L{pgtls_twisted.protocol._authpolicy} has allowed it (C{backend.require_auth}, and
+   no cleartext password over a backend leg that is not verified TLS);
+ - the backend's BackendKeyData is replaced by a key minted in
+   L{pgtls_twisted.proxy._cancel};
+ - errors and the backend's closing are turned into ErrorResponses.
+
+After ReadyForQuery the session becomes a L{pgtls_twisted.proxy._pump.Pump}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.python.failure import Failure
+
+from pgtls_twisted.ops._logs import Logger
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.protocol._authpolicy import REFUSED, LoginGuard
+from pgtls_twisted.protocol._scram import (
+    SCRAM_SHA_256_PLUS,
+    ScramLogin,
+    ScramLoginError,
+    ScramPolicyError,
+    in_thread_pool,
+)
+from pgtls_twisted.proxy._backend import BackendError, ServerProtocol, connect_backend
+from pgtls_twisted.proxy._pump import Pump
+from pgtls_twisted.tls._contexts import channel_binding_data
+
+if TYPE_CHECKING:
+    from pgtls_twisted.proxy._frontend import ClientProtocol
+    from pgtls_twisted.proxy._route import Route
+
+#: What a client may pipeline behind its password while pgtls runs SCRAM
+#: for it (see L{Session._clientHeld}); more ends the login, so that an
+#: unauthenticated client cannot make pgtls buffer without bound.
+MAX_HELD_DURING_LOGIN = 64 * 1024
+
+
+class Session:
+    """
+    @ivar server: the backend leg, once connected.
+    @ivar scram: the proxy's own SCRAM exchange, when it runs one.
+    @ivar guard: what the backend may ask for during login.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
+        self.route = route
+        self.client = client
+        self.startup = startup
+        self.server: ServerProtocol | None = None
+        self.scram: ScramLogin | None = None
+        self.guard: LoginGuard | None = None
+        self._awaitingPassword = False
+        #: The SCRAM keys are being derived in a thread: the server's
+        #: messages wait in their reader until client-final is sent (the
+        #: client's wait anyway, see L{_clientHeld}).
+        self._deriving = False
+        #: Bytes in the client's reader, not yet handled.
+        self._heldBytes = 0
+        self._clientReader = wire.MessageReader()
+        self._serverReader = wire.MessageReader()
+        self._backendKey: tuple[int, bytes] | None = None
+        self._mintedPid: int | None = None
+        self._done = False
+        self.pump: Pump | None = None
+        client.session = self
+
+    # -- connecting ------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.onLost = self._clientLostEarly
+        connect_backend(self.route).addCallbacks(self._backendReady, self._backendFailed)
+
+    def _clientLostEarly(self, reason: Failure) -> None:
+        self._done = True
+
+    def _backendFailed(self, failure: Failure) -> None:
+        if self._done:
+            return
+        if failure.check(BackendError):
+            err = failure.value
+            self.client.fail(err.sqlstate, f'pgtls route "{self.route.name}": {err.message}')
+        else:
+            self._log.failure(
+                "conn={conn} unexpected error connecting to the backend",
+                failure,
+                conn=self.client.connId,
+            )
+            self.client.fail(
+                "08001", f'pgtls route "{self.route.name}": could not connect to backend'
+            )
+
+    def _backendReady(self, server: ServerProtocol) -> None:
+        if self._done:
+            server.close()
+            return
+        self.server = server
+        backend = self.route.config.backend
+        self.guard = LoginGuard(backend.require_auth, backend.tls, server.tls is not None)
+        client = self.client
+        client.stats["backend_tls"] = server.tlsInfo
+        client.onLost = self._clientLost
+        server.onLost = self._serverLost
+        server.deliver = self._serverData
+        client.deliver = self._clientData
+        server.out.write(self.startup.encode())
+        pending = bytes(client.pending)
+        client.pending = bytearray()
+        client.transport.resumeProducing()
+        if pending:
+            self._clientData(pending)
+
+    # -- authentication phase ------------------------------------------------
+
+    def _clientData(self, data: bytes) -> None:
+        reader = self._clientReader
+        reader.feed(data)
+        self._heldBytes += len(data)
+        while not self._clientHeld():
+            try:
+                msg = reader.next()
+            except wire.ProtocolViolation as e:
+                self._abandon("08P01", e.message)
+                return
+            if msg is None:
+                return
+            self._heldBytes -= 5 + len(msg[1])
+            self._clientMessage(*msg)
+            if self._done:
+                return
+        if self._clientHeld() and self._heldBytes > MAX_HELD_DURING_LOGIN:
+            self._abandon(
+                "08P01", "pgtls: too much data from the client before authentication completed"
+            )
+
+    def _clientHeld(self) -> bool:
+        """
+        Whether the client's messages must wait in their reader: from its
+        password until the session starts when pgtls runs SCRAM itself. The
+        server expects SASL responses then, and only pgtls sends those; what
+        the client pipelined goes on once the session has started.
+        """
+        return self.scram is not None and not self._awaitingPassword
+
+    def _clientMessage(self, mtype: bytes, body: bytes) -> None:
+        assert self.server is not None
+        if self._awaitingPassword:
+            if mtype != b"p":
+                self._abandon("08P01", f"expected a password response, got message type {mtype!r}")
+                return
+            self._awaitingPassword = False
+            try:
+                wire.password_from_message(body)
+            except wire.ProtocolViolation as e:
+                self._abandon("08P01", e.message)
+                return
+            assert self.scram is not None
+            # The bytes as sent: PostgreSQL hashes those when they are not
+            # valid UTF-8, and so must we.
+            self.server.out.write(self.scram.start(body[:-1]))
+            return
+        if mtype == b"X":
+            self._finish("client terminated during startup")
+            return
+        self.server.out.write(wire.message(mtype, body))
+
+    def _serverData(self, data: bytes) -> None:
+        reader = self._serverReader
+        reader.feed(data)
+        while not self._done and not self._deriving:
+            try:
+                msg = reader.next()
+            except wire.ProtocolViolation as e:
+                self._abandon("08006", f"backend protocol violation: {e.message}")
+                return
+            if msg is None:
+                return
+            mtype, body = msg
+            if self._serverMessage(mtype, body):
+                self._startPump()
+                return
+
+    def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
+        """Handle one backend message; C{True} at the first ReadyForQuery."""
+        out = self.client.out
+        if mtype == b"R":
+            self._authentication(body)
+        elif mtype == b"K":
+            pid, key = wire.parse_backend_key_data(body)
+            self._backendKey = (pid, key)
+            self._mintedPid, mintedKey = self.route.cancels.mint(self, len(key))
+            out.write(wire.backend_key_data(self._mintedPid, mintedKey))
+        elif mtype == b"E":
+            fields = wire.parse_error_fields(body)
+            self.client.stats["reason"] = f"backend error {fields.get('C')} {fields.get('M')}"
+            out.write(wire.message(mtype, body))
+        elif mtype == b"Z":
+            out.write(wire.message(mtype, body))
+            return True
+        else:
+            out.write(wire.message(mtype, body))
+        return False
+
+    def _authentication(self, body: bytes) -> None:
+        assert self.server is not None and self.guard is not None
+        out = self.client.out
+        code = wire.auth_code(body)
+        refusal = self.guard.refusal(code)
+        if refusal is not None:
+            self._abandon(REFUSED, f'pgtls route "{self.route.name}": {refusal}')
+            return
+        if self.scram is not None and code in (
+            wire.AUTH_SASL_CONTINUE,
+            wire.AUTH_SASL_FINAL,
+            wire.AUTH_OK,
+        ):
+            try:
+                if code == wire.AUTH_SASL_CONTINUE:
+                    self._scramContinue(body[4:])
+                elif code == wire.AUTH_SASL_FINAL:
+                    self.scram.finish(body[4:])
+                elif not self.scram.done:
+                    raise ScramLoginError(
+                        "server accepted the login without proving it knows the password"
+                    )
+                else:
+                    out.write(wire.AUTHENTICATION_OK)
+            except ScramLoginError as e:
+                self._scramFailed(e)
+            return
+        if code == wire.AUTH_SASL and self.server.tls is not None:
+            offered = wire.sasl_mechanisms(body)
+            if self.client.tls is not None:
+                self._startScram(offered)
+                return
+            # A plaintext client must not see -PLUS: libpq would (rightly)
+            # take it as TLS stripped by a man in the middle.
+            kept = [m for m in offered if not m.endswith("-PLUS")]
+            if not kept:
+                self._abandon("28000", "backend offers only channel-bound SASL mechanisms")
+                return
+            out.write(wire.authentication_sasl(kept))
+            return
+        out.write(wire.message(b"R", body))
+
+    def _startScram(self, offered: list[str]) -> None:
+        assert self.server is not None
+        binding = None
+        if SCRAM_SHA_256_PLUS in offered:
+            der = self.server.tls.getHandle().get_peer_certificate(as_cryptography=True)
+            if der is not None:
+                from cryptography.hazmat.primitives.serialization import Encoding
+
+                binding = channel_binding_data(der.public_bytes(Encoding.DER))
+        backend = self.route.config.backend
+        try:
+            self.scram = ScramLogin(
+                offered, binding, tls=True, maxIterations=backend.max_scram_iterations
+            )
+        except ScramLoginError as e:
+            self._abandon("28000", str(e))
+            return
+        self._awaitingPassword = True
+        self.client.out.write(wire.AUTHENTICATION_CLEARTEXT_PASSWORD)
+
+    def _scramContinue(self, serverFirst: bytes) -> None:
+        """
+        Derive the SCRAM keys off the reactor thread. Until client-final is
+        sent nothing else is read from the server (nor from the client, see
+        L{_clientHeld}), so no message can overtake it; a side that closes
+        meanwhile ends the session as usual, and the late result is dropped.
+        """
+        assert self.scram is not None
+        derivation = self.scram.challenge(serverFirst, in_thread_pool(self.route.reactor))
+        self._deriving = True
+        derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
+
+    def _clientFinal(self, message: bytes) -> None:
+        self._deriving = False
+        if self._done:
+            return
+        assert self.server is not None
+        self.server.out.write(message)
+        # Go on with whatever the server sent in the meantime.
+        self._serverData(b"")
+
+    def _derivationFailed(self, failure: Failure) -> None:
+        self._deriving = False
+        if self._done:
+            return
+        self._log.failure(
+            "conn={conn} SCRAM key derivation failed", failure, conn=self.client.connId
+        )
+        self._abandon("08006", "backend authentication failed: could not compute the SCRAM proof")
+
+    def _scramFailed(self, error: ScramLoginError) -> None:
+        if isinstance(error, ScramPolicyError):
+            self._abandon(error.sqlstate, f'pgtls route "{self.route.name}": {error}')
+        else:
+            self._abandon(error.sqlstate, f"backend authentication failed: {error}")
+
+    # -- after startup ---------------------------------------------------------
+
+    def _startPump(self) -> None:
+        server, client = self.server, self.client
+        assert server is not None
+        self._started()
+        self.pump = Pump(client, server, client.stats)
+        self.pump.start()
+        rest = self._serverReader.drain()
+        if rest:
+            server.deliver(rest)
+        early = self._clientReader.drain()
+        if early:
+            client.deliver(early)
+
+    def _started(self, format: str = "", **fields: Any) -> None:
+        """Startup is over: no more startup deadline, and one log event."""
+        self.client.startupComplete()
+        self._log.info(
+            "conn={conn} session started route={route} user={user} database={database}" + format,
+            conn=self.client.connId,
+            route=self.route.name,
+            user=self.startup.user,
+            database=self.startup.database,
+            **fields,
+        )
+
+    def cancelTarget(self) -> tuple[Route, int, bytes, None] | None:
+        if self._backendKey is None or self._done:
+            return None
+        return self.route, self._backendKey[0], self._backendKey[1], None
+
+    # -- shutting down -----------------------------------------------------------
+
+    def drain(self) -> None:
+        """
+        The proxy is shutting down. A pass-through session is the client's
+        own server session: it is left to finish until the deadline.
+        """
+
+    def terminate(self) -> None:
+        """
+        The shutdown deadline: close both legs, with PostgreSQL's FATAL
+        57P01 to the client when it can be told without cutting into a
+        message (during startup, which is parsed; after it, only when the
+        last thing the server sent was a ReadyForQuery: the byte pump does
+        not frame messages, see L{Pump.atReady}).
+        """
+        text = "terminating connection due to administrator command"
+        if not self.client.startupDone:
+            self._abandon("57P01", text)
+            return
+        if self.pump is not None and self.pump.atReady():
+            self.client.fail("57P01", text)
+        self._finish("pgtls shutdown")
+
+    # -- ending ----------------------------------------------------------------
+
+    def _abandon(self, sqlstate: str, text: str) -> None:
+        """A failure during startup: tell the client, close both legs."""
+        if self._done:
+            return
+        self.client.fail(sqlstate, text)
+        self._finish(text)
+
+    def _finish(self, reason: str) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._mintedPid is not None:
+            self.route.cancels.forget(self._mintedPid)
+        if self.client.stats["reason"] is None:
+            self.client.stats["reason"] = reason
+        if self.server is not None:
+            self.server.close()
+        self.client.close()
+
+    def _clientLost(self, reason: Failure) -> None:
+        self._finish("client closed")
+
+    def _serverLost(self, reason: Failure) -> None:
+        if not self._done and not self.client.startupDone:
+            # The backend went away before the session started: without an
+            # ErrorResponse of its own (those were relayed above) the
+            # client must still learn why.
+            if self.client.stats["reason"] is None:
+                self.client.fail(
+                    "08006",
+                    f'pgtls route "{self.route.name}": backend closed the connection unexpectedly',
+                )
+        self._finish("backend closed")
