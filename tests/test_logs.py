@@ -10,6 +10,7 @@ real client, so they use blocking clients directly.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from support.admin import write_config
 from support.proxy import route, start_proxy
 from test_commands import BIN, free_port
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel
+from twisted.logger import Logger, LogLevel
 
 from pgtls_twisted.ops import _logs as logs
 from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
@@ -41,7 +42,7 @@ from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
 def emitted(emit) -> dict[str, Any]:
     """The one event C{emit(log)} sends through a pgtls L{logs.Logger}."""
     events: list[dict[str, Any]] = []
-    log = logs.Logger(namespace="pgtls_twisted.test", observer=events.append)
+    log = Logger(namespace="pgtls_twisted.test", observer=events.append)
     emit(log)
     assert len(events) == 1, events
     return events[0]
@@ -127,38 +128,49 @@ def test_json_line_of_a_bad_format_string_is_still_one_line():
 
 def test_log_level_filters_pgtls_events():
     events: list[dict[str, Any]] = []
-    log = logs.Logger(namespace="pgtls_twisted.test", observer=events.append)
-    try:
-        logs.apply_log_level("warn")
-        log.debug("d")
-        log.info("i")
-        log.warn("w")
-        log.error("e")
-        assert [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.error]
-        events.clear()
-        logs.apply_log_level("debug")
-        log.debug("d")
-        assert [e["log_level"] for e in events] == [LogLevel.debug]
-    finally:
-        logs.apply_log_level("info")
+    levels = logs.LogLevels("warn")
+    observer = levels.filtered(events.append)
+    log = Logger(namespace="pgtls_twisted.proxy._frontend.ClientProtocol", observer=observer)
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    log.error("e")
+    assert [e["log_level"] for e in events] == [LogLevel.warn, LogLevel.error]
+    # Twisted's own events are twist --log-level's business, not log_level's.
+    Logger(namespace="twisted.internet.tcp", observer=observer).info("t")
+    assert [e["log_level"] for e in events][-1] == LogLevel.info
+    events.clear()
+    levels.setLevel("debug")
+    log.debug("d")
+    assert [e["log_level"] for e in events] == [LogLevel.debug]
 
 
 def test_configure_output_for_twist():
     parent: dict[str, Any] = {"fileLogObserverFactory": None}
-    logs.configure_output(parent, "json")
-    assert parent["fileLogObserverFactory"] is logs.json_line_observer
+    levels = logs.LogLevels("info")
+
+    def lines(log_format: str) -> str:
+        logs.configure_output(parent, log_format, levels)
+        out = io.StringIO()
+        log = Logger(namespace="pgtls_twisted.test", observer=parent["fileLogObserverFactory"](out))
+        log.debug("hidden")
+        log.info("conn={conn} user={user}", conn=1, user="a\nb")
+        return out.getvalue()
+
     # The configuration decides, not twist's "JSON when not a terminal".
-    logs.configure_output(parent, "text")
+    (record,) = [json.loads(line) for line in lines("json").splitlines()]
+    assert record["user"] == "a\nb"
     # Text: Twisted's text lines, with control characters escaped.
-    assert parent["fileLogObserverFactory"] is logs.text_line_observer
-    logs.configure_output(None, "json")  # embedded: nothing to configure
+    (line,) = lines("text").splitlines()
+    assert line.endswith("conn=1 user=a\\nb")
+    logs.configure_output(None, "json", levels)  # embedded: nothing to configure
 
 
 def test_json_line_observer_writes_lines(tmp_path):
     path = tmp_path / "log.jsonl"
     with path.open("w") as out:
         observer = logs.json_line_observer(out)
-        log = logs.Logger(namespace="pgtls_twisted.test", observer=observer)
+        log = Logger(namespace="pgtls_twisted.test", observer=observer)
         log.info("conn={conn} one", conn=1)
         log.info("conn={conn} two", conn=2)
     records = [json.loads(line) for line in path.read_text().splitlines()]

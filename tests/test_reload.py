@@ -45,7 +45,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.config import ConfigError, load_config
-from pgtls_twisted.ops._logs import apply_log_level
+from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.testing.cluster import APP_DB
 from pgtls_twisted.testing.pki import write_leaf
 
@@ -443,9 +443,12 @@ async def test_log_level_applies_on_reload(pki, pg_tls, tmp_path, proxies):
 
     app = route(pki, pg_tls, name="app")
     path = write_config(tmp_path / "routes.toml", [app], shutdown_timeout="0s")
-    proxy = start_from_file(path)
+    # The output filter twist would put in front of its observer.
+    levels = LogLevels("info")
+    proxy = start_from_file(path, logLevels=levels)
     proxies.append(proxy)
     port = proxy.port("app")
+    observe = levels.filtered(observe)
     globalLogPublisher.addObserver(observe)
     try:
         notes = proxy.service.reload(
@@ -470,7 +473,6 @@ async def test_log_level_applies_on_reload(pki, pg_tls, tmp_path, proxies):
         assert [line for line in lines if "session started" in line], lines
     finally:
         globalLogPublisher.removeObserver(observe)
-        apply_log_level("info")
     await proxy.stop()
 
 

@@ -108,7 +108,7 @@ class Numbered:
     def __init__(self, log: QueryLog) -> None:
         self.numbers: list[int] = []
         self.untimed = 0
-        log._log = logs.Logger(namespace="pgtls_twisted.pool._querylog", observer=self)
+        log._log = Logger(namespace="pgtls_twisted.pool._querylog", observer=self)
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.numbers.append(int(event["statement"].split()[1].rstrip(",")))
@@ -231,16 +231,20 @@ def test_text_lines_keep_tracebacks_on_lines_of_their_own():
 
 
 def test_configure_output_escapes_text_under_twist_and_twistd():
+    levels = logs.LogLevels()
     parent: dict[str, Any] = {"fileLogObserverFactory": None}
-    logs.configure_output(parent, "text")
-    assert parent["fileLogObserverFactory"] is logs.text_line_observer
+    logs.configure_output(parent, "text", levels)
+    out = io.StringIO()
+    Logger(namespace="pgtls_twisted.t", observer=parent["fileLogObserverFactory"](out)).info(
+        "user={user}", user="a\rb"
+    )
+    assert out.getvalue().rstrip("\n").endswith("user=a\\rb")
     twistd: dict[str, Any] = {"logfile": None, "logger": None, "nodaemon": True}
-    logs.configure_output(twistd, "text")
+    logs.configure_output(twistd, "text", levels)
     assert twistd["logger"] == "pgtls_twisted.ops._logs.twistd_text_observer"
-    assert isinstance(logs.twistd_text_observer(), logs.EscapingObserver)
     # An observer named with twistd --logger is the operator's choice.
     chosen: dict[str, Any] = {"logfile": None, "logger": "my.observer"}
-    logs.configure_output(chosen, "text")
+    logs.configure_output(chosen, "text", levels)
     assert chosen["logger"] == "my.observer"
 
 
@@ -250,7 +254,9 @@ def test_twistd_syslog_lines_are_escaped_too(monkeypatch):
     sent: list[str] = []
     monkeypatch.setattr(SyslogObserver, "openlog", lambda *args: None)
     monkeypatch.setattr(SyslogObserver, "syslog", lambda *args: sent.append(args[-1]))
-    monkeypatch.setattr(logs, "_twistd_options", {"syslog": True, "prefix": "pgtls"})
+    monkeypatch.setattr(
+        logs, "_twistd_options", ({"syslog": True, "prefix": "pgtls"}, logs.LogLevels())
+    )
     observer = logs.twistd_text_observer()
     Logger(namespace="pgtls_twisted.test", observer=observer).info(
         "conn={conn} close user={user}", conn=1, user="a\nforged"

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from pgtls_twisted.app._service import ListeningService
 from pgtls_twisted.config import MetricsConfig
-from pgtls_twisted.ops._logs import Logger
 
 
 class MetricsService(ListeningService):

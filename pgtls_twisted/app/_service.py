@@ -30,9 +30,10 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
 
 from pgtls_twisted.config import Config, ConfigError, load_config
-from pgtls_twisted.ops._logs import Logger, apply_log_level
+from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._route import Route
@@ -207,9 +208,15 @@ class ProxyService(MultiService):
         *,
         worker: int = 0,
         serveMetrics: bool = True,
+        logLevels: LogLevels | None = None,
     ) -> None:
+        """
+        @param logLevels: the output's C{log_level} filter, which a reload
+            changes (none when embedded: the application's observers decide).
+        """
         super().__init__()
         self.config = config
+        self.logLevels = logLevels
         self.reactor = reactor
         self.worker = worker
         self.draining = False
@@ -460,7 +467,8 @@ class ProxyService(MultiService):
             if getattr(config, key) != getattr(self.config, key):
                 notes.append(f"{key} changed: takes effect after a restart")
         if config.log_level != self.config.log_level:
-            apply_log_level(config.log_level)
+            if self.logLevels is not None:
+                self.logLevels.setLevel(config.log_level)
             notes.append(f"log_level is now {config.log_level}")
         if config.admin != self.config.admin:
             notes.append("admin settings changed")

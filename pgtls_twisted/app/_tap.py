@@ -23,11 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import IService, Service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from pgtls_twisted.app._service import ProxyService, make_service
 from pgtls_twisted.config import ConfigError, load_config
-from pgtls_twisted.ops._logs import Logger, apply_log_level, configure_output
+from pgtls_twisted.ops._logs import LogLevels, configure_output
 from pgtls_twisted.tls._contexts import TLSConfigError
 
 
@@ -43,7 +44,9 @@ class Options(usage.Options):
             self["loaded"] = load_config(self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        configure_output(getattr(self, "parent", None), self["loaded"].log_format)
+        loaded = self["loaded"]
+        self["levels"] = LogLevels(loaded.log_level)
+        configure_output(getattr(self, "parent", None), loaded.log_format, self["levels"])
 
 
 class Signals(Service):
@@ -107,7 +110,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     config = options["loaded"]
-    apply_log_level(config.log_level)
+    levels = options["levels"]
     if config.workers > 1:
         from pgtls_twisted.app._workers import Supervisor, check_config
 
@@ -115,9 +118,9 @@ def makeService(options: Options) -> IService:
             check_config(config, reactor, bind=True)
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        return Supervisor(config, reactor)
+        return Supervisor(config, reactor, levels)
     try:
-        top = make_service(config, reactor)
+        top = make_service(config, reactor, logLevels=levels)
     except TLSConfigError as e:
         # Raised before anything binds: the process exits non-zero.
         raise usage.UsageError(f"{config.path}: {e}") from None

@@ -48,12 +48,12 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.logger import eventAsJSON, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 
 from pgtls_twisted.app._service import ProxyService
 from pgtls_twisted.config import Config, ConfigError, load_config
-from pgtls_twisted.ops._logs import Logger
+from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._frontend import number_connections
 
@@ -108,8 +108,10 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
 class WorkerProxy(ProxyService):
     """A L{ProxyService} that knows its siblings."""
 
-    def __init__(self, config: Config, reactor: Any, worker: int, runDir: str) -> None:
-        super().__init__(config, reactor, worker=worker, serveMetrics=False)
+    def __init__(
+        self, config: Config, reactor: Any, worker: int, runDir: str, logLevels: LogLevels
+    ) -> None:
+        super().__init__(config, reactor, worker=worker, serveMetrics=False, logLevels=logLevels)
         self.runDir = runDir
         self.cancels.relay = self._relayCancel
         self.cancels.workers = config.workers
@@ -296,12 +298,13 @@ def run_worker(configPath: str, worker: int, runDir: str) -> int:
     from twisted.logger import globalLogBeginner
 
     from pgtls_twisted.app._tap import proxy_signals
-    from pgtls_twisted.ops._logs import apply_log_level
 
     config = load_config(configPath)
-    apply_log_level(config.log_level)
-    globalLogBeginner.beginLoggingTo([_WorkerLog(sys.stdout, worker)], redirectStandardIO=False)
-    proxy = WorkerProxy(config, reactor, worker, runDir)
+    levels = LogLevels(config.log_level)
+    globalLogBeginner.beginLoggingTo(
+        [levels.filtered(_WorkerLog(sys.stdout, worker))], redirectStandardIO=False
+    )
+    proxy = WorkerProxy(config, reactor, worker, runDir, levels)
     proxy_signals(proxy, reactor).setServiceParent(proxy)
     proxy.privilegedStartService()
     reactor.callWhenRunning(proxy.startService)
@@ -377,10 +380,12 @@ class Supervisor(MultiService):
 
     _log = Logger()
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, logLevels: LogLevels | None = None) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
+        #: The supervisor's own output filter (its events and the workers').
+        self.logLevels = logLevels
         self.runDir = tempfile.mkdtemp(prefix="pgtls-workers-")
         os.chmod(self.runDir, 0o700)
         self.workers: dict[int, _WorkerProcess] = {}
@@ -468,6 +473,8 @@ class Supervisor(MultiService):
             return
         if config.workers != self.config.workers:
             self._log.warn("workers changed: takes effect after a restart")
+        if self.logLevels is not None:
+            self.logLevels.setLevel(config.log_level)
         self._log.info("SIGHUP: every worker re-reads the configuration")
         self.signalAll(signal.SIGHUP)
 

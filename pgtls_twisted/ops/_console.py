@@ -38,11 +38,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pgtls_twisted._version import __version__
 from pgtls_twisted.ops._commands import AdminCommands, AdminError, Result
-from pgtls_twisted.ops._logs import Logger
 from pgtls_twisted.pool._serverlogin import LoginResult, ServerLogin, ServerLoginError
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._redact import redact

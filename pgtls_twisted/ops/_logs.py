@@ -1,11 +1,12 @@
 """
-Logging for pgtls's own events.
+How pgtls's log lines look, and which reach the output.
 
-C{twist} and C{twistd} own the log observers (C{twist --log-level},
-C{--log-format}); the configuration's C{log_level} sets the lowest level
-pgtls itself emits. It is applied in L{Logger.emit}, before an event is
-built, so a disabled level costs one comparison (Twisted's own
-C{Logger.emit} has no such short cut: filtering happens in observers).
+Every module logs through a plain L{twisted.logger.Logger}. C{twist} and
+C{twistd} own the log observers (C{twist --log-level}, C{--log-format});
+pgtls gives them the observer factories of its formats (text or JSON
+lines), behind a L{LogLevels} filter for the configuration's
+C{log_level}. Nothing pgtls logs per message or per chunk, so filtering
+in the observer, Twisted's way, costs nothing that matters.
 
 Text logs escape control characters in every message (L{escape_controls}):
 user, database and application names, statement texts and error messages
@@ -19,39 +20,48 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, formatEvent
-from twisted.logger import Logger as _TwistedLogger
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
 from zope.interface import implementer
 
-_PRIORITY = {
-    LogLevel.debug: 0,
-    LogLevel.info: 1,
-    LogLevel.warn: 2,
-    LogLevel.error: 3,
-    LogLevel.critical: 4,
-}
 _NAMES = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
     "warn": LogLevel.warn,
     "error": LogLevel.error,
 }
-_minimum = _PRIORITY[LogLevel.info]
+#: Every pgtls logger's namespace starts with this (Twisted's default
+#: namespace is the module and class that own the logger).
+NAMESPACE = "pgtls_twisted"
 
 
-def apply_log_level(level: str) -> None:
-    """Make C{level} (debug, info, warn, error) the lowest pgtls emits."""
-    global _minimum
-    _minimum = _PRIORITY[_NAMES[level]]
+class LogLevels:
+    """
+    C{log_level}: the lowest level of pgtls's own events that reach the
+    output. Other namespaces (Twisted's own) are not filtered here:
+    C{twist --log-level} does that.
 
+    One object per process, made by the plugin (L{pgtls_twisted.app}) and
+    shared by the output observers it builds (L{filtered}) and the service
+    (a reload changes the level); no module-level setting. An embedded
+    proxy has none: the application's own observers decide.
+    """
 
-class Logger(_TwistedLogger):
-    """A L{twisted.logger.Logger} that honours L{apply_log_level}."""
+    def __init__(self, level: str = "info") -> None:
+        self._predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.debug)
+        self.setLevel(level)
 
-    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if _PRIORITY.get(level, 4) < _minimum:
-            return
-        super().emit(level, format, **kwargs)
+    def setLevel(self, level: str) -> None:
+        self._predicate.setLogLevelForNamespace(NAMESPACE, _NAMES[level])
+
+    def filtered(self, observer: ILogObserver) -> ILogObserver:
+        """C{observer}, behind this filter."""
+        return FilteringLogObserver(observer, [self._predicate])
 
 
 # -- output formats -------------------------------------------------------------
@@ -167,32 +177,35 @@ def json_line_observer(out: Any) -> Any:
     return FileLogObserver(out, event_as_json_line)
 
 
-def configure_output(parent: Any, log_format: str) -> None:
+def configure_output(parent: Any, log_format: str, levels: LogLevels) -> None:
     """
     Make C{twist} or C{twistd} (whose options object is C{parent}) write
-    logs in C{log_format}. The configuration decides (the default is
-    text), not C{twist}'s own habit of switching to its JSON record
-    format when stdout is not a terminal.
+    logs in C{log_format}, behind C{levels}. The configuration decides (the
+    default is text), not C{twist}'s own habit of switching to its JSON
+    record format when stdout is not a terminal.
     """
     if parent is None:
         return
     if "fileLogObserverFactory" in parent:  # twist
-        if log_format == "json":
-            parent["fileLogObserverFactory"] = json_line_observer
-        else:
-            parent["fileLogObserverFactory"] = text_line_observer
+        output = json_line_observer if log_format == "json" else text_line_observer
+        parent["fileLogObserverFactory"] = lambda out: levels.filtered(output(out))
     elif "logfile" in parent:  # twistd
         # twistd's --logger takes the dotted name of a factory, which gets
-        # no arguments: the options it needs are kept here.
+        # no arguments: what it needs is kept here, the one place twistd's
+        # interface leaves (set once, when twistd parses its options).
         global _twistd_options
-        _twistd_options = parent
+        _twistd_options = (parent, levels)
         if log_format == "json":
             parent["logger"] = f"{__name__}.twistd_json_observer"
         elif not parent.get("logger"):  # an explicit --logger is the operator's choice
             parent["logger"] = f"{__name__}.twistd_text_observer"
 
 
-_twistd_options: Any = None
+_twistd_options: tuple[Any, LogLevels] | None = None
+
+
+def _twistd() -> tuple[Any, LogLevels]:
+    return _twistd_options or ({}, LogLevels())
 
 
 def _twistd_log_file() -> Any:
@@ -201,7 +214,7 @@ def _twistd_log_file() -> Any:
 
     from twisted.python.logfile import LogFile
 
-    options = _twistd_options or {}
+    options, _ = _twistd()
     path = options.get("logfile") or ""
     if path == "-" or (not path and options.get("nodaemon")):
         return sys.stdout
@@ -210,16 +223,17 @@ def _twistd_log_file() -> Any:
 
 def twistd_json_observer() -> Any:
     """JSON lines where twistd would write its log (C{--logfile}, or stdout with C{-n})."""
-    return json_line_observer(_twistd_log_file())
+    _, levels = _twistd()
+    return levels.filtered(json_line_observer(_twistd_log_file()))
 
 
 def twistd_text_observer() -> Any:
     """twistd's text log (to a file, stdout or C{--syslog}), escaped."""
-    options = _twistd_options or {}
+    options, levels = _twistd()
     if options.get("syslog"):
         from twisted.logger import LegacyLogObserverWrapper
         from twisted.python.syslog import SyslogObserver
 
         syslog = SyslogObserver(options.get("prefix") or "twisted")
-        return EscapingObserver(LegacyLogObserverWrapper(syslog.emit))
-    return text_line_observer(_twistd_log_file())
+        return levels.filtered(EscapingObserver(LegacyLogObserverWrapper(syslog.emit)))
+    return levels.filtered(text_line_observer(_twistd_log_file()))

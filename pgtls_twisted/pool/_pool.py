@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer
-
-from pgtls_twisted.ops._logs import Logger
+from twisted.logger import Logger
 
 #: After a failed attempt to open a connection, how long before the next
 #: one for the clients still waiting.

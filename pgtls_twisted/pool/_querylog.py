@@ -24,7 +24,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from pgtls_twisted.ops._logs import Logger
+from twisted.logger import Logger
+
 from pgtls_twisted.protocol._redact import redact
 
 #: How much of a statement's text is logged.

@@ -27,9 +27,9 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtls_twisted.ops._logs import Logger
 from pgtls_twisted.ops._metrics import PoolFigures
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog

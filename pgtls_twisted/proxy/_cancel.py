@@ -28,8 +28,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import defer
+from twisted.logger import Logger
 
-from pgtls_twisted.ops._logs import Logger
 from pgtls_twisted.protocol import _wire as wire
 
 if TYPE_CHECKING:

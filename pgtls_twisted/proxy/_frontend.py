@@ -19,9 +19,9 @@ import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtls_twisted.ops._logs import Logger
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, discard
 from pgtls_twisted.proxy._logins import TicketState, TooManyLogins

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 
-from pgtls_twisted.ops._logs import Logger
 from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._frontend import ClientProtocol

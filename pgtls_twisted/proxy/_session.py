@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtls_twisted.ops._logs import Logger
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._authpolicy import REFUSED, LoginGuard
 from pgtls_twisted.protocol._scram import (

@@ -32,10 +32,10 @@ from twisted.internet.interfaces import (
     IOpenSSLClientConnectionCreator,
     IOpenSSLServerConnectionCreator,
 )
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from pgtls_twisted.config import secret_file_problem
-from pgtls_twisted.ops._logs import Logger
 
 if TYPE_CHECKING:
     from pgtls_twisted.config import BackendConfig, ListenerConfig

@@ -150,9 +150,9 @@ def toml_text(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def start_from_file(path: Path) -> RunningProxy:
+def start_from_file(path: Path, **kwargs: Any) -> RunningProxy:
     """The proxy of configuration file C{path}, started as C{twist pgtls} builds it."""
     config = load_config(path)
-    service = make_service(config)
+    service = make_service(config, **kwargs)
     service.startService()
     return RunningProxy(service, config)
