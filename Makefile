@@ -49,8 +49,12 @@ $(SSLYZE):
 test: install $(SSLYZE)
 	env -u PYTHONPATH PGTLS_EXPECT_INSTALLED=1 PGTLS_SSLYZE=$(SSLYZE) $(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
 
+# ruff, and the import contracts of pyproject.toml (import-linter): the
+# layers protocol < config < tls < proxy < pool < ops < app, and no cycle
+# between the modules of a layer.
 lint: $(DEPS_STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	PYTHONPATH=$(ROOT) $(BIN)/lint-imports
 
 demo: install
 	$(BIN)/python -m pgtls_twisted.testing.demo

@@ -49,6 +49,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pgtls_twisted.config import ConfigError, describe_config, parse_config
+from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._authpolicy import LoginGuard, parse_require_auth
@@ -59,9 +60,7 @@ from pgtls_twisted.protocol._scram import (
     derivation_pool,
     prepare_password,
 )
-from pgtls_twisted.proxy._backend import connect_backend
-from pgtls_twisted.proxy._cancel import CancelRegistry
-from pgtls_twisted.proxy._route import Route
+from pgtls_twisted.proxy._backend import BackendConnector
 from pgtls_twisted.proxy._session import MAX_HELD_DURING_LOGIN
 from pgtls_twisted.testing.cluster import (
     APP_DB,
@@ -1258,7 +1257,7 @@ async def service_login(
 ) -> Any:
     """Connect as the route's backend leg does and log in with L{ServerLogin}."""
     config = parse_config({"proxy": [table]}, base_dir=tmp_path).routes[0]
-    leg = await connect_backend(Route(config, reactor, CancelRegistry()))
+    leg = await BackendConnector(config.name, config.backend, reactor, Metrics()).connect()
     result = await ServerLogin(leg, user, database, password, {}).done
     leg.close()
     return result

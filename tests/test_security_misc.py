@@ -47,7 +47,7 @@ from pgtls_twisted.config import (
     load_config,
     parse_config,
 )
-from pgtls_twisted.proxy._route import replication_kind
+from pgtls_twisted.protocol._parameters import replication_kind
 from pgtls_twisted.testing.cluster import (
     APP_DB,
     POOL_PASSWORD,

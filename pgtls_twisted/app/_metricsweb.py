@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
-from pgtls_twisted.app._service import ListeningService
+from pgtls_twisted.app._listening import ListeningService
 from pgtls_twisted.config import MetricsConfig
 
 

@@ -23,7 +23,8 @@ operations live, because they all act on every route at once:
 
 from __future__ import annotations
 
-import socket
+import itertools
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.application.internet import TimerService
@@ -32,9 +33,12 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
+from pgtls_twisted.app._listening import ListeningService, listen_reuseport
+from pgtls_twisted.app._sessions import SessionStarter
 from pgtls_twisted.config import Config, ConfigError, load_config
 from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.ops._metrics import Metrics
+from pgtls_twisted.pool._session import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._route import Route
 
@@ -44,44 +48,6 @@ CLOSE_GRACE = 2.0
 DRAIN_POLL = 0.25
 #: How long the last FATALs and close_notify alerts get to leave before exit.
 FLUSH_DELAY = 0.2
-
-
-class ListeningService(Service):
-    """
-    A service that owns one listening port.
-
-    Like L{twisted.application.internet.TCPServer}, it binds in
-    C{privilegedStartService} (so C{twistd} can bind before dropping
-    privileges), but it keeps the listening port public: tests and
-    embedders bind port 0 and need to know what they got.
-
-    @ivar port: the L{IListeningPort} while running.
-    """
-
-    port: Any = None
-
-    def privilegedStartService(self) -> None:
-        self._listen()
-        super().privilegedStartService()
-
-    def startService(self) -> None:
-        self._listen()
-        super().startService()
-
-    def _listen(self) -> None:
-        if self.port is None:
-            self.port = self._bind()
-
-    def _bind(self) -> Any:
-        """Start listening; return the port."""
-        raise NotImplementedError
-
-    def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
-        port, self.port = self.port, None
-        if port is None:
-            return defer.succeed(None)
-        return defer.maybeDeferred(port.stopListening)
 
 
 class RouteService(ListeningService):
@@ -130,29 +96,6 @@ class RouteService(ListeningService):
     def stopService(self) -> defer.Deferred[None]:
         self.route.port = None
         return super().stopService()
-
-
-def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: int = 128) -> Any:
-    """
-    Listen on C{host:port} with C{SO_REUSEPORT}: Twisted's C{listenTCP}
-    has no such option (twisted#9101), so the socket is made here and
-    adopted (C{adoptStreamPort} dups it; ours is closed).
-    """
-    from twisted.internet.error import CannotListenError
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-        sock.setblocking(False)
-        return reactor.adoptStreamPort(sock.fileno(), family, factory)
-    except OSError as e:
-        raise CannotListenError(host, port, e) from None
-    finally:
-        sock.close()
 
 
 class _RouteGroup(MultiService):
@@ -209,6 +152,7 @@ class ProxyService(MultiService):
         worker: int = 0,
         serveMetrics: bool = True,
         logLevels: LogLevels | None = None,
+        connectionIds: Iterator[int] | None = None,
     ) -> None:
         """
         @param logLevels: the output's C{log_level} filter, which a reload
@@ -217,6 +161,10 @@ class ProxyService(MultiService):
         super().__init__()
         self.config = config
         self.logLevels = logLevels
+        #: Numbers for client connections (the C{conn} of log lines): with
+        #: workers, worker I of N numbers I+1, I+1+N, ... so ids are unique.
+        self.connectionIds = connectionIds if connectionIds is not None else itertools.count(1)
+        self.sessions = SessionStarter(self)
         self.reactor = reactor
         self.worker = worker
         self.draining = False
@@ -245,7 +193,16 @@ class ProxyService(MultiService):
 
     def _newRoute(self, routeConfig: Any) -> Route:
         """A route (TLS contexts built now, so bad files fail here)."""
-        return Route(routeConfig, self.reactor, self.cancels, self.metrics, self)
+        return Route(
+            routeConfig,
+            self.reactor,
+            self.cancels,
+            self.metrics,
+            self,
+            starter=self.sessions,
+            pools=PoolManager,
+            connectionIds=self.connectionIds,
+        )
 
     def _addGroup(self, route: Route, listener: RouteService | None = None) -> _RouteGroup:
         if listener is None:

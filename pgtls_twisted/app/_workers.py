@@ -35,6 +35,7 @@ behave as with one process.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -55,7 +56,6 @@ from pgtls_twisted.app._service import ProxyService
 from pgtls_twisted.config import Config, ConfigError, load_config
 from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.proxy._frontend import number_connections
 
 #: Delay before a dead worker is started again (doubles while it keeps dying quickly).
 RESTART_DELAY = 0.5
@@ -77,7 +77,8 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
 
     @raise ConfigError: naming every problem.
     """
-    from pgtls_twisted.app._service import listen_reuseport
+    from pgtls_twisted.app._listening import listen_reuseport
+    from pgtls_twisted.ops._metrics import Metrics
     from pgtls_twisted.proxy._cancel import CancelRegistry
     from pgtls_twisted.proxy._route import Route
     from pgtls_twisted.tls._contexts import TLSConfigError
@@ -85,7 +86,7 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
     problems = []
     for routeConfig in config.routes:
         try:
-            Route(routeConfig, reactor, CancelRegistry())
+            Route(routeConfig, reactor, CancelRegistry(), Metrics())
         except TLSConfigError as e:
             problems.append(f'{config.path}: route "{routeConfig.name}": {e}')
             continue
@@ -111,11 +112,17 @@ class WorkerProxy(ProxyService):
     def __init__(
         self, config: Config, reactor: Any, worker: int, runDir: str, logLevels: LogLevels
     ) -> None:
-        super().__init__(config, reactor, worker=worker, serveMetrics=False, logLevels=logLevels)
+        super().__init__(
+            config,
+            reactor,
+            worker=worker,
+            serveMetrics=False,
+            logLevels=logLevels,
+            connectionIds=itertools.count(worker + 1, config.workers),
+        )
         self.runDir = runDir
         self.cancels.relay = self._relayCancel
         self.cancels.workers = config.workers
-        number_connections(worker + 1, config.workers)
         ControlService(self, control_path(runDir, worker)).setServiceParent(self)
 
     def _siblings(self) -> list[int]:
@@ -297,7 +304,7 @@ def run_worker(configPath: str, worker: int, runDir: str) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
-    from pgtls_twisted.app._tap import proxy_signals
+    from pgtls_twisted.app._signals import proxy_signals
 
     config = load_config(configPath)
     levels = LogLevels(config.log_level)
@@ -393,7 +400,7 @@ class Supervisor(MultiService):
         self._delays: dict[int, float] = {}
         self._stopping = False
         self._interrupted = False
-        from pgtls_twisted.app._tap import Signals
+        from pgtls_twisted.app._signals import Signals
 
         Signals(
             reactor,

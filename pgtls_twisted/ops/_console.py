@@ -47,7 +47,7 @@ from pgtls_twisted.pool._serverlogin import LoginResult, ServerLogin, ServerLogi
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._redact import redact
 from pgtls_twisted.protocol._scramserver import ScramAuthError, ScramServer, Verifier
-from pgtls_twisted.proxy._backend import BackendError, ServerProtocol, connect_backend
+from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
 from pgtls_twisted.tls._contexts import channel_binding_data
 
 if TYPE_CHECKING:
@@ -243,7 +243,7 @@ class AdminSession:
                 return
             self._fromClient(b"")
 
-        connect_backend(self.route).addCallback(login).addBoth(done)
+        self.route.backend.connect().addCallback(login).addBoth(done)
 
     def _passwordRefused(self, why: str) -> None:
         self._loginFailed(

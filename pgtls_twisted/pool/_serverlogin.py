@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_pool -*-
 """
 pgtls logging in to the backend under its own name (the pool's service
-user), on a backend leg that L{pgtls_twisted.proxy._backend.connect_backend}
+user), on a backend leg that L{pgtls_twisted.proxy._backend.BackendConnector}
 has made ready.
 
 This is the client side of PostgreSQL's startup: send a StartupMessage,
@@ -92,8 +92,8 @@ class ServerLogin:
         self._password = password
         self._reader = wire.MessageReader()
         self._scram: ScramLogin | None = None
-        self._backend = server.route.config.backend
-        self._reactor = server.route.reactor
+        self._backend = server.connector.config
+        self._reactor = server.connector.reactor
         self._guard = LoginGuard(
             self._backend.require_auth, self._backend.tls, server.tls is not None
         )

@@ -30,7 +30,6 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtls_twisted.ops._metrics import PoolFigures
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
@@ -44,14 +43,13 @@ from pgtls_twisted.protocol._txstate import (
     TransactionTracker,
     parameterStatusFromPeek,
 )
-from pgtls_twisted.proxy._backend import connect_backend
 from pgtls_twisted.proxy._leg import discard
 from pgtls_twisted.proxy._pump import join, separate
 from pgtls_twisted.proxy._session import Session
 
 if TYPE_CHECKING:
     from pgtls_twisted.proxy._frontend import ClientProtocol
-    from pgtls_twisted.proxy._route import Route
+    from pgtls_twisted.proxy._interfaces import CancelTargetInfo, PoolFigures, SessionHost
 
 _TERMINATE = ord("X")
 _READY = ord("Z")
@@ -72,7 +70,9 @@ class PooledSession(Session):
 
     _log = Logger()
 
-    def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
+    def __init__(
+        self, route: SessionHost, client: ClientProtocol, startup: wire.StartupMessage
+    ) -> None:
         super().__init__(route, client, startup)
         self.pools = route.pools
         #: The pool of the client's database: looked up (and so perhaps
@@ -144,13 +144,13 @@ class PooledSession(Session):
         elif self._draining and self.transactionMode:
             self._closeForShutdown()
 
-    def cancelTarget(self) -> tuple[Route, int, bytes, Any] | None:
+    def cancelTarget(self) -> CancelTargetInfo | None:
         server = self.attached
         if server is None or server.backendKey is None or self._done:
             return None
         server.cancels += 1
         return (
-            self.route,
+            self.route.backend,
             server.backendKey[0],
             server.backendKey[1],
             lambda: self.pool.cancelDone(server),
@@ -492,7 +492,7 @@ class PoolManager:
 
     _log = Logger()
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: SessionHost) -> None:
         self.route = route
         self.config = route.config.pool
         self.pools: dict[str, Pool] = {}
@@ -541,7 +541,7 @@ class PoolManager:
 
             return attempt.done.addCallback(ready)
 
-        return connect_backend(self.route).addCallback(login)
+        return self.route.backend.connect().addCallback(login)
 
     def reap(self) -> None:
         """Close idle and over-age connections; forget pools nobody uses."""

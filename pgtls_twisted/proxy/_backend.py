@@ -2,21 +2,20 @@
 """
 The backend leg: pgtls connecting to the real server, as libpq would.
 
-L{connect_backend} opens a TCP connection, negotiates encryption according
-to the route's C{backend.tls} mode (libpq's sslmode meanings), verifies the
-server, and hands back a L{ServerProtocol} ready for a startup packet. Every
-failure becomes a L{BackendError} whose text is fit for the client's
-ErrorResponse and names the route.
+A route's L{BackendConnector} is all a session, a pool or a cancel needs
+to reach its server: L{BackendConnector.connect} opens a TCP connection,
+negotiates encryption according to C{backend.tls} (libpq's sslmode
+meanings), verifies the server, and hands back a L{ServerProtocol} ready
+for a startup packet. Every failure becomes a L{BackendError} whose text is
+fit for the client's ErrorResponse.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.internet.error import (
-    ConnectError,
     ConnectionRefusedError,
     DNSLookupError,
     TimeoutError,
@@ -26,10 +25,12 @@ from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import Decrypted, Leg
-from pgtls_twisted.tls._contexts import BackendVerification, describe_tls
+from pgtls_twisted.tls._contexts import BackendTLS, BackendVerification, describe_tls
+from pgtls_twisted.tls._lean import TLSLayer
 
 if TYPE_CHECKING:
-    from pgtls_twisted.proxy._route import Route
+    from pgtls_twisted.config import BackendConfig
+    from pgtls_twisted.proxy._interfaces import MetricsRecorder
 
 
 class BackendError(Exception):
@@ -56,11 +57,11 @@ class ServerProtocol(Leg):
     @ivar tlsInfo: TLS version and cipher, or C{None} for plaintext.
     """
 
-    def __init__(self, route: Route, ready: defer.Deferred[ServerProtocol]) -> None:
+    def __init__(self, connector: BackendConnector, ready: defer.Deferred[ServerProtocol]) -> None:
         super().__init__()
-        self.route = route
-        self.clock = route.clock
-        self.mode = route.config.backend.tls
+        self.connector = connector
+        self.clock = connector.clock
+        self.mode = connector.config.tls
         self._ready: defer.Deferred[ServerProtocol] | None = ready
         self.tlsInfo: dict[str, str | None] | None = None
         self.connectedAt: float | None = None
@@ -72,7 +73,7 @@ class ServerProtocol(Leg):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.connectedAt = time.time()
+        self.connectedAt = self.clock.seconds()
         if self.mode == "disable":
             self._succeed()
             return
@@ -90,7 +91,7 @@ class ServerProtocol(Leg):
             # protected by the TLS session we are about to start.
             self._fail("08006", "received unencrypted data after SSL response")
         elif answer == b"S":
-            self.tls = self.route.backendTLS.attach(self, Decrypted(self))
+            self.tls = self.connector.tls.attach(self, Decrypted(self))
             self.out = self.tls
         elif answer == b"N":
             if self.mode == "prefer":
@@ -108,7 +109,7 @@ class ServerProtocol(Leg):
 
     def handshakeCompleted(self) -> None:
         conn = self.tls.getHandle()
-        problem = self.route.backendCreator.check_hostname(conn)
+        problem = self.connector.creator.check_hostname(conn)
         if problem is not None:
             self._fail("08006", f"backend TLS verification failed: {problem}")
             return
@@ -155,7 +156,7 @@ def _explain_handshake_failure(leg: ServerProtocol, reason: Failure) -> BackendE
         )
     if leg.tls is not None:
         text = str(reason.value)
-        minimum = leg.route.config.backend.min_tls_version
+        minimum = leg.connector.config.min_tls_version
         if (
             "protocol" in text.lower()
             and "version" in text.lower()
@@ -182,20 +183,19 @@ def _openssl_reason(reason: Failure) -> str:
 class _BackendFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, route: Route, ready: defer.Deferred[ServerProtocol]) -> None:
-        self.route = route
+    def __init__(self, connector: BackendConnector, ready: defer.Deferred[ServerProtocol]) -> None:
+        self.connector = connector
         self.ready = ready
 
     def buildProtocol(self, addr: object) -> ServerProtocol:
-        return ServerProtocol(self.route, self.ready)
+        return ServerProtocol(self.connector, self.ready)
 
     def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
         if not self.ready.called:
-            self.ready.errback(_explain_connect_failure(self.route, reason))
+            self.ready.errback(_explain_connect_failure(self.connector.config, reason))
 
 
-def _explain_connect_failure(route: Route, reason: Failure) -> BackendError:
-    backend = route.config.backend
+def _explain_connect_failure(backend: BackendConfig, reason: Failure) -> BackendError:
     where = f"{backend.host}:{backend.port}"
     if reason.check(ConnectionRefusedError):
         return BackendError("08001", f"could not connect to backend {where}: connection refused")
@@ -203,54 +203,73 @@ def _explain_connect_failure(route: Route, reason: Failure) -> BackendError:
         return BackendError("08001", f"could not connect to backend {where}: timeout expired")
     if reason.check(DNSLookupError):
         return BackendError("08001", f"could not translate backend host name {backend.host!r}")
-    if reason.check(ConnectError):
-        return BackendError(
-            "08001", f"could not connect to backend {where}: {reason.getErrorMessage()}"
-        )
     return BackendError(
         "08001", f"could not connect to backend {where}: {reason.getErrorMessage()}"
     )
 
 
-def connect_backend(route: Route) -> defer.Deferred[ServerProtocol]:
+class BackendConnector:
     """
-    Connect to the route's backend and negotiate encryption.
+    How one route reaches its server: the backend configuration, the TLS
+    client context (reloadable), the reactor and clock, and where failures
+    and connect times are counted. Given to sessions, pools and cancels
+    instead of the route itself.
 
-    C{backend.connect_timeout} covers the TCP connect, the SSL negotiation
-    and the TLS handshake together.
-
-    @return: a Deferred firing with the ready L{ServerProtocol}, or failing
-        with L{BackendError}.
+    @ivar name: the route's name, for messages and metric labels.
+    @ivar creator: the L{BackendTLS} (contexts, host name checks).
+    @ivar tls: the L{TLSLayer} that puts TLS under a live connection.
     """
-    backend = route.config.backend
-    ready: defer.Deferred[ServerProtocol] = defer.Deferred()
-    factory = _BackendFactory(route, ready)
-    connector = route.reactor.connectTCP(
-        backend.host, backend.port, factory, timeout=backend.connect_timeout
-    )
 
-    def expired() -> None:
-        if not ready.called:
-            ready.errback(
-                BackendError(
-                    "08001",
-                    f"could not connect to backend {backend.host}:{backend.port}: "
-                    f"timeout expired after {backend.connect_timeout:g}s",
+    def __init__(
+        self, name: str, config: BackendConfig, reactor: Any, metrics: MetricsRecorder
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.reactor = reactor
+        self.clock = reactor
+        self.metrics = metrics
+        self.creator = BackendTLS(config)
+        self.tls = TLSLayer(self.creator, True, reactor)
+
+    def connect(self) -> defer.Deferred[ServerProtocol]:
+        """
+        Connect to the backend and negotiate encryption.
+
+        C{backend.connect_timeout} covers the TCP connect, the SSL
+        negotiation and the TLS handshake together.
+
+        @return: a Deferred firing with the ready L{ServerProtocol}, or
+            failing with L{BackendError}.
+        """
+        backend = self.config
+        ready: defer.Deferred[ServerProtocol] = defer.Deferred()
+        factory = _BackendFactory(self, ready)
+        connector = self.reactor.connectTCP(
+            backend.host, backend.port, factory, timeout=backend.connect_timeout
+        )
+
+        def expired() -> None:
+            if not ready.called:
+                ready.errback(
+                    BackendError(
+                        "08001",
+                        f"could not connect to backend {backend.host}:{backend.port}: "
+                        f"timeout expired after {backend.connect_timeout:g}s",
+                    )
                 )
-            )
-            connector.disconnect()
+                connector.disconnect()
 
-    timer = route.clock.callLater(backend.connect_timeout, expired)
-    started = time.monotonic()
+        timer = self.clock.callLater(backend.connect_timeout, expired)
+        started = self.clock.seconds()
 
-    def done(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        if isinstance(result, Failure):
-            route.metrics.backendFailed(route.name, result.getErrorMessage())
-        else:
-            route.metrics.backendConnected(route.name, time.monotonic() - started)
-        return result
+        def done(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if isinstance(result, Failure):
+                self.metrics.backendFailed(self.name, result.getErrorMessage())
+            else:
+                self.metrics.backendConnected(self.name, self.clock.seconds() - started)
+            return result
 
-    ready.addBoth(done)
-    return ready
+        ready.addBoth(done)
+        return ready

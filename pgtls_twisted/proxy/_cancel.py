@@ -31,18 +31,20 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import discard
 
 if TYPE_CHECKING:
-    from pgtls_twisted.proxy._route import Route
+    from pgtls_twisted.proxy._backend import BackendConnector
+    from pgtls_twisted.proxy._interfaces import CancelTargetInfo, SessionHost
 
 
 class CancelTarget(Protocol):
     """Whatever a minted key stands for (a session)."""
 
-    def cancelTarget(self) -> tuple[Route, int, bytes, Callable[[], None] | None] | None:
+    def cancelTarget(self) -> CancelTargetInfo | None:
         """
-        The route, backend PID and backend key to cancel now, if any, and
-        what to call once the cancel has been delivered (or has failed).
+        The backend connector, PID and key to cancel now, if any, and what
+        to call once the cancel has been delivered (or has failed).
         """
 
 
@@ -71,7 +73,7 @@ class CancelRegistry:
         self._entries: dict[int, tuple[bytes, CancelTarget]] = {}
         self.worker = worker
         self.workers = 1
-        self.relay: Callable[[int, wire.CancelRequest, Route | None], None] | None = None
+        self.relay: Callable[[int, wire.CancelRequest, SessionHost | None], None] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -104,7 +106,7 @@ class CancelRegistry:
         self,
         request: wire.CancelRequest,
         conn: int,
-        via: Route | None,
+        via: SessionHost | None,
         relayed: bool = False,
     ) -> None:
         """
@@ -139,15 +141,15 @@ class CancelRegistry:
             if metrics is not None:
                 metrics.cancelRequest(via.name, "ignored")
             return
-        route, pid, key, done = where
+        backend, pid, key, done = where
         self._log.info(
             "conn={conn} cancel request forwarded to route={route} backend_pid={pid}",
             conn=conn,
-            route=route.name,
+            route=backend.name,
             pid=pid,
         )
-        route.metrics.cancelRequest(route.name, "forwarded")
-        forward_cancel(route, wire.CancelRequest(pid, key), done, conn)
+        backend.metrics.cancelRequest(backend.name, "forwarded")
+        forward_cancel(backend, wire.CancelRequest(pid, key), done, conn)
 
 
 #: How long a forwarded cancel may wait for the server to close the
@@ -156,7 +158,7 @@ CANCEL_WAIT = 10.0
 
 
 def forward_cancel(
-    route: Route,
+    backend: BackendConnector,
     request: wire.CancelRequest,
     done: Callable[[], None] | None = None,
     conn: int = 0,
@@ -165,8 +167,6 @@ def forward_cancel(
     Send C{request} over a new backend connection, following the route's
     backend TLS mode like every other backend connection.
     """
-    from pgtls_twisted.proxy._backend import connect_backend
-    from pgtls_twisted.proxy._leg import discard
 
     def send(server: Any) -> defer.Deferred[None]:
         # The server closes the connection once it has acted on the
@@ -176,7 +176,7 @@ def forward_cancel(
         server.deliver = discard
         server.onLost = lambda reason: None if acted.called else acted.callback(None)
         server.out.write(request.encode())
-        timer = route.clock.callLater(CANCEL_WAIT, server.close)
+        timer = backend.clock.callLater(CANCEL_WAIT, server.close)
 
         def stopTimer(result: object) -> object:
             if timer.active():
@@ -189,10 +189,10 @@ def forward_cancel(
         CancelRegistry._log.warn(
             "conn={conn} route={route} could not forward cancel request: {error}",
             conn=conn,
-            route=route.name,
+            route=backend.name,
             error=failure.getErrorMessage(),
         )
 
-    d = connect_backend(route).addCallbacks(send, failed)
+    d = backend.connect().addCallbacks(send, failed)
     if done is not None:
         d.addBoth(lambda _: done())

@@ -15,7 +15,6 @@ any bytes are buffered for them.
 
 from __future__ import annotations
 
-import itertools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,21 +27,8 @@ from pgtls_twisted.proxy._logins import TicketState, TooManyLogins
 from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, describe_tls
 
 if TYPE_CHECKING:
+    from pgtls_twisted.proxy._interfaces import SessionHost
     from pgtls_twisted.proxy._logins import Ticket
-    from pgtls_twisted.proxy._route import Route
-
-_ids = itertools.count(1)
-
-
-def number_connections(first: int, step: int) -> None:
-    """
-    Number this process's connections C{first}, C{first + step}, ...: with
-    N workers, worker I uses (I + 1, N), so a connection id (the C{conn} of
-    every log line, C{SHOW CLIENTS}'s C{id}) names one connection across
-    all of them.
-    """
-    global _ids
-    _ids = itertools.count(first, step)
 
 
 class ClientProtocol(Leg):
@@ -57,11 +43,11 @@ class ClientProtocol(Leg):
 
     _log = Logger()
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: SessionHost) -> None:
         super().__init__()
         self.route = route
         self.clock = route.clock
-        self.connId = next(_ids)
+        self.connId = route.nextConnectionId()
         self.session: Any = None
         self.deliver = self._startupData
         self.verifyError: str | None = None

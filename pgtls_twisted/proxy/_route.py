@@ -1,36 +1,49 @@
 # -*- test-case-name: tests.test_proxy -*-
 """
 A route: one listener, one backend, and the state they share at run time
-(TLS contexts, live clients, limits). L{Route.factory} is what a listening
-port serves.
+(TLS contexts, live clients, limits, the login gate). L{Route.factory} is
+what a listening port serves.
+
+A route builds nothing it does not own: which session a startup packet
+opens (pass-through, pooled, the admin console), the pools and the metrics
+recorder are given to it by the service layer
+(L{pgtls_twisted.app._service}), so this module depends on the client leg
+and the backend connector only.
 """
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
-from pgtls_twisted.ops._metrics import Metrics
+from pgtls_twisted.protocol._parameters import replication_kind
+from pgtls_twisted.proxy._backend import BackendConnector
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._frontend import ClientProtocol
 from pgtls_twisted.proxy._logins import LoginGate
-from pgtls_twisted.tls._contexts import BackendTLS, ServerTLS
+from pgtls_twisted.tls._contexts import ServerTLS
 from pgtls_twisted.tls._lean import TLSLayer
 
 if TYPE_CHECKING:
     from pgtls_twisted.config import RouteConfig
+    from pgtls_twisted.protocol._wire import StartupMessage
+    from pgtls_twisted.proxy._interfaces import MetricsRecorder, ProcessHooks, SessionStarter
 
 
 class Route:
     """
     @ivar clients: the open client connections of this route.
     @ivar cancels: the process-wide registry of minted cancel keys.
-    @ivar metrics: the process-wide L{Metrics}.
-    @ivar process: the L{pgtls_twisted.app._service.ProxyService} it belongs to
-        (admin console, shutdown state), or C{None} for a route used on
-        its own (unit tests).
+    @ivar metrics: where events are counted.
+    @ivar backend: how this route reaches its server.
+    @ivar process: what the route tells the process it runs in (shutdown
+        state, an emptied retired route), or C{None} (a route on its own).
+    @ivar starter: which session a startup packet opens.
+    @ivar pools: the route's pools (C{[proxy.pool]}), or C{None}.
     @ivar paused: admin C{PAUSE}: new sessions wait (their startup
         deadline still runs) and pools hand out no connection.
     @ivar retired: removed or replaced by a reload: it serves the sessions
@@ -44,40 +57,50 @@ class Route:
         config: RouteConfig,
         reactor: Any,
         cancels: CancelRegistry,
-        metrics: Metrics | None = None,
-        process: Any = None,
+        metrics: MetricsRecorder,
+        process: ProcessHooks | None = None,
+        *,
+        starter: SessionStarter | None = None,
+        pools: Callable[[Route], Any] | None = None,
+        connectionIds: Iterator[int] | None = None,
     ) -> None:
+        """
+        @param pools: makes the route's pool manager (given the route),
+            for a route with C{[proxy.pool]}.
+        @param connectionIds: the process's connection numbers (unique
+            across workers); by default 1, 2, 3, ...
+        """
         self.config = config
         self.name = config.name
         self.reactor = reactor
         self.clock = reactor
         self.cancels = cancels
-        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics = metrics
         self.process = process
+        self.starter = starter
+        self._connectionIds = connectionIds if connectionIds is not None else itertools.count(1)
         self.paused = False
         self.retired = False
         self.port: Any = None
-        self._held: list[tuple[ClientProtocol, Any]] = []
+        self._held: list[tuple[ClientProtocol, StartupMessage]] = []
         #: Reaps the pools of a retired route that still has sessions.
         self.reaper: Any = None
         self.serverTLS = ServerTLS(config.listener)
         self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
-        self.backendCreator = BackendTLS(config.backend)
-        self.backendTLS = TLSLayer(self.backendCreator, True, reactor)
+        self.backend = BackendConnector(config.name, config.backend, reactor, metrics)
         self.clients: set[ClientProtocol] = set()
         listener = config.listener
         #: Who may be logging in now (see L{pgtls_twisted.proxy._logins}).
         self.logins = LoginGate(
             listener.max_logins, listener.max_logins_per_address, listener.max_clients
         )
-        self.pools: Any = None
-        if config.pool is not None:
-            from pgtls_twisted.pool._session import PoolManager
-
-            self.pools = PoolManager(self)
+        self.pools: Any = pools(self) if pools is not None and config.pool is not None else None
 
     def factory(self) -> Factory:
         return _RouteFactory(self)
+
+    def nextConnectionId(self) -> int:
+        return next(self._connectionIds)
 
     def clientOpened(self, client: ClientProtocol) -> None:
         self.clients.add(client)
@@ -114,12 +137,11 @@ class Route:
             )
         return None
 
-    def startSession(self, client: ClientProtocol, startup: Any) -> None:
-        admin = self.process.config.admin if self.process is not None else None
-        if admin is not None and startup.database == admin.database:
-            from pgtls_twisted.ops._console import AdminSession
-
-            AdminSession(self, client, startup, admin).start()
+    def startSession(self, client: ClientProtocol, startup: StartupMessage) -> None:
+        starter = self.starter
+        assert starter is not None, "a route that serves clients needs a session starter"
+        if starter.console(startup):
+            starter.start(self, client, startup)
             return
         if self.pools is not None:
             refusal = self._replicationRefusal(startup)
@@ -133,9 +155,9 @@ class Route:
             client.stopLoginClock()
             self._held.append((client, startup))
             return
-        self._start(client, startup)
+        starter.start(self, client, startup)
 
-    def _replicationRefusal(self, startup: Any) -> tuple[str, str, str] | None:
+    def _replicationRefusal(self, startup: StartupMessage) -> tuple[str, str, str] | None:
         """
         A pooled route cannot serve a replication connection: the client
         would log in as a walsender on the temporary login connection and
@@ -177,63 +199,14 @@ class Route:
             for client, startup in held:
                 if client.connected and not client._closing:
                     client.startLoginClock()
-                    self._start(client, startup)
-
-    def _start(self, client: ClientProtocol, startup: Any) -> None:
-        if self.pools is not None:
-            from pgtls_twisted.pool._session import PooledSession
-
-            PooledSession(self, client, startup).start()
-        else:
-            from pgtls_twisted.proxy._session import Session
-
-            Session(self, client, startup).start()
+                    assert self.starter is not None
+                    self.starter.start(self, client, startup)
 
     def reloadCertificates(self, force: bool = False) -> bool:
         """Re-read changed certificate files (all of them with C{force})."""
         listener = self.serverTLS.reload(force)
-        backend = self.backendCreator.reload(force)
+        backend = self.backend.creator.reload(force)
         return listener or backend
-
-
-def _parse_bool(text: str) -> bool | None:
-    """
-    PostgreSQL's C{parse_bool}: C{true}, C{false}, C{yes}, C{no} or any
-    prefix of them, C{on} and C{off} (at least two letters), C{1} and
-    C{0}, in any ASCII letter case; C{None} for anything else.
-    """
-    if not text.isascii():
-        return None
-    word = text.lower()
-    for whole, value in (("true", True), ("false", False), ("yes", True), ("no", False)):
-        if word and whole.startswith(word):
-            return value
-    if len(word) >= 2:
-        if "on".startswith(word):
-            return True
-        if "off".startswith(word):
-            return False
-    return {"1": True, "0": False}.get(word)
-
-
-def replication_kind(value: str | None) -> str | None:
-    """
-    What the C{replication} startup parameter asks for, read as PostgreSQL
-    reads it (C{ProcessStartupPacket}): exactly C{"database"} is logical
-    replication, a true boolean physical replication, a false one (or no
-    parameter) none.
-
-    @return: C{"logical"}, C{"physical"} or C{None}.
-    @raise ValueError: a value PostgreSQL refuses (FATAL 22023).
-    """
-    if value is None:
-        return None
-    if value == "database":
-        return "logical"
-    enabled = _parse_bool(value)
-    if enabled is None:
-        raise ValueError(value)
-    return "physical" if enabled else None
 
 
 class _RouteFactory(Factory):

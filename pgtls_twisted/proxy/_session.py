@@ -35,13 +35,13 @@ from pgtls_twisted.protocol._scram import (
     ScramPolicyError,
     in_thread_pool,
 )
-from pgtls_twisted.proxy._backend import BackendError, ServerProtocol, connect_backend
+from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
 from pgtls_twisted.proxy._pump import Pump
 from pgtls_twisted.tls._contexts import channel_binding_data
 
 if TYPE_CHECKING:
     from pgtls_twisted.proxy._frontend import ClientProtocol
-    from pgtls_twisted.proxy._route import Route
+    from pgtls_twisted.proxy._interfaces import CancelTargetInfo, SessionHost
 
 #: What a client may pipeline behind its password while pgtls runs SCRAM
 #: for it (see L{Session._clientHeld}); more ends the login, so that an
@@ -58,7 +58,9 @@ class Session:
 
     _log = Logger()
 
-    def __init__(self, route: Route, client: ClientProtocol, startup: wire.StartupMessage) -> None:
+    def __init__(
+        self, route: SessionHost, client: ClientProtocol, startup: wire.StartupMessage
+    ) -> None:
         self.route = route
         self.client = client
         self.startup = startup
@@ -84,7 +86,7 @@ class Session:
 
     def start(self) -> None:
         self.client.onLost = self._clientLostEarly
-        connect_backend(self.route).addCallbacks(self._backendReady, self._backendFailed)
+        self.route.backend.connect().addCallbacks(self._backendReady, self._backendFailed)
 
     def _clientLostEarly(self, reason: Failure) -> None:
         self._done = True
@@ -341,10 +343,10 @@ class Session:
             **fields,
         )
 
-    def cancelTarget(self) -> tuple[Route, int, bytes, None] | None:
+    def cancelTarget(self) -> CancelTargetInfo | None:
         if self._backendKey is None or self._done:
             return None
-        return self.route, self._backendKey[0], self._backendKey[1], None
+        return self.route.backend, self._backendKey[0], self._backendKey[1], None
 
     # -- shutting down -----------------------------------------------------------
 

@@ -22,6 +22,7 @@ from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
 from pgtls_twisted.config import parse_config
+from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._frontend import ClientProtocol
@@ -62,7 +63,7 @@ def make_route(
         "backend": {"address": "127.0.0.1:1", "tls": "disable", **(backend or {})},
     }
     config = parse_config({"proxy": [table]}, base_dir=tmp_path).routes[0]
-    route = Route(config, reactor or MemoryReactorClock(), CancelRegistry())
+    route = Route(config, reactor or MemoryReactorClock(), CancelRegistry(), Metrics())
     sessions: list[tuple[ClientProtocol, wire.StartupMessage]] = []
     route.sessions = sessions  # type: ignore[attr-defined]
     route.startSession = lambda client, startup: sessions.append(  # type: ignore[method-assign]

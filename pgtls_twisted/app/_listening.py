@@ -1,0 +1,74 @@
+# -*- test-case-name: tests.test_reload,tests.test_metrics -*-
+"""
+Services that own a listening socket: the base of route listeners and of
+the metrics endpoint, and how every listener binds (C{SO_REUSEPORT}).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+
+
+class ListeningService(Service):
+    """
+    A service that owns one listening port.
+
+    Like L{twisted.application.internet.TCPServer}, it binds in
+    C{privilegedStartService} (so C{twistd} can bind before dropping
+    privileges), but it keeps the listening port public: tests and
+    embedders bind port 0 and need to know what they got.
+
+    @ivar port: the L{IListeningPort} while running.
+    """
+
+    port: Any = None
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self.port is None:
+            self.port = self._bind()
+
+    def _bind(self) -> Any:
+        """Start listening; return the port."""
+        raise NotImplementedError
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        port, self.port = self.port, None
+        if port is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(port.stopListening)
+
+
+def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: int = 128) -> Any:
+    """
+    Listen on C{host:port} with C{SO_REUSEPORT}: Twisted's C{listenTCP}
+    has no such option (twisted#9101), so the socket is made here and
+    adopted (C{adoptStreamPort} dups it; ours is closed).
+    """
+    from twisted.internet.error import CannotListenError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+        return reactor.adoptStreamPort(sock.fileno(), family, factory)
+    except OSError as e:
+        raise CannotListenError(host, port, e) from None
+    finally:
+        sock.close()
