@@ -222,7 +222,7 @@ def cancel_all(sessions: list[psycopg.Connection]) -> None:
 
 def send_cancel(port: int, pid: int, key: bytes) -> None:
     """A plaintext CancelRequest on a connection of its own; waits for the proxy to close it."""
-    from pgtls_twisted import wire
+    from pgtls_twisted.protocol import _wire as wire
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(wire.CancelRequest(pid, key).encode())

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pgtls_twisted.cluster import SCRAM_PASSWORD, SCRAM_USER, PostgresCluster
-from pgtls_twisted.pki import make_pki
+from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER, PostgresCluster
+from pgtls_twisted.testing.pki import make_pki
 
 
 def _port_free(port: int) -> bool:
