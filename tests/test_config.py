@@ -818,7 +818,7 @@ def test_optional_section_machinery(certs: Path) -> None:
     Future tables ([proxy.pool], [admin]) are schema entries; an optional
     one that is absent yields None, a present one is checked like the rest.
     """
-    from pgtls_twisted.config import _config as module
+    from pgtls_twisted.config import _schema as module
 
     section = module._Section(
         {"size": module._Key(module._positive_int, 10)}, build=dict, required=False
