@@ -34,6 +34,7 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from pgtls_twisted.app._listening import ListeningService, listen_reuseport
+from pgtls_twisted.app._reload import plan_reload
 from pgtls_twisted.app._sessions import SessionStarter
 from pgtls_twisted.config import Config, ConfigError, load_config
 from pgtls_twisted.ops._logs import LogLevels
@@ -310,32 +311,21 @@ class ProxyService(MultiService):
             self._log.warn("reload ignored: pgtls is shutting down")
             return ["reload ignored: pgtls is shutting down"]
         old = {g.route.name: g for g in self.groups.values()}
+        plan = plan_reload({name: g.route.config for name, g in old.items()}, config.routes)
         new = {r.name: r for r in config.routes}
         built: dict[str, Route] = {}
         problems = []
-        for name, routeConfig in new.items():
-            group = old.get(name)
-            if group is not None and group.route.config == routeConfig:
-                continue
+        for name in plan.build:
             try:
-                built[name] = self._newRoute(routeConfig)
+                built[name] = self._newRoute(new[name])
             except TLSConfigError as e:
                 problems.append(f'route "{name}": {e}')
         if problems:
             raise ConfigError(problems)
-        # Which listening socket each new or changed route takes over: its
-        # own if its address did not change, or that of a removed route on
-        # the same address (a rename); the others are bound now, before
-        # anything is touched.
-        removed = {name: g for name, g in old.items() if name not in new}
-        vacated = {g.route.config.listener.bind_address: g for g in removed.values()}
-        successors: dict[str, _RouteGroup] = {}
-        for name, route in built.items():
-            group = old.get(name)
-            if group is not None and _same_address(group.route.config, route.config):
-                successors[name] = group
-            elif group is None and route.config.listener.bind_address in vacated:
-                successors[name] = vacated.pop(route.config.listener.bind_address)
+        # The listening socket each built route takes over (see the plan);
+        # the others are bound now, before anything is touched.
+        removed = {name: old[name] for name in plan.remove}
+        successors = {name: old[source] for name, source in plan.takeOver.items()}
         bound: dict[str, RouteService] = {}
         for name, route in built.items():
             if name in successors:
@@ -606,11 +596,6 @@ def _undo(bound: dict[str, RouteService], built: dict[str, Route]) -> None:
     for route in built.values():
         if route.pools is not None:
             route.pools.close()
-
-
-def _same_address(a: Any, b: Any) -> bool:
-    """Whether a changed route can keep its listening socket (port 0 keeps its port)."""
-    return bool(a.listener.bind_address == b.listener.bind_address)
 
 
 def make_service(config: Config, reactor: Any = None, **kwargs: Any) -> ProxyService:
