@@ -369,8 +369,20 @@ def start_pgtls(
     path = b.base / f"{key}.toml"
     path.write_text(pgtls_config(b, ports, workers))
     logfile = open(b.base / f"{key}.log", "ab")  # noqa: SIM115 - lives as long as the process
+    command = ["--log-format", "text", "pgtls", "--config", str(path)]
+    if source:
+        # That tree's plugin, which may name a module the installed one lacks.
+        here = Path(__file__).resolve().parent
+        command = [
+            str(VENV_BIN / "python"),
+            str(here / "twist_from_source.py"),
+            str(source),
+            *command,
+        ]
+    else:
+        command = [str(VENV_BIN / "twist"), *command]
     proc = subprocess.Popen(
-        [str(VENV_BIN / "twist"), "--log-format", "text", "pgtls", "--config", str(path)],
+        command,
         stdin=subprocess.DEVNULL,
         stdout=logfile,
         stderr=subprocess.STDOUT,
