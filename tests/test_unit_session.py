@@ -307,9 +307,6 @@ def test_pump_starts_at_ready_for_query(scene: Scene) -> None:
     # Flow control both ways.
     assert client.transport.producer is not None
     assert server.transport.producer is not None
-    stats = client.proto.stats
-    assert stats["bytes_in"] == len(query("select 1"))
-    assert stats["bytes_out"] == len(notice) + len(answer())
 
 
 def test_a_query_pipelined_behind_the_password_is_relayed_in_order(scene: Scene) -> None:
@@ -331,7 +328,6 @@ def test_backend_closing_after_startup_closes_the_client_without_an_error(scene:
     client, server = logged_in(scene)
     server.lose()
     assert scene.events == [("client", "close")]
-    assert client.proto.stats["reason"] == "backend closed"
 
 
 def test_client_closing_after_startup_closes_the_backend(scene: Scene) -> None:
