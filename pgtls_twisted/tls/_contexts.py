@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from pgtls_twisted.config import secret_file_problem
+from pgtls_twisted.tls._private import setGroups
 
 if TYPE_CHECKING:
     from pgtls_twisted.config import BackendConfig, ListenerConfig
@@ -95,17 +96,10 @@ def _set_groups(ctx: SSL.Context) -> None:
     """
     Restrict the key exchange groups. pyOpenSSL has no public setter for a
     group list (only C{set_tmp_ecdh}, one curve, which would drop X25519),
-    so this calls OpenSSL's C{SSL_CTX_set1_curves_list} (set1_groups_list's
-    older name) through pyOpenSSL's
-    binding, and falls back to P-256 alone where that is not available.
+    so this goes through L{pgtls_twisted.tls._private.setGroups}, and falls
+    back to P-256 alone where that is not available.
     """
-    try:
-        from OpenSSL._util import lib
-
-        ok = lib.SSL_CTX_set1_curves_list(ctx._context, _GROUPS)  # type: ignore[attr-defined]
-    except (ImportError, AttributeError):
-        ok = 0
-    if ok != 1:
+    if not setGroups(ctx, _GROUPS):
         ctx.set_tmp_ecdh(ec.SECP256R1())
 
 

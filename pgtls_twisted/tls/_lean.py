@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frontend -*-
+# -*- test-case-name: tests.test_frontend,tests.test_tls_private -*-
 """
 Putting TLS under a protocol that is already connected.
 
@@ -27,19 +27,27 @@ bytes in the TCP transport's buffer for yet another reactor iteration
 calls and a full event dispatch). L{TLSLayer.attach} also points the raw
 protocol's C{dataReceived} straight at the TLS protocol, saving one more
 call per chunk.
+
+L{LeanTLSProtocol} relies on names Twisted and pyOpenSSL do not promise to
+keep. L{pgtls_twisted.tls._private} lists them all and checks that they
+are there; where one is not, L{TLSLayer} uses Twisted's own TLS protocol
+instead (L{PUBLIC_PROTOCOL}), and only public names.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Callable
+from typing import Any, Final
 
-from OpenSSL import SSL
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
-from twisted.internet import tcp
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+
+from pgtls_twisted.tls import _private
+from pgtls_twisted.tls._private import bytesToDecrypt, bytesToSend, directSender
 
 #: Flush a protocol's pending writes at once beyond this many bytes (as
 #: Twisted's own write aggregation does).
@@ -48,9 +56,31 @@ MAX_PENDING = 64_000
 #: The most plaintext one C{SSL_write} is given: one TLS record.
 RECORD_SIZE = 2**14
 
-#: Protocols holding writes made while a received chunk is being handled,
-#: or C{None} outside any. See L{LeanTLSProtocol.write}.
-_corked: list[LeanTLSProtocol] | None = None
+
+class Corker:
+    """
+    Holds back the writes made while a received chunk is being handled, for
+    the L{LeanTLSProtocol}s that share it (see L{LeanTLSProtocol.write}).
+
+    Both legs of a session must share one: the point is that the write a
+    client's chunk causes on the server leg (the pump, the pooler, the
+    startup relay) leaves when that chunk has been handled, not after a
+    scheduled call. L{TLSLayer}s share L{SHARED_CORKER}, one per process,
+    unless given another; the state is only ever set for the span of one
+    synchronous C{dataReceived}.
+
+    @ivar corked: while a chunk is being handled, the protocols holding
+        writes, in the order of their first write; C{None} otherwise.
+    """
+
+    __slots__ = ("corked",)
+
+    def __init__(self) -> None:
+        self.corked: list[LeanTLSProtocol] | None = None
+
+
+#: The L{Corker} of every L{TLSLayer} not given one.
+SHARED_CORKER: Final = Corker()
 
 
 class LeanTLSProtocol(TLSMemoryBIOProtocol):
@@ -59,15 +89,15 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     chunk, and the same behaviour.
 
      - B{Writes are aggregated per received chunk}, not per reactor turn:
-       a write made while some L{LeanTLSProtocol} is handling a received
-       chunk (which is when a proxy writes: the pump, the pooler, the
-       startup relay) is held until that chunk has been handled, then all
-       writes to the same connection go out as one TLS record. Writes made
-       anywhere else (timers, Deferred callbacks of plaintext
-       connections) are aggregated until the next reactor turn, exactly as
-       L{twisted.protocols.tls.BufferingTLSTransport} does. So a server's
-       burst of startup messages still leaves as one record, while a
-       forwarded query leaves at once instead of after a scheduled call.
+       a write made while some L{LeanTLSProtocol} of the same L{Corker} is
+       handling a received chunk (which is when a proxy writes: the pump,
+       the pooler, the startup relay) is held until that chunk has been
+       handled, then all writes to the same connection go out as one TLS
+       record. Writes made anywhere else (timers, Deferred callbacks of
+       plaintext connections) are aggregated until the next reactor turn,
+       exactly as L{twisted.protocols.tls.BufferingTLSTransport} does. So a
+       server's burst of startup messages still leaves as one record, while
+       a forwarded query leaves at once instead of after a scheduled call.
      - B{Encrypted bytes are sent at once}: when the TCP transport has
        nothing queued, they are handed to C{socket.send} directly, and only
        what the kernel does not take is queued with C{transport.write}, so
@@ -79,6 +109,9 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
        L{ProtocolWrapper.dataReceived}.
 
     Handshakes, shutdown, errors and producers are the base class's code.
+    The base class's names this class reads, calls or overrides are listed
+    in L{pgtls_twisted.tls._private.RELIED_ON}; the rest goes through that
+    module's functions.
     """
 
     #: The leg this TLS session belongs to, set by L{TLSLayer.attach}
@@ -88,29 +121,46 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     _pending: list[bytes]
     _pendingSize = 0
     _scheduled: Any = None
-    _rawSocket: Any = None
+    _sendNow: Callable[[bytes], bytes] | None = None
     _closed = False
+
+    def __init__(
+        self,
+        factory: TLSMemoryBIOFactory,
+        wrappedProtocol: IProtocol,
+        *,
+        clock: IReactorTime,
+        corker: Corker,
+    ) -> None:
+        """
+        @param clock: schedules the flush of writes made outside any
+            received chunk.
+        @param corker: shared with the protocols whose writes this one's
+            received chunks should hold back, and the other way round.
+        """
+        super().__init__(factory, wrappedProtocol)
+        self._clock = clock
+        self._corker = corker
 
     def makeConnection(self, transport: Any) -> None:
         self._pending = []
-        if type(transport) in _TCP_TYPES:
-            self._rawSocket = transport.socket
+        self._sendNow = directSender(transport)
         super().makeConnection(transport)
 
     # -- receiving -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
-        global _corked
-        if _corked is not None:
+        corker = self._corker
+        if corker.corked is not None:
             # Re-entered from a write's handling (or a test feeding us
             # directly): the outer call uncorks.
             self._receive(data)
             return
-        _corked = corked = []
+        corker.corked = corked = []
         try:
             self._receive(data)
         finally:
-            _corked = None
+            corker.corked = None
             for protocol in corked:
                 protocol._flush()
 
@@ -127,7 +177,7 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             # WantReadError that one more SSL_read would raise.
             while True:
                 chunks.append(recv(RECORD_SIZE))
-                if not _toDecrypt(conn):
+                if not bytesToDecrypt(conn):
                     break
         except WantReadError:
             pass
@@ -146,7 +196,7 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             return
         self._deliver(chunks)
         # Reading can make OpenSSL want to send (a TLS 1.3 KeyUpdate reply).
-        if _toSend(conn):
+        if bytesToSend(conn):
             self._flushSendBIO()
 
     def _deliver(self, chunks: list[bytes]) -> None:
@@ -162,10 +212,11 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             return
         pending = self._pending
         if not pending:
-            if _corked is not None:
-                _corked.append(self)
+            corked = self._corker.corked
+            if corked is not None:
+                corked.append(self)
             elif self._scheduled is None:
-                self._scheduled = self.factory._clock.callLater(0, self._scheduledFlush)
+                self._scheduled = self._clock.callLater(0, self._scheduledFlush)
         pending.append(data)
         self._pendingSize += len(data)
         if self._pendingSize > MAX_PENDING:
@@ -206,41 +257,19 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushSendBIO(self) -> None:
         conn = self._tlsConnection
-        size = _toSend(conn)
+        size = bytesToSend(conn)
         if not size:
             return
         try:
             out = conn.bio_read(size)
         except WantReadError:
             return
-        if not _EXACT:
-            parts = [out]
-            try:
-                while True:
-                    parts.append(conn.bio_read(size))
-            except WantReadError:
-                out = b"".join(parts)
-        sock = self._rawSocket
-        transport = self.transport
-        if (
-            sock is not None
-            and not transport.dataBuffer
-            and not transport._tempDataLen
-            and transport.connected
-            and not transport.disconnecting
-            and not transport._writeDisconnecting
-        ):
-            try:
-                sent = sock.send(out)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                # Let Twisted meet the error in its own write path.
-                sent = 0
-            if sent == len(out):
+        send = self._sendNow
+        if send is not None:
+            out = send(out)
+            if not out:
                 return
-            out = out[sent:]
-        transport.write(out)
+        self.transport.write(out)
 
     # -- closing ---------------------------------------------------------------
 
@@ -257,49 +286,57 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         super().connectionLost(reason)
 
 
-#: The transports whose socket L{LeanTLSProtocol} may write to directly.
-_TCP_TYPES = (tcp.Server, tcp.Client)
+#: Makes a connection's TLS protocol from C{(factory, wrappedProtocol)},
+#: as a L{TLSMemoryBIOProtocol} class does.
+TLSProtocolMaker = Callable[[TLSMemoryBIOFactory, IProtocol], TLSMemoryBIOProtocol]
+
+#: Twisted's own TLS protocol: the one L{TLSMemoryBIOFactory} makes, and
+#: C{startTLS} uses (L{twisted.protocols.tls.BufferingTLSTransport} today).
+#: Public names only.
+PUBLIC_PROTOCOL: Final[TLSProtocolMaker] = TLSMemoryBIOFactory.protocol
 
 
-def _loadPending() -> tuple[Any, Any, bool]:
+def chooseProtocol(
+    clock: IReactorTime,
+    corker: Corker = SHARED_CORKER,
+    verdict: _private.Verdict | None = None,
+) -> TLSProtocolMaker:
     """
-    C{(toDecrypt, toSend, exact)}: how many bytes wait in a connection's
-    incoming memory BIO (and OpenSSL's buffer) and in its outgoing one, and
-    whether those counts are exact. Asking is
-    cheaper than the C{WantReadError} an empty read raises, but pyOpenSSL
-    has no public call for it, so this uses its cffi bindings (as
-    L{pgtls_twisted.tls._contexts} does for the curves list); without them,
-    every count is "maybe" and reads go until C{WantReadError}.
+    L{LeanTLSProtocol} (with C{clock} and C{corker}) where C{verdict}, by
+    default L{_private.verdict}'s on the installed Twisted and pyOpenSSL,
+    says its private names are all there; L{PUBLIC_PROTOCOL} otherwise.
     """
-    try:
-        from OpenSSL._util import ffi, lib
-
-        memData, sslPending, null = lib.BIO_get_mem_data, lib.SSL_pending, ffi.NULL
-        SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)._from_ssl  # noqa: B018
-    except (ImportError, AttributeError):
-        return (lambda conn: 1), (lambda conn: 65536), False
-
-    def toDecrypt(conn: Any) -> int:
-        return memData(conn._into_ssl, null) or sslPending(conn._ssl)  # type: ignore[no-any-return]
-
-    def toSend(conn: Any) -> int:
-        return memData(conn._from_ssl, null)  # type: ignore[no-any-return]
-
-    return toDecrypt, toSend, True
-
-
-_toDecrypt, _toSend, _EXACT = _loadPending()
+    if verdict is None:
+        verdict = _private.verdict()
+    if verdict.leanTLS:
+        return functools.partial(LeanTLSProtocol, clock=clock, corker=corker)
+    return PUBLIC_PROTOCOL
 
 
 class TLSLayer:
     """
     One per route and leg: a L{TLSMemoryBIOFactory} bound to a connection
     creator (whose context may be swapped by a reload) and a clock.
+
+    @ivar protocol: makes each connection's TLS protocol.
     """
 
-    def __init__(self, creator: Any, isClient: bool, clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        creator: Any,
+        isClient: bool,
+        clock: IReactorTime,
+        protocol: TLSProtocolMaker | None = None,
+    ) -> None:
+        """
+        @param protocol: by default L{chooseProtocol}'s choice: the lean
+            protocol where the installed libraries allow, Twisted's own
+            otherwise.
+        """
         self._factory = TLSMemoryBIOFactory(creator, isClient, Factory(), clock=clock)
-        self._factory.protocol = LeanTLSProtocol
+        self.protocol: TLSProtocolMaker = (
+            protocol if protocol is not None else chooseProtocol(clock)
+        )
 
     def attach(
         self, outer: Protocol, inner: Protocol, received: bytes = b""
@@ -315,8 +352,8 @@ class TLSLayer:
         to the TLS protocol. C{outer} is the leg the certificate verify
         callbacks report to (see L{LeanTLSProtocol.leg}).
         """
-        tls = self._factory.protocol(self._factory, inner)
-        tls.leg = outer
+        tls = self.protocol(self._factory, inner)
+        tls.leg = outer  # type: ignore[attr-defined]
         tls.makeConnection(outer.transport)
         outer.dataReceived = tls.dataReceived  # type: ignore[method-assign]
         if received:

@@ -1,0 +1,378 @@
+# -*- test-case-name: tests.test_tls_private -*-
+"""
+Every name pgtls uses that Twisted or pyOpenSSL does not promise to keep,
+in one place, with the check that they are all still there.
+
+Why rely on them at all: they are what makes
+L{LeanTLSProtocol<pgtls_twisted.tls._lean.LeanTLSProtocol>} lean, and it
+cut the pass-through route's CPU per transaction from 120 to 68 µs
+(5,661 to 7,482 tps at C{pgbench -S -c 16}; the transaction pool from 185
+to 143 µs; see C{bench/RESULTS.md}), mostly by sending encrypted bytes
+straight to the socket and by asking OpenSSL how much is left to read
+instead of reading until an exception. And pyOpenSSL has no public setter
+for a list of key exchange groups.
+
+B{The lean TLS protocol} relies on these (L{RELIED_ON}, feature
+L{LEAN_TLS}):
+
+ - of L{twisted.protocols.tls.TLSMemoryBIOProtocol}, which
+   C{LeanTLSProtocol} subclasses: C{_tlsConnection} and C{_appSendBuffer}
+   (set by C{makeConnection}: the L{OpenSSL.SSL.Connection}, and the
+   writes held back during a handshake); C{_handshakeDone},
+   C{_lostTLSConnection}, C{_aborted} and C{_producer} (the phase the base
+   class is in, which decides whether a chunk takes the short path or the
+   base class's own); C{_shutdownTLS}, C{_tlsShutdownFinished}, C{_write}
+   and C{_bufferedWrite} (its handling of a peer's close_notify, of
+   errors, and of writes made during a handshake); C{wrappedProtocol} and
+   C{disconnecting} (public names of
+   L{twisted.protocols.policies.ProtocolWrapper}, whose meaning the
+   subclass relies on); and the methods it overrides, L{LEAN_OVERRIDES},
+   among them C{_flushSendBIO}, which the base class calls wherever it
+   has encrypted bytes to send (handshake, alerts, shutdown). The subclass
+   uses these names itself: a function call here for each would cost what
+   it saves;
+ - of L{twisted.internet.tcp}: C{Server} and C{Client}, the transports
+   whose socket may be written to directly, and of their
+   L{twisted.internet.abstract.FileDescriptor} base C{dataBuffer},
+   C{_tempDataLen}, C{_writeDisconnecting}, C{connected} and
+   C{disconnecting}: whether the transport has nothing queued and is
+   open, so that a direct C{send} can neither overtake nor outlive it
+   (L{directSender});
+ - of pyOpenSSL: C{OpenSSL._util.lib.BIO_get_mem_data} and
+   C{OpenSSL._util.ffi.NULL} (pyOpenSSL's handle on C{cryptography}'s
+   cffi binding of OpenSSL, which keeps only the functions pyOpenSSL
+   itself uses), and a connection's memory BIOs C{_into_ssl} and
+   C{_from_ssl}: how many bytes wait to be decrypted and to be sent
+   (L{bytesToDecrypt}, L{bytesToSend}).
+
+Without any of them, L{pgtls_twisted.tls._lean.TLSLayer} uses Twisted's
+own TLS protocol instead (the one C{startTLS} gives,
+L{twisted.protocols.tls.BufferingTLSTransport} today), through public
+names only: slower, and otherwise the same.
+
+B{The key exchange groups} (feature L{GROUPS}) rely on
+C{OpenSSL._util.lib.SSL_CTX_set1_curves_list} and a context's
+C{_context}, to offer X25519, P-256 and P-384 (L{setGroups}). Without
+them, contexts offer P-256 alone, through the public C{set_tmp_ecdh}.
+
+The first time TLS is set up, L{verdict} checks every name, on real
+objects of the installed Twisted and pyOpenSSL, and logs one warning
+naming whatever is missing. C{tests/test_tls_private.py} fails, naming
+the attribute, if anything is.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet import tcp
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import implementer
+
+try:
+    from OpenSSL import _util
+except ImportError:
+    _util = None  # type: ignore[assignment]
+
+#: The features that rely on private names, each with its public fallback.
+LEAN_TLS = "lean TLS protocol"
+GROUPS = "key exchange groups"
+
+#: What each feature becomes without its private names.
+FALLBACKS: Mapping[str, str] = MappingProxyType(
+    {LEAN_TLS: "Twisted's public TLS protocol", GROUPS: "P-256 only"}
+)
+
+_log = Logger()
+
+# Where the names live: keys of L{SAMPLES}.
+_TLS_PROTOCOL = "twisted.protocols.tls.TLSMemoryBIOProtocol"
+_TLS_PROTOCOL_CONNECTED = "a connected twisted.protocols.tls.TLSMemoryBIOProtocol"
+_TCP = "twisted.internet.tcp"
+_TCP_CONNECTION = "a twisted.internet.tcp.Connection"
+_LIB = "OpenSSL._util.lib"
+_FFI = "OpenSSL._util.ffi"
+_SSL_CONNECTION = "an OpenSSL.SSL.Connection with memory BIOs"
+_SSL_CONTEXT = "an OpenSSL.SSL.Context"
+
+
+@dataclass(frozen=True)
+class Reliance:
+    """
+    One name pgtls uses on an object whose owner does not promise to keep it.
+
+    @ivar feature: what falls back without it (L{LEAN_TLS}, L{GROUPS}).
+    @ivar owner: what has the name, in words (a key of L{SAMPLES}).
+    @ivar name: the attribute.
+    """
+
+    feature: str
+    owner: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.owner}.{self.name}"
+
+
+#: The methods of L{TLSMemoryBIOProtocol} that C{LeanTLSProtocol}
+#: overrides. The public ones will not disappear, but the subclass relies
+#: on how the base class uses them all, so C{tests/test_tls_private.py}
+#: checks that these are exactly the base class names it redefines.
+LEAN_OVERRIDES = (
+    "makeConnection",
+    "dataReceived",
+    "write",
+    "writeSequence",
+    "_flushSendBIO",
+    "loseConnection",
+    "connectionLost",
+)
+
+#: Every name relied on, as data: L{verdict} and the canary tests both read it.
+RELIED_ON: tuple[Reliance, ...] = (
+    *(Reliance(LEAN_TLS, _TLS_PROTOCOL, name) for name in LEAN_OVERRIDES),
+    *(
+        Reliance(LEAN_TLS, _TLS_PROTOCOL, name)
+        for name in (
+            "_handshakeDone",
+            "_lostTLSConnection",
+            "_aborted",
+            "_producer",
+            "_shutdownTLS",
+            "_tlsShutdownFinished",
+            "_write",
+            "_bufferedWrite",
+        )
+    ),
+    *(
+        Reliance(LEAN_TLS, _TLS_PROTOCOL_CONNECTED, name)
+        for name in ("_tlsConnection", "_appSendBuffer", "wrappedProtocol", "disconnecting")
+    ),
+    Reliance(LEAN_TLS, _TCP, "Server"),
+    Reliance(LEAN_TLS, _TCP, "Client"),
+    *(
+        Reliance(LEAN_TLS, _TCP_CONNECTION, name)
+        for name in (
+            "getHandle",
+            "dataBuffer",
+            "_tempDataLen",
+            "_writeDisconnecting",
+            "connected",
+            "disconnecting",
+        )
+    ),
+    Reliance(LEAN_TLS, _LIB, "BIO_get_mem_data"),
+    Reliance(LEAN_TLS, _FFI, "NULL"),
+    Reliance(LEAN_TLS, _SSL_CONNECTION, "_into_ssl"),
+    Reliance(LEAN_TLS, _SSL_CONNECTION, "_from_ssl"),
+    Reliance(GROUPS, _LIB, "SSL_CTX_set1_curves_list"),
+    Reliance(GROUPS, _SSL_CONTEXT, "_context"),
+)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ProbeCreator:
+    """Server connections without a certificate: enough to start waiting for a ClientHello."""
+
+    def __init__(self) -> None:
+        self.context = SSL.Context(SSL.TLS_SERVER_METHOD)
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+class _ProbeTransport:
+    """What L{TLSMemoryBIOProtocol.makeConnection} needs of a transport."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        pass
+
+    def abortConnection(self) -> None:
+        pass
+
+
+def _connectedTLSProtocol() -> TLSMemoryBIOProtocol:
+    tls = TLSMemoryBIOProtocol(
+        TLSMemoryBIOFactory(_ProbeCreator(), False, Factory(), clock=Clock()), Protocol()
+    )
+    tls.makeConnection(_ProbeTransport())
+    return tls
+
+
+def _tcpConnection() -> tcp.Connection:
+    one, other = socket.socketpair()
+    with one, other:
+        return tcp.Connection(one, Protocol(), reactor=Clock())  # type: ignore[arg-type]
+
+
+#: How to make the object each owner of L{RELIED_ON} stands for, from the
+#: installed Twisted and pyOpenSSL: instance attributes are looked for on
+#: instances in the state pgtls uses them in (a TLS protocol after
+#: C{makeConnection}, a TCP transport around a socket, a connection with
+#: memory BIOs).
+SAMPLES: Mapping[str, Callable[[], object]] = MappingProxyType(
+    {
+        _TLS_PROTOCOL: lambda: TLSMemoryBIOProtocol,
+        _TLS_PROTOCOL_CONNECTED: _connectedTLSProtocol,
+        _TCP: lambda: tcp,
+        _TCP_CONNECTION: _tcpConnection,
+        _LIB: lambda: _util.lib,
+        _FFI: lambda: _util.ffi,
+        _SSL_CONNECTION: lambda: SSL.Connection(SSL.Context(SSL.TLS_METHOD), None),
+        _SSL_CONTEXT: lambda: SSL.Context(SSL.TLS_METHOD),
+    }
+)
+
+
+def samples() -> dict[str, object]:
+    """
+    The objects of L{SAMPLES}. One that cannot be made (C{OpenSSL._util}
+    gone, a probe that a new Twisted refuses) is left out, so every name on
+    it counts as missing.
+    """
+    found: dict[str, object] = {}
+    for owner, make in SAMPLES.items():
+        try:
+            found[owner] = make()
+        except Exception:
+            _log.failure("cannot make {owner} to check its names", owner=owner)
+    return found
+
+
+def missing(
+    relied: tuple[Reliance, ...] = RELIED_ON, found: Mapping[str, object] | None = None
+) -> tuple[Reliance, ...]:
+    """The names of C{relied} that the objects C{found} (by default L{samples}()) lack."""
+    if found is None:
+        found = samples()
+    return tuple(r for r in relied if r.owner not in found or not hasattr(found[r.owner], r.name))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """
+    Which features may use their private names.
+
+    @ivar missing: the names relied on that are not there.
+    """
+
+    missing: tuple[Reliance, ...] = ()
+
+    def usable(self, feature: str) -> bool:
+        """Whether every name C{feature} relies on is there."""
+        return not any(r.feature == feature for r in self.missing)
+
+    @property
+    def leanTLS(self) -> bool:
+        return self.usable(LEAN_TLS)
+
+    @property
+    def groups(self) -> bool:
+        return self.usable(GROUPS)
+
+    def warn(self, log: Logger) -> None:
+        """Log one warning, naming what is missing and what pgtls uses instead."""
+        if not self.missing:
+            return
+        features = dict.fromkeys(r.feature for r in self.missing)
+        log.warn(
+            "the installed Twisted or pyOpenSSL lacks {names}; using {fallbacks} instead",
+            names=", ".join(str(r) for r in self.missing),
+            fallbacks=" and ".join(f"{FALLBACKS[f]} (for the {f})" for f in features),
+        )
+
+
+@functools.cache
+def verdict() -> Verdict:
+    """
+    The verdict on the installed Twisted and pyOpenSSL: checked, and warned
+    about, once per process, the first time TLS is set up (not at import,
+    when no log observer may be listening yet).
+    """
+    found = Verdict(missing())
+    found.warn(_log)
+    return found
+
+
+# -- The functions that use the names ------------------------------------------
+# Valid only where verdict() says their feature is usable.
+
+_lib: Any = getattr(_util, "lib", None)
+_memData: Any = getattr(_lib, "BIO_get_mem_data", None)
+_NULL: Any = getattr(getattr(_util, "ffi", None), "NULL", None)
+
+
+def bytesToDecrypt(conn: SSL.Connection) -> int:
+    """
+    Whether (non-zero) a connection has bytes to decrypt: in its incoming
+    memory BIO, or already decrypted in OpenSSL's buffer. Asking is cheaper
+    than the C{WantReadError} one more C{recv} would raise.
+    """
+    return _memData(conn._into_ssl, _NULL) or conn.pending()  # type: ignore[attr-defined, no-any-return]
+
+
+def bytesToSend(conn: SSL.Connection) -> int:
+    """How many encrypted bytes wait in a connection's outgoing memory BIO."""
+    return _memData(conn._from_ssl, _NULL)  # type: ignore[attr-defined, no-any-return]
+
+
+def directSender(transport: object) -> Callable[[bytes], bytes] | None:
+    """
+    For a TCP transport, a function that sends bytes straight to its socket
+    when the transport has nothing queued and is open, and returns what the
+    kernel did not take (all of it when the transport is busy), for the
+    caller to give to C{transport.write}, which keeps ordering, flow
+    control and error handling Twisted's. C{None} for any other transport
+    (tests' in-memory ones, a TLS transport), which always gets
+    C{transport.write}.
+    """
+    if type(transport) not in (tcp.Server, tcp.Client):
+        return None
+    t: Any = transport
+    send = t.getHandle().send
+
+    def sendNow(data: bytes) -> bytes:
+        if (
+            t.dataBuffer
+            or t._tempDataLen
+            or not t.connected
+            or t.disconnecting
+            or t._writeDisconnecting
+        ):
+            return data
+        try:
+            sent = send(data)
+        except OSError:
+            # Includes BlockingIOError; let Twisted meet any error in its
+            # own write path.
+            return data
+        return data[sent:]
+
+    return sendNow
+
+
+def setGroups(ctx: SSL.Context, groups: bytes) -> bool:
+    """
+    Restrict C{ctx}'s key exchange groups to C{groups} (OpenSSL's list
+    syntax) through C{SSL_CTX_set1_curves_list} (C{set1_groups_list}'s
+    older name); pyOpenSSL's only public setter, C{set_tmp_ecdh}, takes a
+    single curve.
+
+    @return: whether it was done; the caller falls back when not.
+    """
+    if not verdict().groups:
+        return False
+    return bool(_lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1)  # type: ignore[attr-defined]
