@@ -103,6 +103,27 @@ def pg_plain(pg_base_dir: Path) -> Iterator[PostgresCluster]:
     yield from _cluster(pg_base_dir, ssl=False, name="plain")
 
 
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Every event logged through Twisted while the test runs (L{support.logcapture})."""
+    from support.logcapture import captured
+
+    with captured() as seen:
+        yield seen
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """
+    The L{support.processes.ProxyProcess}es a test appends, killed after it
+    if still running, however it ends (tests stop theirs, and check how).
+    """
+    started: list[Any] = []
+    yield started
+    for proc in started:
+        proc.close()
+
+
 @pytest.fixture(autouse=True)
 def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[list[dict[str, Any]]]:
     """

@@ -19,20 +19,14 @@ import psycopg
 import pytest
 import pytest_twisted
 from support import rawclient
-from support.admin import (
-    admin_dsn,
-    in_thread,
-    psql,
-    query,
-    refused,
-    show,
-    sleep,
-    until,
-    write_config,
-)
+from support.admin import psql, query, show
+from support.configfile import on_port, write_config
+from support.dsn import admin_dsn, app_dsn, client_dsn
+from support.net import free_port, refused
 from support.pooling import pooled_route
+from support.processes import ProxyProcess, wait_for_port
 from support.proxy import route, start_from_file, start_proxy
-from test_commands import BIN, free_port, spawn, stop, wait_for_port
+from support.waiting import in_thread, sleep, until
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.testing.cluster import (
@@ -101,11 +95,6 @@ STATS_COLUMNS = [
 ]
 
 
-def pooled_dsn(proxy, pki) -> str:
-    """A client of the pooled route, on database C{APP_DB}."""
-    return str(proxy.dsn(POOLED, **_client_params(pki, dbname=APP_DB)))
-
-
 def local_port(conn: psycopg.Connection) -> int:
     """The client-side port of a psycopg connection (how SHOW CLIENTS sees it)."""
     sock = socket.socket(fileno=os.dup(conn.fileno()))
@@ -136,8 +125,8 @@ def start(pki, cluster, tmp_path, *, pool: dict | None = None, **top):
 async def test_show_commands_have_pgbouncer_columns(pki, pg_tls, tmp_path):
     proxy = start(pki, pg_tls, tmp_path)
     try:
-        pooled = await in_thread(connect, pooled_dsn(proxy, pki))
-        plain = await in_thread(connect, proxy.dsn("app", **_client_params(pki)))
+        pooled = await in_thread(connect, app_dsn(proxy, pki, POOLED))
+        plain = await in_thread(connect, client_dsn(proxy, pki, "app"))
         await in_thread(pooled.execute, "SELECT 1")
         await in_thread(plain.execute, "SELECT 1")
         dsn = admin_dsn(proxy, pki, "app")
@@ -248,25 +237,13 @@ async def test_show_commands_have_pgbouncer_columns(pki, pg_tls, tmp_path):
         await proxy.stop()
 
 
-def _client_params(pki, **extra):
-    params = dict(
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=10,
-    )
-    params.update(extra)
-    return params
-
-
 @pytest_twisted.ensureDeferred
 async def test_show_stats_counts_a_pooled_clients_transactions(pki, pg_tls, tmp_path):
     proxy = start(pki, pg_tls, tmp_path)
     try:
 
         def work():
-            with connect(pooled_dsn(proxy, pki)) as conn:
+            with connect(app_dsn(proxy, pki, POOLED)) as conn:
                 for n in range(3):
                     conn.execute("SELECT %s::int", (n,))
                 for _ in range(2):
@@ -300,8 +277,8 @@ async def test_show_stats_counts_a_pooled_clients_transactions(pki, pg_tls, tmp_
 async def test_a_queued_client_shows_as_waiting(pki, pg_tls, tmp_path):
     proxy = start(pki, pg_tls, tmp_path, pool={"max_size": 1})
     try:
-        holder = await in_thread(connect, pooled_dsn(proxy, pki))
-        waiter = await in_thread(connect, pooled_dsn(proxy, pki))
+        holder = await in_thread(connect, app_dsn(proxy, pki, POOLED))
+        waiter = await in_thread(connect, app_dsn(proxy, pki, POOLED))
         waiter_port = await in_thread(local_port, waiter)
         holder_port = await in_thread(local_port, holder)
         await in_thread(holder.execute, "BEGIN")
@@ -313,7 +290,7 @@ async def test_a_queued_client_shows_as_waiting(pki, pg_tls, tmp_path):
             _, rows = await show(dsn, "POOLS")
             return rows[0] if rows and rows[0]["cl_waiting"] == "1" else None
 
-        pool = await until(pools)
+        pool = await until(pools, fail=False)
         assert pool is not None, "the second client never showed as waiting"
         assert (pool["cl_active"], pool["cl_waiting"], pool["sv_active"]) == ("1", "1", "1")
         assert (pool["sv_idle"], pool["sv_used"]) == ("0", "0")
@@ -346,12 +323,12 @@ async def test_a_queued_client_shows_as_waiting(pki, pg_tls, tmp_path):
 async def test_show_servers_has_the_backend_pid_the_client_sees(pki, pg_tls, tmp_path):
     proxy = start(pki, pg_tls, tmp_path, pool={"max_size": 1})
     try:
-        plain = await in_thread(connect, proxy.dsn("app", **_client_params(pki)))
+        plain = await in_thread(connect, client_dsn(proxy, pki, "app"))
         pid, port = await in_thread(
             lambda: plain.execute("SELECT pg_backend_pid(), inet_client_port()").fetchone()
         )
         client_port = await in_thread(local_port, plain)
-        pooled = await in_thread(connect, pooled_dsn(proxy, pki))
+        pooled = await in_thread(connect, app_dsn(proxy, pki, POOLED))
         (pooled_pid,) = await in_thread(
             lambda: pooled.execute("SELECT pg_backend_pid()").fetchone()
         )
@@ -383,7 +360,7 @@ async def test_show_servers_has_the_backend_pid_the_client_sees(pki, pg_tls, tmp
             _, rows = await show(dsn, "SERVERS")
             return str(pid) not in {r["remote_pid"] for r in rows}
 
-        assert await until(gone), "the closed session's server is still listed"
+        assert await until(gone, fail=False), "the closed session's server is still listed"
     finally:
         await proxy.stop()
 
@@ -440,7 +417,7 @@ async def test_nobody_gets_in_with_empty_users(pki, pg_tls, tmp_path):
         assert fields is not None and fields["C"] == "28P01"
         # And the admin database name is not passed on to the backend.
         _, rows = await in_thread(
-            query, proxy.dsn("app", **_client_params(pki, dbname="postgres")), "SELECT 1"
+            query, client_dsn(proxy, pki, "app", dbname="postgres"), "SELECT 1"
         )
         assert rows == [(1,)]
     finally:
@@ -552,7 +529,7 @@ async def test_an_open_console_holds_no_backend_connection(pki, pg_tls, tmp_path
             return await backends() == 0
 
         admin = await in_thread(connect, admin_dsn(proxy, pki, "app", application_name=probe))
-        assert await until(none_left), "the password check's connection was kept open"
+        assert await until(none_left, fail=False), "the password check's connection was kept open"
         assert (await in_thread(lambda: admin.execute("SHOW VERSION").fetchone()))[0]
         await in_thread(admin.close)
         # admin.auth_database is where the password is checked.
@@ -669,7 +646,7 @@ async def test_pause_holds_new_work_until_resume(pki, pg_tls, tmp_path):
         admin = await in_thread(connect, dsn)
         notices = []
         admin.add_notice_handler(lambda d: notices.append(d.message_primary))
-        logged_in = await in_thread(connect, pooled_dsn(proxy, pki))
+        logged_in = await in_thread(connect, app_dsn(proxy, pki, POOLED))
         await in_thread(logged_in.execute, "SELECT 1")
 
         with pytest.raises(psycopg.errors.UndefinedObject) as info:
@@ -684,13 +661,13 @@ async def test_pause_holds_new_work_until_resume(pki, pg_tls, tmp_path):
         assert rows[0]["paused"] == "1"
 
         def new_client():
-            with connect(pooled_dsn(proxy, pki)) as conn:
+            with connect(app_dsn(proxy, pki, POOLED)) as conn:
                 return conn.execute("SELECT 'new'").fetchone()[0]
 
         fresh = deferToThread(new_client)
         old = deferToThread(lambda: logged_in.execute("SELECT 'old'").fetchone()[0])
         # Pass-through "app" is not paused.
-        _, rows = await in_thread(query, proxy.dsn("app", **_client_params(pki)), "SELECT 3")
+        _, rows = await in_thread(query, client_dsn(proxy, pki, "app"), "SELECT 3")
         assert rows == [(3,)]
         await sleep(1.0)
         assert not fresh.called and not old.called
@@ -702,7 +679,7 @@ async def test_pause_holds_new_work_until_resume(pki, pg_tls, tmp_path):
         # PAUSE without a route pauses every route; the console stays open.
         await in_thread(admin.execute, "PAUSE")
         assert notices[-1] == f"paused: app, {POOLED}"
-        held = deferToThread(query, proxy.dsn("app", **_client_params(pki)), "SELECT 4")
+        held = deferToThread(query, client_dsn(proxy, pki, "app"), "SELECT 4")
         _, rows = await show(dsn, "ROUTES")
         assert {r["paused"] for r in rows} == {"1"}
         await sleep(0.5)
@@ -731,7 +708,7 @@ async def test_reload_from_the_console(pki, pg_tls, tmp_path, no_logged_errors):
         admin = await in_thread(connect, dsn)
         notices = []
         admin.add_notice_handler(lambda d: notices.append(d.message_primary))
-        client = await in_thread(connect, proxy.dsn("app", **_client_params(pki)))
+        client = await in_thread(connect, client_dsn(proxy, pki, "app"))
 
         # Nothing changed: still a reload, certificates re-read.
         await in_thread(admin.execute, "RELOAD")
@@ -747,7 +724,7 @@ async def test_reload_from_the_console(pki, pg_tls, tmp_path, no_logged_errors):
         assert any('route "extra" added' in n for n in notices), notices
         _, rows = await show(dsn, "ROUTES")
         assert {r["name"] for r in rows} == {"app", "extra"}
-        _, rows = await in_thread(query, proxy.dsn("extra", **_client_params(pki)), "SELECT 5")
+        _, rows = await in_thread(query, client_dsn(proxy, pki, "extra"), "SELECT 5")
         assert rows == [(5,)]
         # The session on the unchanged route was not touched.
         assert (await in_thread(lambda: client.execute("SELECT 6").fetchone())) == (6,)
@@ -770,7 +747,7 @@ async def test_reload_from_the_console(pki, pg_tls, tmp_path, no_logged_errors):
         assert f'{path}: [[proxy]] #2 "broken": listener.tls: expected one of' in text
         _, rows = await show(dsn, "ROUTES")
         assert {r["name"] for r in rows} == {"app", "extra"}
-        _, rows = await in_thread(query, proxy.dsn("extra", **_client_params(pki)), "SELECT 7")
+        _, rows = await in_thread(query, client_dsn(proxy, pki, "extra"), "SELECT 7")
         assert rows == [(7,)]
         # The console session itself goes on after the error.
         assert (await in_thread(lambda: admin.execute("SHOW VERSION").fetchone()))[0].startswith(
@@ -787,7 +764,7 @@ async def test_reload_from_the_console(pki, pg_tls, tmp_path, no_logged_errors):
         assert any('route "extra" removed' in n for n in notices), notices
         # (The socket is closed a reactor turn after the answer: a connection
         # made in between is reset, so poll.)
-        assert await until(lambda: in_thread(refused, extra_port)), "still listening"
+        assert await until(lambda: in_thread(refused, extra_port), fail=False), "still listening"
         rows = await in_thread(lambda: on_extra.execute("SHOW ROUTES").fetchall())
         states = {r[0]: r[10] for r in rows}
         assert states == {"app": "active", "extra": "retired"}
@@ -797,7 +774,7 @@ async def test_reload_from_the_console(pki, pg_tls, tmp_path, no_logged_errors):
             _, rows = await show(dsn, "ROUTES")
             return {r["name"] for r in rows} == {"app"}
 
-        assert await until(extra_gone)
+        assert await until(extra_gone, fail=False)
         await in_thread(client.close)
         await in_thread(admin.close)
     finally:
@@ -875,7 +852,7 @@ async def test_resume_after_a_reload_releases_clients_queued_on_the_old_route(
     proxy = start_from_file(path)
     try:
         console = await in_thread(connect, admin_dsn(proxy, pki))
-        client = await in_thread(connect, pooled_dsn(proxy, pki))
+        client = await in_thread(connect, app_dsn(proxy, pki, POOLED))
         await in_thread(client.execute, "SELECT 1")
         await in_thread(console.execute, f"PAUSE {POOLED}")
         queued = deferToThread(lambda: client.execute("SELECT 'queued'").fetchone()[0])
@@ -942,27 +919,22 @@ async def test_reload_without_a_file_is_an_error(pki, pg_tls, tmp_path):
 
 def test_shutdown_from_the_console(pki, pg_tls, tmp_path):
     port = free_port()
-    path = tmp_path / "pgtls.toml"
-    listener = {"bind_address": f"127.0.0.1:{port}"}
-    write_config(
-        path,
-        [route(pki, pg_tls, listener=listener)],
+    path = write_config(
+        tmp_path / "pgtls.toml",
+        [on_port(route(pki, pg_tls), port)],
         admin={"auth": "backend", "users": [SCRAM_USER]},
         log_format="text",
     )
-    proc = spawn([str(BIN / "twist"), "pgtls", "--config", str(path)], tmp_path)
+    proc = ProxyProcess(path, tmp_path, ("twist", "pgtls"))
     try:
         wait_for_port(port, proc)
-        params = " ".join(f"{k}={v}" for k, v in _client_params(pki).items())
-        session = psycopg.connect(
-            f"host=localhost port={port} dbname=postgres {params}", autocommit=True
-        )
-        admin = psycopg.connect(f"host=localhost port={port} dbname=pgtls {params}")
+        session = psycopg.connect(client_dsn(port, pki), autocommit=True)
+        admin = psycopg.connect(admin_dsn(port, pki))
         admin.autocommit = True
         cur = admin.execute("SHUTDOWN")
         assert cur.statusmessage == "SHUTDOWN"
         # The process ends by itself, cleanly.
-        assert proc.wait(10) == 0
+        assert proc.wait_exit(10) == 0
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2)
         # The open session was closed (shutdown_timeout 0s).
@@ -971,7 +943,8 @@ def test_shutdown_from_the_console(pki, pg_tls, tmp_path):
         session.close()
         admin.close()
     finally:
-        out = stop(proc)
+        proc.stop()
+        out = proc.log()
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "SHUTDOWN" in out
     assert SCRAM_PASSWORD not in out

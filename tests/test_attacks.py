@@ -39,6 +39,7 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_twisted
+from support.dsn import client_dsn
 from support.fakebackend import FakeBackend, answer_ssl_request, answer_startup
 from support.proxy import RunningProxy, route
 from support.proxy import running as shared_running
@@ -61,11 +62,11 @@ from support.rawclient import (
     startup_message,
     tls_wrap,
 )
-from twisted.internet.task import deferLater
+from support.waiting import sleep
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.testing.cluster import MD5_PASSWORD, MD5_USER, SCRAM_PASSWORD, SCRAM_USER
+from pgtls_twisted.testing.cluster import MD5_PASSWORD, MD5_USER, SCRAM_USER
 from pgtls_twisted.testing.pki import PKI, write_leaf
 
 #: The route startup_timeout of the slow-client tests, and how late the
@@ -76,12 +77,6 @@ LATE = 2.0
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-
-async def sleep(seconds: float) -> None:
-    from twisted.internet import reactor
-
-    await deferLater(reactor, seconds, lambda: None)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -112,14 +107,7 @@ async def recorded(
 
 def normal_login(proxy: RunningProxy, pki: Any, name: str | None = None) -> tuple[Any, ...]:
     """What a well-behaved user does: psycopg, verify-full, SCRAM."""
-    dsn = proxy.dsn(
-        name,
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=5,
-    )
+    dsn = client_dsn(proxy, pki, name, connect_timeout=5)
     with psycopg.connect(dsn) as conn:
         row = conn.execute("SELECT current_user, 41 + 1").fetchone()
     assert row is not None
@@ -420,13 +408,7 @@ async def test_prefer_falls_back_to_plaintext_backend(pki, pg_plain, tmp_path):
     """
 
     def login() -> tuple[Any, ...]:
-        dsn = proxy.dsn(
-            user=SCRAM_USER,
-            password=SCRAM_PASSWORD,
-            sslmode="verify-full",
-            sslrootcert=pki.cert("ca"),
-            connect_timeout=5,
-        )
+        dsn = client_dsn(proxy, pki, connect_timeout=5)
         with psycopg.connect(dsn) as conn:
             row = conn.execute(
                 "SELECT current_user, coalesce((SELECT ssl FROM pg_stat_ssl"

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.processes import pgtls_cli
 
 from pgtls_twisted import __main__ as cli
 from pgtls_twisted.config import (
@@ -1035,23 +1035,10 @@ def test_describe_defaults(certs: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-m", "pgtls_twisted", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_cli_check_ok(certs: Path) -> None:
     path = certs / "routes.toml"
     path.write_text(FULL_CONFIG)
-    result = run_cli("check", "--config", str(path))
+    result = pgtls_cli("check", "--config", str(path))
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert 'route "app"' in result.stdout
@@ -1063,7 +1050,7 @@ def test_cli_check_ok(certs: Path) -> None:
 def test_cli_check_invalid(certs: Path) -> None:
     path = certs / "routes.toml"
     path.write_text(FULL_CONFIG.replace("mtls = true", "mtsl = true"))
-    result = run_cli("check", "-c", str(path))
+    result = pgtls_cli("check", "-c", str(path))
     assert result.returncode == 1
     assert result.stdout == ""
     assert f'{path}: [[proxy]] #1 "app": listener.mtsl: unknown key' in result.stderr
@@ -1071,7 +1058,7 @@ def test_cli_check_invalid(certs: Path) -> None:
 
 
 def test_cli_check_missing_file(tmp_path: Path) -> None:
-    result = run_cli("check", "--config", str(tmp_path / "nope.toml"))
+    result = pgtls_cli("check", "--config", str(tmp_path / "nope.toml"))
     assert result.returncode == 1
     assert "cannot read config file" in result.stderr
 
@@ -1079,14 +1066,14 @@ def test_cli_check_missing_file(tmp_path: Path) -> None:
 def test_cli_version() -> None:
     from pgtls_twisted._version import __version__
 
-    result = run_cli("--version")
+    result = pgtls_cli("--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"pgtls {__version__}"
 
 
 def test_cli_usage_errors() -> None:
-    assert run_cli().returncode == 2
-    result = run_cli("check")
+    assert pgtls_cli().returncode == 2
+    result = pgtls_cli("check")
     assert result.returncode == 2
     assert "--config" in result.stderr
 

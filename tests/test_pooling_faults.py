@@ -20,7 +20,6 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -28,8 +27,10 @@ import pytest
 import pytest_twisted
 from psycopg import pq
 from support import rawclient
-from support.pooling import dsn, pooled_route
+from support.dsn import app_dsn
+from support.pooling import pooled_route
 from support.proxy import start_proxy
+from support.waiting import in_thread, sleep, until, until_in_thread
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
@@ -48,7 +49,7 @@ from pgtls_twisted.testing.cluster import (
 
 def connect(proxy, pki, **kwargs) -> psycopg.Connection:
     """A psycopg client of the proxy; transaction mode wants no named statements."""
-    conn = psycopg.connect(dsn(proxy, pki), **kwargs)
+    conn = psycopg.connect(app_dsn(proxy, pki), **kwargs)
     conn.prepare_threshold = None
     return conn
 
@@ -99,43 +100,6 @@ def pooled_pids(cluster) -> list[int]:
             (POOL_USER, APP_DB),
         ).fetchall()
     return [r[0] for r in rows]
-
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
-
-
-async def until(check: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Poll C{check} on the reactor until it is truthy; fail after C{timeout}."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout}s: {what or check}")
-        await sleep(0.02)
-
-
-async def until_in_thread(check: Callable[[], Any], timeout: float = 5.0, what: str = "") -> Any:
-    """Like L{until}, for a blocking C{check} (a query to the server)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await deferToThread(check)
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout}s: {what or check}")
-        await sleep(0.05)
-
-
-def in_thread(
-    f: Callable[..., Any], *args: Any, timeout: float = 20.0, **kwargs: Any
-) -> defer.Deferred[Any]:
-    """L{deferToThread}, failing (not hanging) the test if the proxy never answers."""
-    return deferToThread(f, *args, **kwargs).addTimeout(timeout, reactor)
 
 
 def the_pool(proxy) -> Any:

@@ -37,14 +37,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from OpenSSL import SSL
 from support import rawclient
+from support.dsn import app_dsn
 from support.pooling import pooled_route
 from support.proxy import route, running
+from support.waiting import in_thread, until
 from twisted.internet import defer, reactor
 from twisted.internet import ssl as tssl
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -179,16 +180,7 @@ def pg_auth(pg_base_dir: Path, pki: PKI) -> Iterator[PostgresCluster]:
 
 def whoami(proxy: Any, pki: PKI, user: str, password: str, name: str | None = None) -> str:
     """Log in with psycopg through C{proxy} and ask the server who we are."""
-    with psycopg.connect(
-        host="localhost",
-        port=proxy.port(name),
-        dbname=APP_DB,
-        user=user,
-        password=password,
-        sslmode="verify-full",
-        sslrootcert=str(pki.cert("ca")),
-        connect_timeout=10,
-    ) as conn:
+    with psycopg.connect(app_dsn(proxy, pki, name, user=user, password=password)) as conn:
         row = conn.execute("SELECT current_user").fetchone()
         assert row is not None
         return str(row[0])
@@ -225,10 +217,6 @@ def raw_fatal(
 
 def fatal_of(fields: dict[str, str]) -> tuple[str, str]:
     return fields["C"], fields["M"]
-
-
-async def in_thread(f: Any, *args: Any, **kwargs: Any) -> Any:
-    return await deferToThread(f, *args, **kwargs).addTimeout(60, reactor)
 
 
 def auth_route(pki: PKI, cluster: Any, **backend: Any) -> dict[str, Any]:
@@ -1113,17 +1101,6 @@ def raw_login(port: int, pki: PKI, password: str, *, pipelined: bytes = b"") -> 
                 return {"ready": True}
 
 
-async def until(check: Any, timeout: float = 10.0) -> None:
-    """Poll C{check} on the reactor until it is true."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still not true after {timeout}s: {check}")
-        d: defer.Deferred[None] = defer.Deferred()
-        reactor.callLater(0.02, d.callback, None)
-        await d
-
-
 async def until_threads_idle() -> None:
     """Until no SCRAM derivation is running."""
     await until(lambda: not derivation_pool(reactor).working, timeout=30)
@@ -1195,7 +1172,7 @@ async def test_messages_wait_for_client_final(pki, tmp_path):
             got = await in_thread(raw_login, proxy.port(), pki, "secret", pipelined=query)
             assert got == {"ready": True}
             (conn,) = fake.connections
-            await until(lambda: len(conn.received) >= 3)
+            await until(lambda: len(conn.received) >= 3, timeout=10)
             assert conn.received[:3] == [b"p", b"p", b"Q"]
             assert conn.scram.clientFinal.startswith(b"c=eSws,")
     finally:
@@ -1219,7 +1196,7 @@ async def test_client_leaving_during_derivation(pki, tmp_path):
         async with running(tmp_path, [table]) as proxy:
             tls = await in_thread(log_in, proxy.port())
             (client,) = proxy.route().clients
-            await until(lambda: client.session._deriving)
+            await until(lambda: client.session._deriving, timeout=10)
             tls.close()
             (conn,) = fake.connections
             await conn.closed.addTimeout(2, reactor)  # long before the derivation ends

@@ -26,18 +26,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from support.configfile import write_config
+from support.dsn import app_dsn
+from support.net import free_ports
 from support.pooling import pooled_route
+from support.processes import ProxyProcess
 from support.proxy import route
-from support.supervised import (
-    Supervised,
-    alive,
-    cmdline,
-    free_ports,
-    wait_until,
-    worker_processes,
-)
+from support.supervised import Supervised, alive, cmdline, worker_processes
+from support.waiting import eventually
 
-from pgtls_twisted.testing.cluster import APP_DB, SCRAM_PASSWORD, SCRAM_USER
+from pgtls_twisted.testing.cluster import SCRAM_USER
 
 SHUTDOWN_TIMEOUT = 2.0
 CANCELED = "canceling statement due to user request"
@@ -107,7 +105,7 @@ def shared(_shared: Supervised) -> Supervised:
     each starts once the previous test's sessions are gone.
     """
     _shared.check_running()
-    wait_until(
+    eventually(
         lambda: _shared.scrape().total("pgtls_client_connections_active") == 0,
         10,
         "the previous test's sessions to close",
@@ -115,23 +113,8 @@ def shared(_shared: Supervised) -> Supervised:
     return _shared
 
 
-def dsn(proxy: Supervised, pki: Any, name: str = "app", **extra: Any) -> str:
-    params: dict[str, Any] = {
-        "host": "localhost",
-        "port": proxy.ports[name],
-        "user": SCRAM_USER,
-        "password": SCRAM_PASSWORD,
-        "dbname": APP_DB,
-        "sslmode": "verify-full",
-        "sslrootcert": pki.cert("ca"),
-        "connect_timeout": 10,
-    }
-    params.update(extra)
-    return " ".join(f"{k}={v}" for k, v in params.items())
-
-
 def connect(proxy: Supervised, pki: Any, name: str = "app", **extra: Any) -> psycopg.Connection:
-    return psycopg.connect(dsn(proxy, pki, name, **extra), autocommit=True)
+    return psycopg.connect(app_dsn(proxy.ports[name], pki, **extra), autocommit=True)
 
 
 def server(cluster: Any) -> psycopg.Connection:
@@ -222,7 +205,7 @@ def cancel_all(sessions: list[psycopg.Connection]) -> None:
 
 def send_cancel(port: int, pid: int, key: bytes) -> None:
     """A plaintext CancelRequest on a connection of its own; waits for the proxy to close it."""
-    from pgtls_twisted import wire
+    from pgtls_twisted.protocol import _wire as wire
 
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(wire.CancelRequest(pid, key).encode())
@@ -297,7 +280,7 @@ def test_sessions_spread_over_both_workers_and_every_cancel_works(shared, pki, p
                 ).fetchone()
                 return row is not None and row[0] == len(sessions)
 
-            wait_until(all_sleeping, 10, "every session to run pg_sleep(30)")
+            eventually(all_sleeping, 10, "every session to run pg_sleep(30)")
         cancelled_at = time.monotonic()
 
         # Half with libpq's legacy plaintext PQcancel, half with the
@@ -420,7 +403,7 @@ def test_a_killed_worker_is_started_again(supervised, pki):
     try:
         killed_at = time.time()
         os.kill(pids[0], signal.SIGKILL)
-        wait_until(lambda: not alive(pids[0]), 5, "the killed worker to be gone")
+        eventually(lambda: not alive(pids[0]), 5, "the killed worker to be gone")
 
         # New connections keep working while worker 0 is down and restarting.
         connections = 0
@@ -437,7 +420,7 @@ def test_a_killed_worker_is_started_again(supervised, pki):
         assert alive(new_pid) and "--index" in cmdline(new_pid)
 
         scrape = supervised.wait_ready()
-        scrape = wait_until(
+        scrape = eventually(
             lambda: (s := supervised.scrape()).total("pgtls_workers_running") == 2 and s,
             10,
             "two workers running",
@@ -509,7 +492,7 @@ def test_sighup_with_an_invalid_file_is_reported_once_and_changes_nothing(superv
     extra["listener"]["tls"] = "requried"
     supervised.write([*supervised.routes, extra])
     supervised.signal(signal.SIGHUP)
-    wait_until(lambda: "reload refused" in supervised.log(), 10, "the reload to be refused")
+    eventually(lambda: "reload refused" in supervised.log(), 10, "the reload to be refused")
     time.sleep(1.0)  # long enough for workers to have reported too, had they been asked
     log = supervised.log()
     refusals = [line for line in log.splitlines() if "reload refused" in line]
@@ -556,7 +539,7 @@ def test_sighup_with_an_unusable_certificate_is_reported_once(supervised, pki, p
     )
     supervised.write([*supervised.routes, extra])
     supervised.signal(signal.SIGHUP)
-    wait_until(lambda: "reload refused" in supervised.log(), 10, "the reload to be refused")
+    eventually(lambda: "reload refused" in supervised.log(), 10, "the reload to be refused")
     time.sleep(1.0)
     refusals = [line for line in supervised.log().splitlines() if "reload refused" in line]
     # Nothing changed, in either worker...
@@ -588,7 +571,7 @@ def test_sigterm_drains_every_worker_and_leaves_no_process(supervised, pki):
                 return True
             return False
 
-        wait_until(refused, SHUTDOWN_TIMEOUT / 2, "the listeners to close")
+        eventually(refused, SHUTDOWN_TIMEOUT / 2, "the listeners to close")
         # ...while their sessions go on, until the deadline.
         for conn in sessions:
             assert conn.execute("SELECT 1").fetchone() == (1,)
@@ -707,7 +690,7 @@ def test_pause_and_resume_reach_both_workers(shared, pki):
 
     # SIGUSR1 / SIGUSR2 to the supervisor: every route, every worker.
     shared.signal(signal.SIGUSR1)
-    wait_until(
+    eventually(
         lambda: all(
             int(r["paused"]) == 1
             for rows in show_routes_by_worker(shared, pki).values()
@@ -718,7 +701,7 @@ def test_pause_and_resume_reach_both_workers(shared, pki):
         interval=0.2,
     )
     shared.signal(signal.SIGUSR2)
-    wait_until(
+    eventually(
         lambda: all(
             int(r["paused"]) == 0
             for rows in show_routes_by_worker(shared, pki).values()
@@ -831,7 +814,7 @@ def test_workers_of_a_killed_supervisor_drain_and_exit(supervised, pki):
         killed_at = time.monotonic()
         # The workers drain (SIGTERM from the kernel): the session goes on for a while...
         assert session.execute("SELECT 1").fetchone() == (1,)
-        wait_until(
+        eventually(
             lambda: not any(alive(pid) for pid in pids.values()),
             SHUTDOWN_TIMEOUT + 8,
             "the orphaned workers to exit",
@@ -910,40 +893,25 @@ def test_workers_that_cannot_start_make_pgtls_exit_nonzero(pki, pg_tls, tmp_path
     As with one process (tests/test_commands.py), a certificate that
     cannot be used makes C{twist pgtls} exit non-zero and say why.
     """
-    import subprocess
-
-    from support.supervised import BIN, toml_config
-
     app, pool, metrics = free_ports(3)
     routes = routes_for(pki, pg_tls, [app, pool])
     bogus = tmp_path / "bogus.crt"
     bogus.write_text("not a certificate\n")
     routes[0]["listener"]["server_cert"] = str(bogus)
-    config = tmp_path / "pgtls.toml"
-    config.write_text(
-        toml_config(
-            routes,
-            workers=2,
-            shutdown_timeout="0s",
-            metrics={"bind_address": f"127.0.0.1:{metrics}"},
-        )
+    config = write_config(
+        tmp_path / "pgtls.toml",
+        routes,
+        workers=2,
+        shutdown_timeout="0s",
+        metrics={"bind_address": f"127.0.0.1:{metrics}"},
     )
-    proc = subprocess.Popen(
-        [str(BIN / "twist"), "--log-format", "text", "pgtls", "--config", str(config)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = ProxyProcess(config, tmp_path)
     try:
-        out, _ = proc.communicate(timeout=8)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=20)
-        tail = out.decode(errors="replace").splitlines()[-3:]
-        raise AssertionError(f"still running after 8s: {tail}") from None
-    assert proc.returncode != 0
-    assert "listener server certificate" in out.decode(errors="replace")
+        code = proc.wait_exit(8)
+    finally:
+        proc.stop(20)
+    assert code != 0
+    assert "listener server certificate" in proc.log()
 
 
 def test_the_console_answers_for_every_worker(shared, pki):

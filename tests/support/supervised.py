@@ -11,46 +11,17 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from support.proxy import toml_text
-
-BIN = Path(sys.executable).parent
+from support.configfile import write_config
+from support.processes import ProxyProcess
+from support.waiting import eventually
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
-
-
-def free_ports(count: int) -> list[int]:
-    """C{count} distinct free loopback ports (all bound at once, so none repeats)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-# -- configuration files ---------------------------------------------------------------
-
-
-def toml_config(routes: list[dict[str, Any]], **top: Any) -> str:
-    """
-    A pgtls configuration file: top-level keys and sections (C{admin},
-    C{metrics} as dicts) from C{top}, then one C{[[proxy]]} per route
-    (as built by L{support.proxy.route}).
-    """
-    return toml_text({**top, "proxy": routes})
 
 
 # -- /proc -----------------------------------------------------------------------------
@@ -91,19 +62,6 @@ def worker_processes(run_dir: str | None = None) -> dict[int, int]:
             continue
         found[int(entry.name)] = int(args[args.index("--index") + 1])
     return found
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -157,12 +115,13 @@ class Supervised:
         self.top = {"metrics": {"bind_address": f"127.0.0.1:{metrics_port}"}, **top}
         self.routes = routes
         self.write(routes)
+        self.process: ProxyProcess | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
 
     def write(self, routes: list[dict[str, Any]], **top: Any) -> None:
         """(Re)write the configuration file."""
-        self.config_path.write_text(toml_config(routes, **{**self.top, **top}))
+        write_config(self.config_path, routes, **{**self.top, **top})
 
     @property
     def ports(self) -> dict[str, int]:
@@ -171,23 +130,8 @@ class Supervised:
         }
 
     def start(self, workers: Iterable[str] = ("0", "1")) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(BIN / "twist"),
-                    "--log-format",
-                    "text",
-                    "pgtls",
-                    "--config",
-                    str(self.config_path),
-                ],
-                cwd=self.tmp_path,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+        self.process = ProxyProcess(self.config_path, self.tmp_path, logpath=self.log_path)
+        self.proc = self.process.proc
         self.wait_ready(workers)
 
     def wait_ready(self, workers: Iterable[str] = ("0", "1"), timeout: float = 20.0) -> Scrape:
@@ -207,18 +151,14 @@ class Supervised:
                     return None
             return scrape
 
-        return wait_until(ready, timeout, "every worker to serve every route", interval=0.1)
+        return eventually(ready, timeout, "every worker to serve every route", interval=0.1)
 
     def check_running(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"pgtls exited with {self.proc.returncode}:\n{self.log()}")
+        assert self.process is not None
+        self.process.check_running()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.process.log() if self.process is not None else ""
 
     def started_workers(self) -> list[tuple[int, int]]:
         """Every C{worker N started (pid P)} log line so far, as (N, P)."""
@@ -246,18 +186,12 @@ class Supervised:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait; SIGKILL whatever is left (supervisor and workers)."""
-        if self.proc is None:
+        if self.process is None:
             return None
         self.worker_pids()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = self.process.stop(timeout)
         self.kill_leftovers()
-        return self.proc.returncode
+        return code
 
     def kill_leftovers(self) -> None:
         """SIGKILL worker processes this supervisor started that are still alive."""
