@@ -104,6 +104,17 @@ def pg_plain(pg_base_dir: Path) -> Iterator[PostgresCluster]:
 
 
 @pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    """
+    Dummy files for every file key of a configuration, in C{tmp_path}
+    (L{support.configdocs}): for tests that parse configuration documents.
+    """
+    from support.configdocs import write_dummy_files
+
+    return write_dummy_files(tmp_path)
+
+
+@pytest.fixture
 def events() -> Iterator[list[dict[str, Any]]]:
     """Every event logged through Twisted while the test runs (L{support.logcapture})."""
     from support.logcapture import captured
