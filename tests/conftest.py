@@ -124,6 +124,18 @@ def events() -> Iterator[list[dict[str, Any]]]:
 
 
 @pytest.fixture
+def threads() -> Iterator[None]:
+    """Up to 64 worker threads for L{deferToThread}, restored afterwards."""
+    from twisted.internet import reactor
+
+    pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+    before = pool.max
+    pool.adjustPoolsize(maxthreads=64)
+    yield
+    pool.adjustPoolsize(maxthreads=before)
+
+
+@pytest.fixture
 def processes() -> Iterator[list[Any]]:
     """
     The L{support.processes.ProxyProcess}es a test appends, killed after it

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 import pytest_twisted
 from support.dsn import app_dsn
-from support.pooling import pooled_route
+from support.pooling import pooled_count, pooled_route
 from support.proxy import running, start_proxy
 from support.waiting import sleep
 from twisted.internet import defer, reactor
@@ -26,14 +26,6 @@ from pgtls_twisted.testing.cluster import (
     POOL_USER,
     SCRAM_USER,
 )
-
-
-def pooled_count(cluster):
-    return int(
-        cluster.psql(
-            f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{POOL_USER}' AND datname = '{APP_DB}'"
-        )
-    )
 
 
 @pytest.mark.parametrize("mode", ["transaction", "session"])
