@@ -1,6 +1,7 @@
 """
-Helpers for the operations tests (admin console, metrics): psql and
-psycopg against the admin console, and scraping C{/metrics}.
+Helpers for the operations tests (admin console, metrics): a proxy with
+the console on, psql and psycopg against the console, and scraping
+C{/metrics}.
 
 psql runs as a subprocess (L{getProcessOutputAndValue}) and psycopg and
 urllib in threads, so the in-process proxy keeps answering meanwhile.
@@ -12,6 +13,7 @@ import csv
 import io
 import os
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -19,10 +21,46 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from support.proxy import RunningProxy
+from pgtls_twisted.testing.cluster import SCRAM_USER
+from pgtls_twisted.testing.pki import PKI
+from support import rawclient
+from support.pooling import pooled_route
+from support.proxy import RunningProxy, route, start_proxy
+
+#: The name of the transaction-pooled route L{start} adds.
+POOLED = "pool-transaction"
 
 # ---------------------------------------------------------------------------
 # The admin console
+
+
+def connect(dsn: str) -> psycopg.Connection:
+    """(Blocking.) An autocommit psycopg connection."""
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def start(
+    pki: PKI, cluster: Any, tmp_path: Path, *, pool: dict[str, Any] | None = None, **top: Any
+) -> RunningProxy:
+    """A pass-through route "app" and a transaction-pooled route, with the console on."""
+    top.setdefault("admin", {"auth": "backend", "users": [SCRAM_USER]})
+    return start_proxy(
+        [route(pki, cluster), pooled_route(pki, cluster, **(pool or {}))], tmp_path, **top
+    )
+
+
+def raw_admin_login(
+    port: int, ca: Path | str, user: str, password: str, **tls: Any
+) -> dict[str, str] | None:
+    """(Blocking.) Log in to the console with the raw client: the server error's fields, or None."""
+    sock = rawclient.request_tls(rawclient.connect(port), ca, **tls)
+    try:
+        rawclient.startup_cleartext(sock, user, password, database="pgtls")
+    except rawclient.ServerError as e:
+        return e.fields
+    finally:
+        sock.close()
+    return None
 
 
 async def psql(dsn: str, *commands: str, csv_output: bool = True) -> tuple[str, str, int]:
