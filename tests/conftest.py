@@ -103,6 +103,50 @@ def pg_plain(pg_base_dir: Path) -> Iterator[PostgresCluster]:
     yield from _cluster(pg_base_dir, ssl=False, name="plain")
 
 
+@pytest.fixture
+def certs(tmp_path: Path) -> Path:
+    """
+    Dummy files for every file key of a configuration, in C{tmp_path}
+    (L{support.configdocs}): for tests that parse configuration documents.
+    """
+    from support.configdocs import write_dummy_files
+
+    return write_dummy_files(tmp_path)
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Every event logged through Twisted while the test runs (L{support.logcapture})."""
+    from support.logcapture import captured
+
+    with captured() as seen:
+        yield seen
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    """Up to 64 worker threads for L{deferToThread}, restored afterwards."""
+    from twisted.internet import reactor
+
+    pool = reactor.getThreadPool()  # type: ignore[attr-defined]
+    before = pool.max
+    pool.adjustPoolsize(maxthreads=64)
+    yield
+    pool.adjustPoolsize(maxthreads=before)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[Any]]:
+    """
+    The L{support.processes.ProxyProcess}es a test appends, killed after it
+    if still running, however it ends (tests stop theirs, and check how).
+    """
+    started: list[Any] = []
+    yield started
+    for proc in started:
+        proc.close()
+
+
 @pytest.fixture(autouse=True)
 def no_logged_errors(request: pytest.FixtureRequest) -> Iterator[list[dict[str, Any]]]:
     """

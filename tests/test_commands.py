@@ -20,93 +20,27 @@ from pathlib import Path
 import psycopg
 import pytest
 from support import rawclient
+from support.configfile import on_port, write_config
+from support.dsn import client_dsn
+from support.net import free_port
+from support.processes import ProxyProcess, daemon, pgtls_cli, run, wait_for_port
+from support.proxy import route
+from support.rawclient import served_serial
+from support.waiting import eventually
 
 from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
 
-BIN = Path(sys.executable).parent
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"pgtls exited with {proc.returncode}:\n{out}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {timeout}s")
-
-
-def write_config(
-    tmp_path: Path, pki, cluster, port: int, name: str = "app", extra: str = ""
-) -> Path:
-    path = tmp_path / "routes.toml"
-    path.write_text(
-        f"""
-log_level = "info"
-[[proxy]]
-name = "{name}"
-[proxy.listener]
-bind_address = "127.0.0.1:{port}"
-server_cert = "{pki.cert("server")}"
-server_key = "{pki.key("server")}"
-{extra}
-[proxy.backend]
-address = "{cluster.host}:{cluster.port}"
-tls = "verify-full"
-root_ca = "{pki.cert("ca")}"
-server_name = "localhost"
-"""
-    )
-    return path
-
-
-def dsn(pki, port: int) -> str:
-    return (
-        f"host=localhost port={port} dbname=postgres user={SCRAM_USER} password={SCRAM_PASSWORD} "
-        f"sslmode=verify-full sslrootcert={pki.cert('ca')} connect_timeout=10"
-    )
-
-
-def spawn(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        args,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.stdout.read() if proc.stdout else ""
+def config_file(tmp_path: Path, pki, cluster, port: int, **listener) -> Path:
+    """A user's configuration file: one route "app" on C{port} in front of C{cluster}."""
+    table = on_port(route(pki, cluster, listener=listener), port)
+    return write_config(tmp_path / "routes.toml", [table], log_level="info")
 
 
 def test_plugin_is_listed() -> None:
-    out = subprocess.run(
-        [str(BIN / "twist"), "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    out = run("twist", "--help", check=True).stdout
     assert "pgtls" in out
-    out = subprocess.run(
-        [str(BIN / "twistd"), "--help"], capture_output=True, text=True, check=True
-    ).stdout
+    out = run("twistd", "--help", check=True).stdout
     assert "pgtls" in out
 
 
@@ -115,14 +49,15 @@ def test_plugin_is_listed() -> None:
 )
 def test_foreground_commands_serve_verify_full(pki, pg_tls, tmp_path, command) -> None:
     port = free_port()
-    config = write_config(tmp_path, pki, pg_tls, port)
-    proc = spawn([str(BIN / command[0]), *command[1:], "--config", str(config)], tmp_path)
+    config = config_file(tmp_path, pki, pg_tls, port)
+    proc = ProxyProcess(config, tmp_path, tuple(command))
     try:
         wait_for_port(port, proc)
-        with psycopg.connect(dsn(pki, port)) as conn:
+        with psycopg.connect(client_dsn(port, pki)) as conn:
             assert conn.execute("SELECT current_user").fetchone() == (SCRAM_USER,)
     finally:
-        out = stop(proc)
+        proc.stop()
+        out = proc.log()
     # twist re-raises the signal it stopped on, as a well-behaved daemon does.
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "route=app listening on 127.0.0.1" in out
@@ -131,36 +66,15 @@ def test_foreground_commands_serve_verify_full(pki, pg_tls, tmp_path, command) -
 
 def test_twistd_daemon_with_pidfile_and_logfile(pki, pg_tls, tmp_path) -> None:
     port = free_port()
-    config = write_config(tmp_path, pki, pg_tls, port)
-    pidfile, logfile = tmp_path / "pgtls.pid", tmp_path / "pgtls.log"
-    subprocess.run(
-        [
-            str(BIN / "twistd"),
-            "--pidfile",
-            str(pidfile),
-            "--logfile",
-            str(logfile),
-            "pgtls",
-            "--config",
-            str(config),
-        ],
-        cwd=tmp_path,
-        check=True,
-        timeout=30,
-    )
-    deadline = time.monotonic() + 10
-    while not pidfile.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    pid = int(pidfile.read_text())
+    config = config_file(tmp_path, pki, pg_tls, port)
+    pid, pidfile, logfile = daemon(config, tmp_path)
     try:
         wait_for_port(port)
-        with psycopg.connect(dsn(pki, port)) as conn:
+        with psycopg.connect(client_dsn(port, pki)) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while pidfile.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
+        eventually(lambda: not pidfile.exists(), 15, "the pid file removed")
     assert not pidfile.exists()
     log = logfile.read_text()
     assert "route=app listening" in log and "session started" in log
@@ -168,13 +82,8 @@ def test_twistd_daemon_with_pidfile_and_logfile(pki, pg_tls, tmp_path) -> None:
 
 def test_invalid_config_exits_nonzero_before_binding(pki, pg_tls, tmp_path) -> None:
     port = free_port()
-    config = write_config(tmp_path, pki, pg_tls, port, extra='tls = "requried"')
-    result = subprocess.run(
-        [str(BIN / "twist"), "pgtls", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    config = config_file(tmp_path, pki, pg_tls, port, tls="requried")
+    result = run("twist", "pgtls", "--config", str(config))
     assert result.returncode != 0
     assert (
         'listener.tls: expected one of "require", "allow", got "requried"'
@@ -188,25 +97,16 @@ def test_unusable_certificate_exits_nonzero(pki, pg_tls, tmp_path) -> None:
     bogus = tmp_path / "bogus.crt"
     bogus.write_text("not a certificate\n")
     port = free_port()
-    config = write_config(tmp_path, pki, pg_tls, port)
+    config = config_file(tmp_path, pki, pg_tls, port)
     config.write_text(config.read_text().replace(str(pki.cert("server")), str(bogus)))
-    result = subprocess.run(
-        [str(BIN / "twist"), "pgtls", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run("twist", "pgtls", "--config", str(config))
     assert result.returncode != 0
     assert "listener server certificate" in result.stdout + result.stderr
 
 
 def test_check_command(pki, pg_tls, tmp_path) -> None:
-    config = write_config(tmp_path, pki, pg_tls, 6543)
-    result = subprocess.run(
-        [sys.executable, "-m", "pgtls_twisted", "check", "--config", str(config)],
-        capture_output=True,
-        text=True,
-    )
+    config = config_file(tmp_path, pki, pg_tls, 6543)
+    result = pgtls_cli("check", "--config", str(config))
     assert result.returncode == 0, result.stderr
     assert "app" in result.stdout and "127.0.0.1:6543" in result.stdout
 
@@ -224,8 +124,8 @@ def test_slow_reader_keeps_proxy_memory_bounded(pki, pg_tls, tmp_path) -> None:
     backend back instead of buffering the result in the proxy.
     """
     port = free_port()
-    config = write_config(tmp_path, pki, pg_tls, port)
-    proc = spawn([str(BIN / "twist"), "pgtls", "--config", str(config)], tmp_path)
+    config = config_file(tmp_path, pki, pg_tls, port)
+    proc = ProxyProcess(config, tmp_path, ("twist", "pgtls"))
     try:
         wait_for_port(port, proc)
         sock = rawclient.request_tls(rawclient.connect(port, timeout=60), pki.cert("ca"))
@@ -255,7 +155,7 @@ def test_slow_reader_keeps_proxy_memory_bounded(pki, pg_tls, tmp_path) -> None:
             peak = max(peak, rss_kib(proc.pid))
         sock.close()
     finally:
-        stop(proc)
+        proc.stop()
     assert total > 200_000 * 1000
     assert slow_total < 50_000_000, "the slow phase was not slow"
     growth_mib = (peak - baseline) / 1024
@@ -275,16 +175,6 @@ def test_make_demo_serves_a_verify_full_psql_session() -> None:
     assert "demo stopped and cleaned up" in result.stdout
 
 
-def served_serial(pki, port: int) -> int:
-    from cryptography import x509
-
-    sock = rawclient.request_tls(rawclient.connect(port), pki.cert("ca"))
-    try:
-        return x509.load_der_x509_certificate(sock.getpeercert(binary_form=True)).serial_number
-    finally:
-        sock.close()
-
-
 def test_sighup_reloads_certificates(pki, pg_tls, tmp_path) -> None:
     import shutil
 
@@ -296,34 +186,33 @@ def test_sighup_reloads_certificates(pki, pg_tls, tmp_path) -> None:
     shutil.copy(pki.cert("server"), cert)
     shutil.copy(pki.key("server"), key)
     port = free_port()
-    config = write_config(tmp_path, pki, pg_tls, port)
+    config = config_file(tmp_path, pki, pg_tls, port)
     config.write_text(
         config.read_text()
         .replace(str(pki.cert("server")), str(cert))
         .replace(str(pki.key("server")), str(key))
     )
-    proc = spawn(
-        [str(BIN / "twist"), "--log-format", "text", "pgtls", "--config", str(config)], tmp_path
-    )
+    proc = ProxyProcess(config, tmp_path)
     try:
         wait_for_port(port, proc)
-        before = served_serial(pki, port)
-        live = psycopg.connect(dsn(pki, port))
+        before = served_serial(port, pki.cert("ca"))
+        live = psycopg.connect(client_dsn(port, pki))
         new_cert, new_key = write_leaf(pki, "rotated", ["DNS:localhost", "IP:127.0.0.1"])
         shutil.copy(new_cert, cert)
         shutil.copy(new_key, key)
-        proc.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        after = before
-        while after == before and time.monotonic() < deadline:
-            time.sleep(0.2)
-            after = served_serial(pki, port)
-        assert after != before
+        proc.signal(signal.SIGHUP)
+        eventually(
+            lambda: served_serial(port, pki.cert("ca")) != before,
+            10,
+            "the new certificate served",
+            interval=0.2,
+        )
         # The session that started before the reload goes on.
         assert live.execute("SELECT 1").fetchone() == (1,)
         live.close()
     finally:
-        out = stop(proc)
+        proc.stop()
+        out = proc.log()
     assert "SIGHUP: re-reading the configuration" in out
 
 

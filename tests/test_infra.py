@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import stat
 import time
 from pathlib import Path
@@ -387,7 +388,7 @@ def test_tls_cluster_needs_pki(pg_base_dir: Path) -> None:
         PostgresCluster(pg_base_dir, ssl=True, name="nopki")
 
 
-# -- the suite's own guard --------------------------------------------------
+# -- the suite's own guards -------------------------------------------------
 
 
 @pytest.mark.allow_logged_errors
@@ -400,3 +401,46 @@ def test_logged_errors_are_collected(no_logged_errors: list[dict[str, Any]]) -> 
         Logger().failure("deliberate error for test_logged_errors_are_collected")
     assert len(no_logged_errors) == 1
     assert no_logged_errors[0]["log_failure"].check(ZeroDivisionError)
+
+
+#: An Emacs file-variables line (the first, or the second after a #!).
+_FILE_VARIABLES = re.compile(r"-\*-(.*?)-\*-")
+
+
+def _test_case_names(path: Path) -> list[str] | None:
+    """The test modules C{path}'s C{test-case-name} header names, or None without one."""
+    for line in path.read_text(encoding="utf-8").splitlines()[:2]:
+        match = _FILE_VARIABLES.search(line)
+        if match is None:
+            continue
+        for variable in match.group(1).split(";"):
+            name, _, value = variable.partition(":")
+            if name.strip() == "test-case-name":
+                return [n.strip() for n in value.split(",")]
+    return None
+
+
+def test_test_case_name_headers_name_existing_test_modules() -> None:
+    """
+    Every C{test-case-name} header, in the package and in the tests, names
+    test modules that exist: a module moved or split, and the headers that
+    named it, must move together (trial, and editors, run what they name).
+    """
+    tests = Path(__file__).resolve().parent
+    repo = tests.parent
+    headers: dict[str, list[str]] = {}
+    for path in sorted([*(repo / "pgtls_twisted").rglob("*.py"), *tests.rglob("*.py")]):
+        names = _test_case_names(path)
+        if names is not None:
+            headers[str(path.relative_to(repo))] = names
+    assert len(headers) > 10, f"too few headers found: {headers}"
+    missing = {
+        where: [
+            name
+            for name in names
+            if not re.fullmatch(r"tests\.\w+", name)
+            or not (tests / f"{name.split('.', 1)[1]}.py").is_file()
+        ]
+        for where, names in headers.items()
+    }
+    assert {where: names for where, names in missing.items() if names} == {}

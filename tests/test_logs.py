@@ -14,21 +14,17 @@ import io
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest_twisted
-from support.admin import write_config
+from support.dsn import client_dsn
+from support.logcapture import json_events
+from support.processes import run_pgtls
 from support.proxy import route, start_proxy
-from test_commands import BIN, free_port
+from support.waiting import until
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel
 
@@ -181,72 +177,6 @@ def test_json_line_observer_writes_lines(tmp_path):
 # End to end: twist pgtls, a real client, SIGTERM
 
 
-def client_dsn(pki, port: int, **extra: Any) -> str:
-    params = dict(
-        host="localhost",
-        port=port,
-        dbname="postgres",
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=10,
-    )
-    params.update(extra)
-    return " ".join(f"{k}={v}" for k, v in params.items())
-
-
-def run_pgtls(
-    command: list[str], tmp_path: Path, pki, cluster, clients, **top: Any
-) -> tuple[str, str, int]:
-    """
-    Start C{command} on a configuration with C{top}, run C{clients(port)}
-    against it, stop it with SIGTERM: its stdout, stderr and exit status.
-    """
-    port = free_port()
-    path = write_config(
-        tmp_path / "pgtls.toml",
-        [route(pki, cluster, listener={"bind_address": f"127.0.0.1:{port}"})],
-        **top,
-    )
-    proc = subprocess.Popen(
-        [str(BIN / command[0]), *command[1:], "--config", str(path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        wait_until_listening(port, proc)
-        clients(port)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            out, err = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, err = proc.communicate()
-    assert proc.returncode in (0, -signal.SIGTERM), (proc.returncode, out, err)
-    return out, err, proc.returncode
-
-
-def wait_until_listening(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """Like test_commands' wait_for_port, with stderr in the message if pgtls exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out, err = proc.communicate()
-            raise AssertionError(f"pgtls exited with {proc.returncode}:\n{out}\n{err}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"nothing listens on {port} after {timeout}s")
-
-
 def json_records(out: str) -> list[dict[str, Any]]:
     """Every line of C{out}, each of which must be one JSON object."""
     records = []
@@ -263,12 +193,12 @@ def json_records(out: str) -> list[dict[str, Any]]:
 
 def good_and_refused_client(pki, seen: dict[str, Any]):
     def clients(port: int) -> None:
-        with psycopg.connect(client_dsn(pki, port)) as conn:
+        with psycopg.connect(client_dsn(port, pki)) as conn:
             seen["port"] = conn.execute("SELECT inet_client_port()").fetchone()[0]
             seen["peer_port"] = _local_port(conn)
             conn.execute("SELECT 1")
         try:
-            psycopg.connect(client_dsn(pki, port, sslmode="disable")).close()
+            psycopg.connect(client_dsn(port, pki, sslmode="disable")).close()
         except psycopg.OperationalError as e:
             seen["refused"] = str(e)
 
@@ -377,23 +307,6 @@ def test_twistd_writes_json_lines_too(pki, pg_tls, tmp_path):
 # In process: every event of a connection, as JSON
 
 
-@contextmanager
-def json_events() -> Iterator[list[dict[str, Any]]]:
-    """Every event logged meanwhile, as the JSON records C{log_format = "json"} writes."""
-    from twisted.logger import globalLogPublisher
-
-    records: list[dict[str, Any]] = []
-
-    def observe(event: dict[str, Any]) -> None:
-        records.append(json.loads(logs.event_as_json_line(event)))
-
-    globalLogPublisher.addObserver(observe)
-    try:
-        yield records
-    finally:
-        globalLogPublisher.removeObserver(observe)
-
-
 def about(records: list[dict[str, Any]], conn: int) -> list[dict[str, Any]]:
     """The records whose message says they are about connection C{conn}."""
     return [r for r in records if re.match(rf"conn={conn}\b", r["message"])]
@@ -408,21 +321,13 @@ async def test_pooled_session_events_all_carry_conn(pki, pg_tls, tmp_path):
         try:
 
             def run():
-                dsn = proxy.dsn(
-                    **{
-                        "user": SCRAM_USER,
-                        "password": SCRAM_PASSWORD,
-                        "dbname": "app",
-                        "sslmode": "verify-full",
-                        "sslrootcert": pki.cert("ca"),
-                    }
-                )
+                dsn = client_dsn(proxy, pki, dbname="app")
                 with psycopg.connect(dsn, autocommit=True) as conn:
                     conn.execute("SELECT 1")
                     conn.execute("SELECT %s::int", (2,))
 
             await deferToThread(run)
-            await _settle(lambda: any(" close " in r["message"] for r in records))
+            await until(lambda: any(" close " in r["message"] for r in records), fail=False)
         finally:
             await proxy.stop()
     (opened,) = [r for r in records if " open " in r["message"]]
@@ -445,17 +350,14 @@ async def test_a_cancel_that_cannot_be_forwarded_is_logged_with_its_conn(pki, pg
     with json_events() as records:
         proxy = start_proxy([table], tmp_path)
         try:
-            dsn = proxy.dsn(
-                user=SCRAM_USER,
-                password=SCRAM_PASSWORD,
-                sslmode="verify-full",
-                sslrootcert=pki.cert("ca"),
-            )
+            dsn = client_dsn(proxy, pki)
             conn = await deferToThread(psycopg.connect, dsn, autocommit=True)
             # The backend can no longer be reached; the session still can.
             await relay.stop()
             await deferToThread(conn.cancel_safe)
-            await _settle(lambda: any("could not forward" in r["message"] for r in records))
+            await until(
+                lambda: any("could not forward" in r["message"] for r in records), fail=False
+            )
             await deferToThread(conn.close)
         finally:
             await proxy.stop()
@@ -463,11 +365,3 @@ async def test_a_cancel_that_cannot_be_forwarded_is_logged_with_its_conn(pki, pg
     (failed,) = [r for r in records if "could not forward" in r["message"]]
     assert failed["level"] == "warn"
     assert failed.get("conn") == forwarded["conn"], failed
-
-
-async def _settle(done, timeout: float = 5.0) -> None:
-    from support.admin import sleep
-
-    deadline = time.monotonic() + timeout
-    while not done() and time.monotonic() < deadline:
-        await sleep(0.05)

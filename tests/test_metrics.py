@@ -13,28 +13,19 @@ import psycopg
 import pytest
 import pytest_twisted
 from support import rawclient
-from support.admin import (
-    Scrape,
-    admin_dsn,
-    in_thread,
-    metrics_port,
-    refused,
-    scrape,
-    show,
-    sleep,
-    until,
-    write_config,
-)
+from support.admin import Scrape, metrics_port, scrape, show
+from support.configfile import write_config
+from support.dsn import admin_dsn, app_dsn, client_dsn
+from support.net import free_port, refused
 from support.pooling import pooled_route
 from support.proxy import route, start_from_file, start_proxy
-from test_commands import free_port
+from support.waiting import in_thread, sleep, until
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.testing.cluster import (
     APP_DB,
     MD5_PASSWORD,
     MD5_USER,
-    SCRAM_PASSWORD,
     SCRAM_USER,
 )
 
@@ -52,18 +43,6 @@ REASONS = (
 )
 
 
-def params(pki, **extra):
-    out = dict(
-        user=SCRAM_USER,
-        password=SCRAM_PASSWORD,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=10,
-    )
-    out.update(extra)
-    return out
-
-
 def connect(dsn: str) -> psycopg.Connection:
     return psycopg.connect(dsn, autocommit=True)
 
@@ -78,13 +57,18 @@ def connect_error(dsn: str) -> str:
 
 
 async def scrape_until(proxy, check, timeout: float = 5.0) -> Scrape:
-    """Scrape until C{check(scrape)} holds (counts of closing connections lag a little)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        page = await scrape(proxy)
-        if check(page) or time.monotonic() > deadline:
-            return page
-        await sleep(0.1)
+    """
+    Scrape until C{check(scrape)} holds (counts of closing connections lag
+    a little); the last page either way, for the caller's assertions.
+    """
+    pages: list[Scrape] = []
+
+    async def holds() -> bool:
+        pages.append(await scrape(proxy))
+        return bool(check(pages[-1]))
+
+    await until(holds, timeout, interval=0.1, fail=False)
+    return pages[-1]
 
 
 @pytest_twisted.ensureDeferred
@@ -121,8 +105,8 @@ async def test_metrics_page_is_prometheus_text(pki, pg_tls, tmp_path):
 async def test_connections_tls_and_bytes(pki, pg_tls, tmp_path):
     proxy = start_proxy([route(pki, pg_tls)], tmp_path, metrics=METRICS)
     try:
-        dsn = proxy.dsn("app", **params(pki))
-        tls12 = proxy.dsn("app", **params(pki, ssl_max_protocol_version="TLSv1.2"))
+        dsn = client_dsn(proxy, pki, "app")
+        tls12 = client_dsn(proxy, pki, "app", ssl_max_protocol_version="TLSv1.2")
         conns = [await in_thread(connect, d) for d in (dsn, dsn, tls12)]
         for conn in conns:
             await in_thread(conn.execute, "SELECT 1")
@@ -229,11 +213,11 @@ async def test_refusals_by_reason(pki, pg_tls, tmp_path):
             ("slow", "startup_timeout"): 1,
         }
         # tls_required: a plaintext client on a "require" listener.
-        text = await in_thread(connect_error, proxy.dsn("app", **params(pki, sslmode="disable")))
+        text = await in_thread(connect_error, client_dsn(proxy, pki, "app", sslmode="disable"))
         assert "requires TLS" in text
         # handshake_failure: a client that does not trust pgtls's certificate...
         text = await in_thread(
-            connect_error, proxy.dsn("app", **params(pki, sslrootcert=pki.cert("other_ca")))
+            connect_error, client_dsn(proxy, pki, "app", sslrootcert=pki.cert("other_ca"))
         )
         assert "certificate verify failed" in text
         # ...and one that sends garbage instead of a ClientHello.
@@ -245,10 +229,10 @@ async def test_refusals_by_reason(pki, pg_tls, tmp_path):
         )
         assert "password authentication failed" in text
         # limit: max_clients = 1 and one client connected.
-        text = await in_thread(hold_and_refuse, proxy.dsn("limited", **params(pki)))
+        text = await in_thread(hold_and_refuse, client_dsn(proxy, pki, "limited"))
         assert "too many clients" in text
         # client_certificate: mtls without a certificate.
-        text = await in_thread(connect_error, proxy.dsn("mtls", **params(pki)))
+        text = await in_thread(connect_error, client_dsn(proxy, pki, "mtls"))
         assert "requires a valid client certificate" in text
 
         # protocol: an impossible startup packet length.
@@ -284,9 +268,9 @@ async def test_backend_connect_failures(pki, pg_tls, tmp_path):
     proxy = start_proxy([route(pki, pg_tls), down], tmp_path, metrics=METRICS)
     try:
         for _ in range(2):
-            text = await in_thread(connect_error, proxy.dsn("down", **params(pki)))
+            text = await in_thread(connect_error, client_dsn(proxy, pki, "down"))
             assert "Connection refused" in text or "connection refused" in text
-        await in_thread(lambda: connect(proxy.dsn("app", **params(pki))).close())
+        await in_thread(lambda: connect(client_dsn(proxy, pki, "app")).close())
         page = await scrape(proxy)
         assert (
             page.value("pgtls_backend_connect_failures_total", route="down", reason="refused") == 2
@@ -302,7 +286,7 @@ async def test_backend_connect_failures(pki, pg_tls, tmp_path):
 async def test_cancel_requests_by_outcome(pki, pg_tls, tmp_path):
     proxy = start_proxy([route(pki, pg_tls)], tmp_path, metrics=METRICS)
     try:
-        conn = await in_thread(connect, proxy.dsn("app", **params(pki)))
+        conn = await in_thread(connect, client_dsn(proxy, pki, "app"))
 
         def slow():
             try:
@@ -346,7 +330,7 @@ async def test_pool_metrics(pki, pg_tls, tmp_path):
     )
     labels = {"route": POOLED, "database": APP_DB}
     try:
-        dsn = proxy.dsn(POOLED, **params(pki, dbname=APP_DB))
+        dsn = app_dsn(proxy, pki, POOLED)
         holder = await in_thread(connect, dsn)
         waiter = await in_thread(connect, dsn)
         for n in range(3):
@@ -435,7 +419,7 @@ async def test_reload_moves_the_metrics_endpoint(pki, pg_tls, tmp_path):
     proxy = start_from_file(path)
     try:
         old = metrics_port(proxy)
-        await in_thread(lambda: connect(proxy.dsn("app", **params(pki))).close())
+        await in_thread(lambda: connect(client_dsn(proxy, pki, "app")).close())
         assert (await scrape(old)).value(
             "pgtls_client_connections_accepted_total", route="app"
         ) == 1
@@ -449,7 +433,9 @@ async def test_reload_moves_the_metrics_endpoint(pki, pg_tls, tmp_path):
         # The same counters, now on the new address only.
         page = await scrape(new)
         assert page.value("pgtls_client_connections_accepted_total", route="app") == 2
-        assert await until(lambda: in_thread(refused, old)), "old metrics port still open"
+        assert await until(lambda: in_thread(refused, old), fail=False), (
+            "old metrics port still open"
+        )
         await in_thread(admin_conn.close)
     finally:
         await proxy.stop()

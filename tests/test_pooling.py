@@ -11,8 +11,10 @@ import threading
 import psycopg
 import pytest
 import pytest_twisted
-from support.pooling import dsn, pooled_route
+from support.dsn import app_dsn
+from support.pooling import pooled_count, pooled_route
 from support.proxy import running, start_proxy
+from support.waiting import sleep
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
@@ -26,20 +28,6 @@ from pgtls_twisted.testing.cluster import (
 )
 
 
-async def sleep(seconds):
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
-
-
-def pooled_count(cluster):
-    return int(
-        cluster.psql(
-            f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{POOL_USER}' AND datname = '{APP_DB}'"
-        )
-    )
-
-
 @pytest.mark.parametrize("mode", ["transaction", "session"])
 @pytest_twisted.ensureDeferred
 async def test_login_as_self_run_as_service_user(pki, pg_tls, tmp_path, mode):
@@ -47,7 +35,7 @@ async def test_login_as_self_run_as_service_user(pki, pg_tls, tmp_path, mode):
     try:
 
         def run():
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 user = conn.execute("SELECT current_user").fetchone()[0]
                 ssl = conn.execute(
                     "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
@@ -66,7 +54,7 @@ async def test_login_failures_are_the_servers_own(pki, pg_tls, tmp_path):
 
         def attempt(**kw):
             try:
-                psycopg.connect(dsn(proxy, pki, **kw)).close()
+                psycopg.connect(app_dsn(proxy, pki, **kw)).close()
             except psycopg.OperationalError as e:
                 return str(e)
             return None
@@ -95,7 +83,7 @@ async def test_pipeline_extended_protocol_and_copy(pki, pg_tls, tmp_path, mode):
     try:
 
         def run():
-            with psycopg.connect(dsn(proxy, pki)) as conn:
+            with psycopg.connect(app_dsn(proxy, pki)) as conn:
                 with conn.pipeline():
                     curs = [conn.execute("SELECT %s::int + 1", (i,)) for i in range(50)]
                 piped = [c.fetchone()[0] for c in curs]
@@ -140,14 +128,14 @@ async def test_many_clients_share_max_size_connections(pki, pg_tls, tmp_path):
     try:
         await deferToThread(
             lambda: (
-                psycopg.connect(dsn(proxy, pki), autocommit=True)
+                psycopg.connect(app_dsn(proxy, pki), autocommit=True)
                 .execute("CREATE TABLE IF NOT EXISTS pooled_counter (id int)")
                 .connection.close()
             )
         )
 
         def client(n):
-            with psycopg.connect(dsn(proxy, pki)) as conn:
+            with psycopg.connect(app_dsn(proxy, pki)) as conn:
                 # Named prepared statements live in one server session: in
                 # transaction mode they must be off (README, Pooling limits).
                 conn.prepare_threshold = None
@@ -162,7 +150,7 @@ async def test_many_clients_share_max_size_connections(pki, pg_tls, tmp_path):
         await watcher
         total = await deferToThread(
             lambda: (
-                psycopg.connect(dsn(proxy, pki))
+                psycopg.connect(app_dsn(proxy, pki))
                 .execute("SELECT count(*) FROM pooled_counter")
                 .fetchone()[0]
             )
@@ -181,13 +169,13 @@ async def test_session_state_is_gone_for_the_next_client(pki, pg_tls, tmp_path):
     try:
 
         def first():
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 conn.execute("SET work_mem = '7MB'")
                 conn.execute("CREATE TEMP TABLE mine (x int)")
                 return conn.info.backend_pid
 
         def second():
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 mem = conn.execute("SHOW work_mem").fetchone()[0]
                 temp = conn.execute(
                     "SELECT count(*) FROM pg_class WHERE relname = 'mine'"
@@ -208,9 +196,9 @@ async def test_transaction_mode_reapplies_client_parameters(pki, pg_tls, tmp_pat
 
         def run():
             a = psycopg.connect(
-                dsn(proxy, pki, options=None, application_name="client-a"), autocommit=True
+                app_dsn(proxy, pki, options=None, application_name="client-a"), autocommit=True
             )
-            b = psycopg.connect(dsn(proxy, pki, application_name="client-b"), autocommit=True)
+            b = psycopg.connect(app_dsn(proxy, pki, application_name="client-b"), autocommit=True)
             a.execute("SET TimeZone = 'Asia/Tokyo'")
             seen = []
             for _ in range(5):
@@ -238,11 +226,11 @@ async def test_acquire_timeout_names_the_pool(pki, pg_tls, tmp_path):
         [pooled_route(pki, pg_tls, "session", max_size=1, acquire_timeout="1s")], tmp_path
     )
     try:
-        holder = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+        holder = await deferToThread(psycopg.connect, app_dsn(proxy, pki), autocommit=True)
         await deferToThread(holder.execute, "SELECT 1")
 
         def second():
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 try:
                     conn.execute("SELECT 1")
                 except psycopg.OperationalError as e:
@@ -261,7 +249,7 @@ async def test_acquire_timeout_names_the_pool(pki, pg_tls, tmp_path):
 async def test_cancel_reaches_the_attached_server(pki, pg_tls, tmp_path):
     proxy = start_proxy([pooled_route(pki, pg_tls)], tmp_path)
     try:
-        conn = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+        conn = await deferToThread(psycopg.connect, app_dsn(proxy, pki), autocommit=True)
 
         def slow():
             try:
@@ -292,7 +280,7 @@ async def test_aborted_and_dropped_clients_leave_nothing_behind(pki, pg_tls, tmp
         )
 
         def client(n):
-            conn = psycopg.connect(dsn(proxy, pki))
+            conn = psycopg.connect(app_dsn(proxy, pki))
             conn.execute("INSERT INTO leftovers VALUES (%s)", (n,))
             if n % 2:
                 conn.rollback()
@@ -325,7 +313,7 @@ async def test_query_log_has_statements_and_never_parameters(pki, pg_tls, tmp_pa
     try:
 
         def run():
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 conn.execute("SELECT 'simple'", prepare=False)
                 conn.execute("SELECT %s::text", ("secret-parameter-value",))
 
@@ -353,8 +341,8 @@ async def test_cancel_from_an_unattached_client_does_nothing(pki, pg_tls, tmp_pa
     not reach B's query.
     """
     async with running(tmp_path, [pooled_route(pki, pg_tls, max_size=1)]) as proxy:
-        a = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
-        b = await deferToThread(psycopg.connect, dsn(proxy, pki), autocommit=True)
+        a = await deferToThread(psycopg.connect, app_dsn(proxy, pki), autocommit=True)
+        b = await deferToThread(psycopg.connect, app_dsn(proxy, pki), autocommit=True)
         await deferToThread(a.execute, "SELECT 1")
         query = deferToThread(lambda: b.execute("SELECT pg_sleep(1.5), 'B done'").fetchone())
         await sleep(0.5)

@@ -12,10 +12,11 @@ import time
 import psycopg
 import pytest
 import pytest_twisted
+from support.dsn import client_dsn
 from support.proxy import route, running, start_proxy
+from support.waiting import sleep
 from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
 
 from pgtls_twisted.testing.cluster import (
     MD5_PASSWORD,
@@ -31,12 +32,6 @@ SSL_ROW = (
 )
 
 
-def client_dsn(proxy, pki, user=SCRAM_USER, password=SCRAM_PASSWORD, **extra):
-    params = dict(user=user, password=password, sslmode="verify-full", sslrootcert=pki.cert("ca"))
-    params.update(extra)
-    return proxy.dsn(**params)
-
-
 def fetch(dsn, sql, *args):
     with psycopg.connect(dsn, connect_timeout=10) as conn:
         return conn.execute(sql, *args).fetchall()
@@ -49,21 +44,6 @@ def connect_error(dsn):
     except psycopg.OperationalError as e:
         return str(e)
     raise AssertionError("connection unexpectedly succeeded")
-
-
-async def sleep(seconds):
-    d = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
-
-
-@pytest.fixture
-def events():
-    """Every log event emitted while the test runs."""
-    seen = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 # -- 1, 4: TLS both ways and authentication -------------------------------------
@@ -87,16 +67,22 @@ async def test_wrong_password_gets_the_servers_own_error(pki, pg_tls, tmp_path):
 @pytest_twisted.ensureDeferred
 async def test_md5_is_relayed_unchanged(pki, pg_tls, tmp_path):
     async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
-        rows = await deferToThread(fetch, client_dsn(proxy, pki, MD5_USER, MD5_PASSWORD), SSL_ROW)
+        rows = await deferToThread(
+            fetch, client_dsn(proxy, pki, user=MD5_USER, password=MD5_PASSWORD), SSL_ROW
+        )
         assert rows == [(True, MD5_USER)]
-        bad = await deferToThread(connect_error, client_dsn(proxy, pki, MD5_USER, "nope"))
+        bad = await deferToThread(
+            connect_error, client_dsn(proxy, pki, user=MD5_USER, password="nope")
+        )
         assert "password authentication failed" in bad
 
 
 @pytest_twisted.ensureDeferred
 async def test_trust_is_relayed(pki, pg_tls, tmp_path):
     async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
-        rows = await deferToThread(fetch, client_dsn(proxy, pki, TRUST_USER, None), SSL_ROW)
+        rows = await deferToThread(
+            fetch, client_dsn(proxy, pki, user=TRUST_USER, password=None), SSL_ROW
+        )
         assert rows == [(True, TRUST_USER)]
 
 
@@ -455,13 +441,7 @@ async def test_two_routes_at_once(pki, pg_tls, pg_plain, tmp_path):
         )
         conn_b = await deferToThread(
             psycopg.connect,
-            proxy.dsn(
-                "plain",
-                user=SCRAM_USER,
-                password=SCRAM_PASSWORD,
-                sslmode="verify-full",
-                sslrootcert=pki.cert("ca"),
-            ),
+            client_dsn(proxy, pki, "plain"),
         )
         a = await deferToThread(lambda: conn_a.execute(SSL_ROW).fetchone())
         b = await deferToThread(lambda: conn_b.execute(SSL_ROW).fetchone())

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
 
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
-
-
-@pytest.fixture
-def events():
-    seen = []
-    globalLogPublisher.addObserver(seen.append)
-    yield seen
-    globalLogPublisher.removeObserver(seen.append)
 
 
 def statements(events):

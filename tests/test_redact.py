@@ -9,8 +9,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+from support.fuzz import fuzz
 
 from pgtls_twisted.protocol import _sqllex as sqllex
 from pgtls_twisted.protocol._redact import MARKER, redact
@@ -29,7 +30,7 @@ from pgtls_twisted.protocol._sqllex import (
     tokens,
 )
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz(400)
 
 
 def lexed(sql: str) -> list[tuple[str, str]]:

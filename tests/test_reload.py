@@ -25,34 +25,19 @@ import psycopg
 import pytest
 import pytest_twisted
 from support import rawclient
-from support.operations import (
-    ProxyProcess,
-    accepting,
-    backend_alive,
-    client_dsn,
-    eventually,
-    free_port,
-    on_port,
-    ran_until_signal,
-    refused,
-    served_serial,
-    wait_for_port,
-    write_config,
-)
+from support.configfile import on_port, write_config
+from support.dsn import client_dsn
+from support.net import accepting, free_port, refused
 from support.pooling import pooled_route
+from support.processes import ProxyProcess, ran_until_signal, wait_for_port
 from support.proxy import route, start_from_file
-from twisted.internet import defer, reactor
-from twisted.internet.threads import deferToThread
+from support.rawclient import served_serial
+from support.waiting import eventually, in_thread, until_in_thread
 
 from pgtls_twisted.config import ConfigError, load_config
 from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.testing.cluster import APP_DB
 from pgtls_twisted.testing.pki import write_leaf
-
-
-def in_thread(f: Any, *args: Any, timeout: float = 20.0, **kwargs: Any) -> defer.Deferred[Any]:
-    """L{deferToThread}, failing (not hanging) the test if the proxy never answers."""
-    return deferToThread(f, *args, **kwargs).addTimeout(timeout, reactor)
 
 
 def one(conn: psycopg.Connection, sql: str) -> Any:
@@ -93,8 +78,9 @@ def ssl_answers(socks: list[socket.socket]) -> list[Any]:
     return out
 
 
-async def eventually_in_thread(check: Any, timeout: float = 5.0, what: str = "") -> Any:
-    return await in_thread(eventually, check, timeout, what, timeout=timeout + 5)
+def backend_alive(cluster: Any, pid: int) -> bool:
+    """Whether the server process C{pid} of C{cluster} still exists."""
+    return cluster.psql(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "1"
 
 
 @pytest.fixture
@@ -163,7 +149,7 @@ async def test_removed_pooled_route_stops_accepting_and_drains(pki, pg_tls, tmp_
 
     assert notes == ['route "gone" removed: stopped listening, its sessions go on']
     assert [r.name for r in proxy.service.liveRoutes()] == ["app", "gone"]
-    await eventually_in_thread(lambda: refused(gone_port), 2, "the removed route refuses")
+    await until_in_thread(lambda: refused(gone_port), 2, "the removed route refuses")
     # The open session goes on, on the retired route's own pool.
     assert await in_thread(one, client, "SELECT pg_backend_pid()") == server_pid
     assert await in_thread(one, client, "SELECT current_user") == "pool_user"
@@ -175,7 +161,7 @@ async def test_removed_pooled_route_stops_accepting_and_drains(pki, pg_tls, tmp_
     assert await in_thread(one, kept, "SELECT pg_backend_pid()") == kept_pid
 
     await in_thread(client.close)
-    await eventually_in_thread(
+    await until_in_thread(
         lambda: not backend_alive(pg_tls, server_pid), 5, "the pooled server connection closed"
     )
     assert gone_route not in proxy.service.retired
@@ -233,7 +219,7 @@ async def test_changed_route_applies_to_new_connections_only(
     assert await in_thread(one, bystander, "SELECT pg_backend_pid()") == bystander_pid
     assert old_route in proxy.service.retired
     await in_thread(before.close)
-    await eventually_in_thread(lambda: old_route not in proxy.service.retired, 5)
+    await until_in_thread(lambda: old_route not in proxy.service.retired, 5)
     for conn in (after, bystander):
         await in_thread(conn.close)
     await proxy.stop()
@@ -254,7 +240,7 @@ async def test_changed_bind_address_moves_the_listener(pki, pg_tls, tmp_path, pr
 
     assert notes == ['route "app" changed: new connections use the new settings']
     assert proxy.port("app") == new_port
-    await eventually_in_thread(lambda: refused(old_port), 2, "the old address refuses")
+    await until_in_thread(lambda: refused(old_port), 2, "the old address refuses")
     client = await in_thread(connect, new_port, pki)
     assert await in_thread(one, client, "SELECT 1") == 1
     assert await in_thread(one, session, "SELECT pg_backend_pid()") == pid
@@ -522,7 +508,7 @@ async def test_reload_keeps_a_paused_route_paused(pki, pg_tls, tmp_path, proxies
             return e
 
     held = in_thread(query)
-    await eventually_in_thread(lambda: proxy.route("pool")._held, 5, "the client is held")
+    await until_in_thread(lambda: proxy.route("pool")._held, 5, "the client is held")
     pool["listener"]["max_clients"] = 50
     notes = proxy.service.reload(load_config(write_config(path, [pool], shutdown_timeout="0s")))
     assert notes == ['route "pool" changed: new connections use the new settings']
@@ -542,14 +528,6 @@ async def test_reload_keeps_a_paused_route_paused(pki, pg_tls, tmp_path, proxies
 
 # ---------------------------------------------------------------------------
 # twist pgtls and SIGHUP
-
-
-@pytest.fixture
-def processes():
-    started: list[ProxyProcess] = []
-    yield started
-    for proc in started:
-        proc.close()
 
 
 def _hammer(port: int, stop: threading.Event, counts: dict[str, int]) -> None:
@@ -598,7 +576,10 @@ def test_sighup_applies_added_removed_and_changed_routes(pki, pg_tls, tmp_path, 
     g = psycopg.connect(client_dsn(gone_port, pki, dbname=APP_DB), autocommit=True)
     k_pid, c_pid = one(k, "SELECT pg_backend_pid()"), one(c, "SELECT pg_backend_pid()")
     g_server = one(g, "SELECT pg_backend_pid()")
-    keep_serial, change_serial = served_serial(pki, keep_port), served_serial(pki, change_port)
+    keep_serial, change_serial = (
+        served_serial(keep_port, pki.cert("ca")),
+        served_serial(change_port, pki.cert("ca")),
+    )
 
     new_cert, new_key = write_leaf(pki, "reload_sighup", ["DNS:localhost", "IP:127.0.0.1"])
     change["listener"].update(max_clients=50, server_cert=str(new_cert), server_key=str(new_key))
@@ -631,13 +612,15 @@ def test_sighup_applies_added_removed_and_changed_routes(pki, pg_tls, tmp_path, 
     n.close()
     eventually(lambda: refused(gone_port), 2, "the removed route refuses")
     # Changed: new certificate for new handshakes; the old session goes on.
-    assert served_serial(pki, change_port) == _certificate_serial(new_cert) != change_serial
+    assert (
+        served_serial(change_port, pki.cert("ca")) == _certificate_serial(new_cert) != change_serial
+    )
     assert one(c, "SELECT pg_backend_pid()") == c_pid
     fresh = psycopg.connect(client_dsn(change_port, pki), autocommit=True)
     assert one(fresh, "SELECT 1") == 1
     fresh.close()
     # Unchanged: same certificate, same session.
-    assert served_serial(pki, keep_port) == keep_serial
+    assert served_serial(keep_port, pki.cert("ca")) == keep_serial
     assert one(k, "SELECT pg_backend_pid()") == k_pid
     # The removed route's session goes on; when it ends, its pool is closed.
     assert one(g, "SELECT pg_backend_pid()") == g_server
@@ -661,7 +644,7 @@ def test_sighup_with_an_invalid_file_changes_nothing(pki, pg_tls, tmp_path, proc
     wait_for_port(port, proc)
     session = psycopg.connect(client_dsn(port, pki), autocommit=True)
     pid = one(session, "SELECT pg_backend_pid()")
-    serial = served_serial(pki, port)
+    serial = served_serial(port, pki.cert("ca"))
 
     # The bad file changes the app route's certificate and adds a route too.
     rotated, rotated_key = write_leaf(pki, "reload_invalid", ["DNS:localhost", "IP:127.0.0.1"])
@@ -700,7 +683,7 @@ def test_sighup_with_an_invalid_file_changes_nothing(pki, pg_tls, tmp_path, proc
     assert "reload:" not in log
     # Nothing changed: no new listener, the old certificate, the same session.
     assert refused(extra_port)
-    assert served_serial(pki, port) == serial
+    assert served_serial(port, pki.cert("ca")) == serial
     assert one(session, "SELECT pg_backend_pid()") == pid
     assert proc.running()
 
@@ -711,7 +694,7 @@ def test_sighup_with_an_invalid_file_changes_nothing(pki, pg_tls, tmp_path, proc
     proc.signal(signal.SIGHUP)
     proc.wait_log(f'reload: route "extra" added: listening on 127.0.0.1:{extra_port}', since=mark)
     wait_for_port(extra_port, proc, timeout=2)
-    assert served_serial(pki, port) == _certificate_serial(rotated)
+    assert served_serial(port, pki.cert("ca")) == _certificate_serial(rotated)
     assert one(session, "SELECT pg_backend_pid()") == pid
     session.close()
     proc.signal(signal.SIGTERM)
@@ -778,7 +761,10 @@ def test_sighup_reloads_certificates_with_the_configuration(pki, pg_tls, tmp_pat
     processes.append(proc)
     wait_for_port(a_port, proc)
     wait_for_port(b_port, proc)
-    a_serial, b_serial = served_serial(pki, a_port), served_serial(pki, b_port)
+    a_serial, b_serial = (
+        served_serial(a_port, pki.cert("ca")),
+        served_serial(b_port, pki.cert("ca")),
+    )
 
     # a: same configuration, new file contents. b: a new file, and a new limit.
     rotated_a, rotated_a_key = write_leaf(pki, "reload_files_a", ["DNS:localhost", "IP:127.0.0.1"])
@@ -790,8 +776,8 @@ def test_sighup_reloads_certificates_with_the_configuration(pki, pg_tls, tmp_pat
     mark = proc.mark()
     proc.signal(signal.SIGHUP)
     proc.wait_log('reload: route "b" changed', since=mark)
-    assert served_serial(pki, a_port) == _certificate_serial(rotated_a) != a_serial
-    assert served_serial(pki, b_port) == _certificate_serial(rotated_b) != b_serial
+    assert served_serial(a_port, pki.cert("ca")) == _certificate_serial(rotated_a) != a_serial
+    assert served_serial(b_port, pki.cert("ca")) == _certificate_serial(rotated_b) != b_serial
     conn = psycopg.connect(client_dsn(b_port, pki), autocommit=True)
     assert one(conn, "SELECT 1") == 1
     conn.close()

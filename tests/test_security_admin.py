@@ -9,9 +9,6 @@ opened it (and C{SHUTDOWN} stopped the proxy) without any password.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +16,11 @@ import psycopg
 import pytest
 import pytest_twisted
 from support import rawclient
-from support.admin import admin_dsn, in_thread, psql, show
+from support.admin import psql, show
+from support.dsn import admin_dsn
+from support.processes import pgtls_cli
 from support.proxy import route, start_proxy
+from support.waiting import in_thread
 
 from pgtls_twisted.config import ConfigError, parse_config
 from pgtls_twisted.protocol import _wire as wire
@@ -283,14 +283,7 @@ async def test_scram_downgrade_is_detected(pki, pg_tls, tmp_path):
 
 def test_admin_verifier_command(tmp_path):
     """C{python -m pgtls_twisted admin-verifier NAME} prints a line that verifies the password."""
-    done = subprocess.run(
-        [sys.executable, "-m", "pgtls_twisted", "admin-verifier", "ops"],
-        input="s3cret\n",
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "PYTHONPATH": ""},
-    )
+    done = pgtls_cli("admin-verifier", "ops", input="s3cret\n", check=True)
     line = done.stdout.strip()
     assert line.startswith("ops:SCRAM-SHA-256$4096:")
     assert "s3cret" not in done.stdout + done.stderr

@@ -26,12 +26,15 @@ from typing import Any
 import psycopg
 import pytest_twisted
 from psycopg.conninfo import make_conninfo
-from support.pooling import dsn, pooled_route
+from support.dsn import app_dsn
+from support.logcapture import captured, json_events
+from support.pooling import pooled_route
+from support.processes import run_pgtls
 from support.proxy import start_proxy
-from test_logs import _settle, json_events, run_pgtls
+from support.waiting import until
 from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import Logger
 
 from pgtls_twisted.ops import _logs as logs
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
@@ -39,20 +42,6 @@ from pgtls_twisted.testing.cluster import APP_DB, SCRAM_PASSWORD, SCRAM_USER
 
 # ---------------------------------------------------------------------------
 # The query log, unit
-
-
-class Captured:
-    """Every event published meanwhile."""
-
-    def __init__(self) -> None:
-        self.events: list[dict[str, Any]] = []
-
-    def __enter__(self) -> list[dict[str, Any]]:
-        globalLogPublisher.addObserver(self.events.append)
-        return self.events
-
-    def __exit__(self, *exc: object) -> None:
-        globalLogPublisher.removeObserver(self.events.append)
 
 
 def new_log() -> QueryLog:
@@ -75,7 +64,7 @@ def statements(events: list[dict[str, Any]]) -> list[str]:
 
 def test_query_log_redacts_passwords_in_query_and_parse_texts():
     log = new_log()
-    with Captured() as events:
+    with captured() as events:
         query(log, b"ALTER ROLE bob PASSWORD 'hunter2'; SELECT 'password'")
         parse(log, b"CREATE USER MAPPING FOR bob SERVER s OPTIONS (user 'b', password 'hunter2')")
         log.clientMessage(ord("S"), 4, b"")
@@ -91,7 +80,7 @@ def test_query_log_redacts_passwords_in_query_and_parse_texts():
 def test_query_log_redacts_a_literal_the_peek_cuts():
     log = new_log()
     secret = b"hunter2" * PEEK
-    with Captured() as events:
+    with captured() as events:
         query(log, b"ALTER ROLE bob PASSWORD E'" + secret + b"'", length=len(secret) + 40)
         log.readyForQuery()
     assert statements(events) == ["ALTER ROLE bob PASSWORD '***'..."]
@@ -171,7 +160,7 @@ def test_pipelined_queries_keep_memory_bounded_and_all_get_logged():
 
 def test_untimed_statements_say_so_in_text():
     log = new_log()
-    with Captured() as events:
+    with captured() as events:
         for i in range(100):
             query(log, b"SELECT %d" % i)
     (first, *_) = events
@@ -297,12 +286,12 @@ async def test_passwords_never_reach_the_query_log(pki, pg_tls, tmp_path):
         pki, pg_tls, log_queries=True, service_user=service, service_password="svc_pw"
     )
     try:
-        with Captured() as events:
+        with captured() as events:
             proxy = start_proxy([table], tmp_path)
             try:
 
                 def run() -> None:
-                    with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+                    with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                         conn.execute(f"CREATE ROLE {probe} LOGIN PASSWORD '{secret}'")
                         conn.execute(f"ALTER ROLE {probe} PASSWORD '{secret}'")
                         conn.execute(
@@ -325,7 +314,7 @@ async def test_passwords_never_reach_the_query_log(pki, pg_tls, tmp_path):
                         )
 
                 await deferToThread(run)
-                await _settle(lambda: len(statements(events)) >= 8)
+                await until(lambda: len(statements(events)) >= 8, fail=False)
             finally:
                 await proxy.stop()
         # The statements ran, and set what they say.
@@ -456,7 +445,7 @@ async def test_json_logs_keep_the_exact_names(pki, pg_tls, tmp_path):
                     pass
 
             await deferToThread(run)
-            await _settle(lambda: any(r.get("database") == EVIL_DB for r in records))
+            await until(lambda: any(r.get("database") == EVIL_DB for r in records), fail=False)
         finally:
             await proxy.stop()
     (closed,) = [r for r in records if r.get("database") == EVIL_DB]

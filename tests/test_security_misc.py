@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,11 +29,13 @@ import pytest_twisted
 from cryptography import x509
 from OpenSSL import SSL
 from support.admin import psql
+from support.configfile import write_config
+from support.dsn import app_dsn
 from support.fakebackend import FakeBackend
-from support.pooling import dsn, pooled_route
-from support.proxy import route, running, start_from_file, toml_text
-from support.rawclient import connect, read_fatal, request_tls, startup_message
-from twisted.internet import defer, reactor
+from support.pooling import pooled_route
+from support.proxy import route, running, start_from_file
+from support.rawclient import connect, read_fatal, request_tls, served_serial, startup_message
+from support.waiting import in_thread, until
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.internet.threads import deferToThread
@@ -63,12 +64,6 @@ from pgtls_twisted.tls._contexts import (
     _record_server_verify,
 )
 from pgtls_twisted.tls._lean import TLSLayer
-
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    await d
 
 
 def error_text(events: list[dict[str, Any]]) -> str:
@@ -168,8 +163,7 @@ async def test_reload_refuses_a_key_made_readable_by_others(
     key = tmp_path / "server.key"
     shutil.copy(pki.key("server"), key)
     table = route(pki, pg_tls, listener={"server_key": str(key)})
-    path = tmp_path / "routes.toml"
-    path.write_text(toml_text({"proxy": [table], "shutdown_timeout": "0s"}))
+    path = write_config(tmp_path / "routes.toml", [table])
     proxy = start_from_file(path)
     try:
         before = proxy.route()
@@ -192,14 +186,6 @@ def serial_of(path: Path) -> int:
     return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
-def served_serial(port: int, ca: Path) -> int:
-    """The serial number of the certificate a new handshake is served."""
-    with connect(port) as raw, request_tls(raw, ca) as sock:
-        der = sock.getpeercert(binary_form=True)
-        assert der is not None
-        return x509.load_der_x509_certificate(der).serial_number
-
-
 @pytest.mark.allow_logged_errors
 @pytest_twisted.ensureDeferred
 async def test_certificate_refresh_refuses_a_key_made_readable(
@@ -219,10 +205,9 @@ async def test_certificate_refresh_refuses_a_key_made_readable(
     ca = own.cert("ca")
 
     async def wait_for_error(count: int) -> str:
-        deadline = time.monotonic() + 3
-        while len(no_logged_errors) < count:
-            assert time.monotonic() < deadline, "the loosened key was not reported"
-            await sleep(0.1)
+        await until(
+            lambda: len(no_logged_errors) >= count, 3, "the loosened key reported", interval=0.1
+        )
         return error_text(no_logged_errors[count - 1 : count])
 
     async with running(tmp_path, [route(own, pg_tls, listener=listener)]) as proxy:
@@ -244,10 +229,12 @@ async def test_certificate_refresh_refuses_a_key_made_readable(
         assert await deferToThread(served_serial, port, ca) == first
 
         key.chmod(0o600)
-        deadline = time.monotonic() + 3
-        while await deferToThread(served_serial, port, ca) != second:
-            assert time.monotonic() < deadline, "the private key again was not loaded"
-            await sleep(0.1)
+        await until(
+            lambda: in_thread(served_serial, port, ca).addCallback(lambda s: s == second),
+            3,
+            "the private key loaded again",
+            interval=0.1,
+        )
 
 
 def test_test_pki_writes_private_keys(pki):
@@ -282,7 +269,7 @@ async def test_pool_logs_in_with_the_password_files_first_line(pki, pg_tls, tmp_
     async with running(tmp_path, [table]) as proxy:
 
         def run() -> str:
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 return conn.execute("SELECT current_user").fetchone()[0]
 
         assert await deferToThread(run) == POOL_USER
@@ -346,7 +333,7 @@ async def test_pooled_route_refuses_replication_before_any_backend(pki, pg_tls, 
     try:
         async with running(tmp_path, [pooled_route(pki, recorder, "session")]) as proxy:
             name = proxy.route().name
-            base = dsn(proxy, pki)
+            base = app_dsn(proxy, pki)
             for value in ("database", "true"):
                 out, err, code = await psql(f"{base} replication={value}", "IDENTIFY_SYSTEM")
                 assert code != 0
@@ -403,13 +390,7 @@ async def test_pass_through_forwards_replication(pki, pg_tls, tmp_path):
     """
     user, password = await deferToThread(ensure_replication_role, pg_tls)
     async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
-        base = proxy.dsn(
-            user=user,
-            password=password,
-            dbname=APP_DB,
-            sslmode="verify-full",
-            sslrootcert=pki.cert("ca"),
-        )
+        base = app_dsn(proxy, pki, user=user, password=password)
         out, err, code = await psql(f"{base} replication=database", "IDENTIFY_SYSTEM")
         assert code == 0, err
         header, row = out.splitlines()
@@ -437,7 +418,7 @@ async def test_session_mode_client_leaving_mid_transaction_keeps_the_connection(
     async with running(tmp_path, [pooled_route(pki, pg_tls, "session", max_size=1)]) as proxy:
 
         def leave_in_a_transaction() -> int:
-            conn = psycopg.connect(dsn(proxy, pki), autocommit=True)
+            conn = psycopg.connect(app_dsn(proxy, pki), autocommit=True)
             conn.execute("CREATE TEMP TABLE mine (x int)")
             conn.execute("SET work_mem = '7MB'")
             conn.execute("BEGIN")
@@ -448,7 +429,7 @@ async def test_session_mode_client_leaving_mid_transaction_keeps_the_connection(
             return int(pid)
 
         def next_client() -> tuple[Any, ...]:
-            with psycopg.connect(dsn(proxy, pki), autocommit=True) as conn:
+            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
                 row = conn.execute(
                     "SELECT pg_backend_pid(), current_setting('work_mem'),"
                     " (SELECT count(*) FROM pg_class WHERE relname = 'mine'),"
@@ -558,7 +539,7 @@ async def test_client_certificate_of_another_ca_is_refused(
 
         def attempt(cert: str) -> str:
             try:
-                client = dsn(proxy, pki, sslcert=pki.cert(cert), sslkey=pki.key(cert))
+                client = app_dsn(proxy, pki, sslcert=pki.cert(cert), sslkey=pki.key(cert))
                 with psycopg.connect(client) as conn:
                     return str(conn.execute("SELECT current_user").fetchone()[0])
             except psycopg.OperationalError as e:

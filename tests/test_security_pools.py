@@ -15,9 +15,11 @@ import string
 
 import pytest_twisted
 from support import rawclient
-from support.admin import in_thread, scrape, sleep
-from support.pooling import dsn, pooled_route
+from support.admin import scrape
+from support.dsn import app_dsn
+from support.pooling import pooled_route
 from support.proxy import start_proxy
+from support.waiting import in_thread, sleep
 
 from pgtls_twisted.testing.cluster import APP_DB, SCRAM_USER
 
@@ -61,7 +63,7 @@ async def test_unauthenticated_names_create_nothing(pki, pg_tls, tmp_path):
         import psycopg
 
         def work() -> None:
-            with psycopg.connect(dsn(proxy, pki)) as conn:
+            with psycopg.connect(app_dsn(proxy, pki)) as conn:
                 conn.execute("SELECT 1")
 
         await in_thread(work)

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 import pytest_twisted
+from support.dsn import client_dsn
 from support.fakebackend import FakeBackend
 from support.proxy import route, running
 from support.rawclient import (
@@ -28,8 +29,8 @@ from support.rawclient import (
     recv_exact,
     tls_wrap,
 )
+from support.waiting import sleep
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.protocol import _wire as wire
@@ -157,17 +158,7 @@ def _answer(sock: socket.socket, timeout: float = 0.5) -> bytes:
 
 
 def _scram_login(proxy: Any, pki: Any) -> tuple[str, int]:
-    from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
-
-    with psycopg.connect(
-        proxy.dsn(
-            user=SCRAM_USER,
-            password=SCRAM_PASSWORD,
-            sslmode="verify-full",
-            sslrootcert=pki.cert("ca"),
-            connect_timeout=10,
-        )
-    ) as conn:
+    with psycopg.connect(client_dsn(proxy, pki)) as conn:
         row = conn.execute("select current_user, 41 + 1").fetchone()
     return row[0], row[1]
 
@@ -187,7 +178,7 @@ async def test_idle_flood_from_one_address_locks_nobody_out(pki, pg_tls, tmp_pat
         port = proxy.port()
         flood = await deferToThread(lambda: [_flood_socket(port) for _ in range(40)])
         try:
-            await deferLater(reactor, 0.2, lambda: None)
+            await sleep(0.2)
             gate = proxy.route().logins
             assert (gate.active, gate.waiting) == (16, 24)
             assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
@@ -200,7 +191,7 @@ async def test_idle_flood_from_one_address_locks_nobody_out(pki, pg_tls, tmp_pat
                     fields = _fatal(data)
                     assert fields["C"] == "53300"
                     assert "max_logins_per_address = 16" in fields["M"]
-            await deferLater(reactor, 0.2, lambda: None)
+            await sleep(0.2)
             assert (gate.active, gate.waiting) == (0, 0)
         finally:
             for sock in flood:
@@ -241,7 +232,7 @@ async def test_stalled_logins_do_not_use_up_the_server(pki, pg_tls, tmp_path):
         async with running(tmp_path, [route(pki, recorder)]) as proxy:
             held, waiting = await deferToThread(_stalled_logins, proxy.port(), pki.cert("ca"), 30)
             try:
-                await deferLater(reactor, 0.5, lambda: None)  # the backend legs open
+                await sleep(0.5)  # the backend legs open
                 assert waiting == 30 - 16
                 assert len(recorder.connections) == 16
                 assert await deferToThread(_scram_login, proxy, pki) == ("scram_user", 42)
@@ -303,7 +294,7 @@ async def test_a_login_still_waiting_at_login_timeout_gets_53300(pki, pg_tls, tm
         proxy.service.setPaused(None, True)
         held = await deferToThread(_held_login, proxy.port(), pki.cert("ca"))
         try:
-            await deferLater(reactor, 0.2, lambda: None)
+            await sleep(0.2)
             assert proxy.route().logins.active == 1
 
             def late(port: int) -> tuple[bytes, float]:

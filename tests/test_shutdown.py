@@ -16,7 +16,6 @@ import os
 import re
 import select
 import signal
-import subprocess
 import threading
 import time
 import uuid
@@ -26,33 +25,17 @@ from typing import Any
 import psycopg
 import pytest
 from support import rawclient
-from support.operations import (
-    BIN,
-    ProxyProcess,
-    client_dsn,
-    eventually,
-    free_port,
-    on_port,
-    pid_alive,
-    ran_until_signal,
-    refused,
-    wait_for_port,
-    write_config,
-)
+from support.configfile import on_port, write_config
+from support.dsn import client_dsn
+from support.net import free_port, refused
 from support.pooling import pooled_route
+from support.processes import ProxyProcess, daemon, pid_alive, ran_until_signal, wait_for_port
 from support.proxy import route
+from support.waiting import eventually
 
 from pgtls_twisted.testing.cluster import APP_DB, SCRAM_USER
 
 ADMIN_SHUTDOWN = "terminating connection due to administrator command"
-
-
-@pytest.fixture
-def processes():
-    started: list[ProxyProcess] = []
-    yield started
-    for proc in started:
-        proc.close()
 
 
 def start(processes, tmp_path: Path, routes: list[dict[str, Any]], **top: Any) -> ProxyProcess:
@@ -381,24 +364,7 @@ def test_twistd_daemon_drains_on_sigterm(pki, pg_tls, tmp_path):
     config = write_config(
         tmp_path / "routes.toml", [on_port(route(pki, pg_tls), port)], shutdown_timeout="20s"
     )
-    pidfile, logfile = tmp_path / "pgtls.pid", tmp_path / "pgtls.log"
-    subprocess.run(
-        [
-            str(BIN / "twistd"),
-            "--pidfile",
-            str(pidfile),
-            "--logfile",
-            str(logfile),
-            "pgtls",
-            "--config",
-            str(config),
-        ],
-        cwd=tmp_path,
-        check=True,
-        timeout=30,
-    )
-    eventually(pidfile.exists, 10, "the pid file")
-    pid = int(pidfile.read_text())
+    pid, pidfile, logfile = daemon(config, tmp_path)
     try:
         wait_for_port(port)
         session = connect(port, pki)

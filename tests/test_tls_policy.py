@@ -31,9 +31,8 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 import pytest
@@ -41,6 +40,7 @@ import pytest_twisted
 from cryptography import x509
 from OpenSSL import SSL
 from support import rawclient
+from support.dsn import client_dsn
 from support.proxy import RunningProxy, route, running
 from support.rawclient import (
     SSL_REQUEST,
@@ -51,6 +51,7 @@ from support.rawclient import (
     read_until_close,
     recv_exact,
     request_tls,
+    served_serial,
     simple_query,
     startup_cleartext,
     startup_message,
@@ -58,10 +59,10 @@ from support.rawclient import (
     tls_wrap,
 )
 from support.tlsbackend import tls_backend
-from twisted.internet import defer, reactor
+from support.waiting import sleep, until
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
-from twisted.logger import ILogObserver, LogLevel, eventAsText, globalLogPublisher
+from twisted.logger import LogLevel, eventAsText
 
 from pgtls_twisted.testing.cluster import (
     CERT_USER,
@@ -80,31 +81,6 @@ SSLYZE = os.environ.get("PGTLS_SSLYZE", str(REPO / ".venv-sslyze/bin/sslyze"))
 
 # ---------------------------------------------------------------------------
 # Helpers
-
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)  # type: ignore[attr-defined]
-    await d
-
-
-def client_dsn(
-    proxy: RunningProxy,
-    pki: PKI,
-    name: str | None = None,
-    user: str = SCRAM_USER,
-    password: str | None = SCRAM_PASSWORD,
-    **extra: Any,
-) -> str:
-    params: dict[str, Any] = dict(
-        user=user,
-        password=password,
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=10,
-    )
-    params.update(extra)
-    return proxy.dsn(name, **params)
 
 
 def fetch(dsn: str, sql: str) -> list[tuple[Any, ...]]:
@@ -161,24 +137,6 @@ def handshake(port: int, ca: Path | None, **tls: Any) -> str:
             return f"{sock.version()} {cipher[0]}"
 
 
-def served_serial(port: int, ca: Path) -> int:
-    """The serial number of the certificate a new handshake is served."""
-    with connect(port) as raw, request_tls(raw, ca) as sock:
-        der = sock.getpeercert(binary_form=True)
-        assert der is not None
-        return x509.load_der_x509_certificate(der).serial_number
-
-
-@pytest.fixture
-def events() -> Iterator[list[dict[str, Any]]]:
-    """Every log event emitted while the test runs."""
-    seen: list[dict[str, Any]] = []
-    observer = cast(ILogObserver, seen.append)
-    globalLogPublisher.addObserver(observer)
-    yield seen
-    globalLogPublisher.removeObserver(observer)
-
-
 def errors(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The events logged at level error or above (C{Logger.error}, failures)."""
     return [
@@ -206,12 +164,7 @@ def mtls_listener(pki: PKI, **extra: Any) -> dict[str, Any]:
 
 
 async def wait_clients(proxy: RunningProxy, count: int, name: str | None = None) -> None:
-    deadline = time.monotonic() + 3
-    while len(proxy.route(name).clients) != count:
-        assert time.monotonic() < deadline, (
-            f"{len(proxy.route(name).clients)} clients still open, expected {count}"
-        )
-        await sleep(0.02)
+    await until(lambda: len(proxy.route(name).clients) == count, 3, f"{count} clients open")
 
 
 # ---------------------------------------------------------------------------
@@ -845,10 +798,9 @@ async def test_certificate_rotation(pki, pg_tls, tmp_path, events):
             assert errors(events) == []
 
             cert.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-            deadline = time.monotonic() + 2.5
-            while not errors(events):
-                assert time.monotonic() < deadline, "a broken certificate file was not reported"
-                await sleep(0.1)
+            await until(
+                lambda: errors(events), 2.5, "a broken certificate file reported", interval=0.1
+            )
             text = eventAsText(errors(events)[0], includeTimestamp=False)
             assert "keeping the previous listener TLS context" in text, text
             assert f"listener server certificate {cert}" in text

@@ -14,8 +14,9 @@ import struct
 from itertools import pairwise
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
+from support.fuzz import FUZZ
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._wire import (
@@ -27,8 +28,6 @@ from pgtls_twisted.protocol._wire import (
     StartupMessage,
     parse_startup_packet,
 )
-
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def packet(code: int, body: bytes = b"", length: int | None = None) -> bytes:

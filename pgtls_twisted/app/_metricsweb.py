@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_operations -*-
+# -*- test-case-name: tests.test_metrics -*-
 """
 Serving C{/metrics} over HTTP with twisted.web and prometheus_client's
 own Twisted resource.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_operations -*-
+# -*- test-case-name: tests.test_reload,tests.test_shutdown -*-
 """
 Services: what C{twist pgtls}, C{twistd pgtls} and embedding applications
 run.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.test_workers,tests.test_workers_lifecycle -*-
 """
 C{workers = N}: N reactor processes sharing every listening port.
 

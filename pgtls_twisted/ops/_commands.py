@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_admin_control -*-
 """
 The admin console's commands: SQL text in, result tables out.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_admin,tests.test_security_admin -*-
+# -*- test-case-name: tests.test_admin,tests.test_admin_control,tests.test_security_admin -*-
 """
 The admin console's side of the protocol: a client whose startup packet
 names C{admin.database} talks to pgtls itself, not to a backend.

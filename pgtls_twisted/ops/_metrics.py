@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_operations -*-
+# -*- test-case-name: tests.test_metrics,tests.test_workers -*-
 """
 What pgtls counts, for Prometheus and for the admin console's C{SHOW STATS}.
 

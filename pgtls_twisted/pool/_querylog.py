@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_querylog -*-
+# -*- test-case-name: tests.test_querylog,tests.test_security_logs -*-
 """
 The pooling seed's query log (C{[proxy.pool] log_queries}): one structured
 event per Query, and per extended-protocol batch of Parse messages, with

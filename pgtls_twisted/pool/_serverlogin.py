@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pool -*-
+# -*- test-case-name: tests.test_security_scram_derivation,tests.test_pooling -*-
 """
 pgtls logging in to the backend under its own name (the pool's service
 user), on a backend leg that L{pgtls_twisted.proxy._backend.BackendConnector}

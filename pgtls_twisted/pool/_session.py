@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pooling -*-
+# -*- test-case-name: tests.test_pooling,tests.test_pooling_faults,tests.test_pooling_stress -*-
 """
 A pooled session: the client's credentials are checked by the real server
 over a temporary connection, then its queries run on pooled server

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_backend -*-
+# -*- test-case-name: tests.test_security_backend_policy,tests.test_security_backend -*-
 """
 What a backend may ask pgtls for while it logs in, and what pgtls refuses.
 

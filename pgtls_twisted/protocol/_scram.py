@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_security_backend -*-
+# -*- test-case-name: tests.test_security_scram,tests.test_security_scram_derivation,tests.test_security_backend -*-
 """
 pgtls logging in to the backend with SCRAM-SHA-256 on the client's behalf.
 

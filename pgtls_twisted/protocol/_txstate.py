@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_framing -*-
+# -*- test-case-name: tests.test_txstate -*-
 """
 When may a pooled server connection be given back, and what must be
 re-applied on the next one? Pure state machines, no I/O.

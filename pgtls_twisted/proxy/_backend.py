@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_backend -*-
+# -*- test-case-name: tests.test_proxy,tests.test_attacks,tests.test_security_backend -*-
 """
 The backend leg: pgtls connecting to the real server, as libpq would.
 

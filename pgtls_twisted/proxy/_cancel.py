@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_cancel -*-
+# -*- test-case-name: tests.test_proxy,tests.test_pooling_faults -*-
 """
 Query cancellation through the proxy.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frontend -*-
+# -*- test-case-name: tests.test_frontend,tests.test_attacks,tests.test_attacks_startup -*-
 """
 The client leg: everything a client sends before its session starts.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_logins -*-
+# -*- test-case-name: tests.test_logins,tests.test_security_startup -*-
 """
 How many clients of a route may be logging in at once.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pump -*-
+# -*- test-case-name: tests.test_proxy,tests.test_commands -*-
 """
 The byte pump: after startup, a pass-through session is two streams of
 bytes, copied without parsing, with flow control both ways.

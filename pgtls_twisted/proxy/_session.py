@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_session -*-
+# -*- test-case-name: tests.test_proxy,tests.test_frontend -*-
 """
 A pass-through session: one client leg joined to one backend leg.
 

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tlsconfig -*-
+# -*- test-case-name: tests.test_tls_policy,tests.test_security_misc -*-
 """
 TLS policy: the pyOpenSSL contexts for both legs, and what a verification
 failure means in words a person can act on.

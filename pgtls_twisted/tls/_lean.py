@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_frontend,tests.test_tls_private -*-
+# -*- test-case-name: tests.test_frontend,tests.test_tls_private,tests.test_security_misc -*-
 """
 Putting TLS under a protocol that is already connected.
 

@@ -1,7 +1,7 @@
 """
-Helpers for the operations tests (admin console, metrics, reload): psql
-against the admin console, a proxy started from a configuration file, and
-scraping C{/metrics}.
+Helpers for the operations tests (admin console, metrics): a proxy with
+the console on, psql and psycopg against the console, and scraping
+C{/metrics}.
 
 psql runs as a subprocess (L{getProcessOutputAndValue}) and psycopg and
 urllib in threads, so the in-process proxy keeps answering meanwhile.
@@ -12,50 +12,55 @@ from __future__ import annotations
 import csv
 import io
 import os
-import socket
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
 
-from pgtls_twisted.testing.cluster import SCRAM_PASSWORD, SCRAM_USER
-from support.proxy import RunningProxy, toml_text
+from pgtls_twisted.testing.cluster import SCRAM_USER
+from pgtls_twisted.testing.pki import PKI
+from support import rawclient
+from support.pooling import pooled_route
+from support.proxy import RunningProxy, route, start_proxy
 
-
-async def sleep(seconds: float) -> None:
-    d: defer.Deferred[None] = defer.Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    await d
-
+#: The name of the transaction-pooled route L{start} adds.
+POOLED = "pool-transaction"
 
 # ---------------------------------------------------------------------------
 # The admin console
 
 
-def admin_dsn(
-    proxy: RunningProxy,
-    pki: Any,
-    name: str | None = None,
-    user: str = SCRAM_USER,
-    password: str | None = SCRAM_PASSWORD,
-    **extra: Any,
-) -> str:
-    """A verify-full DSN for the admin console on route C{name}'s listener."""
-    params: dict[str, Any] = dict(
-        user=user,
-        password=password,
-        dbname="pgtls",
-        sslmode="verify-full",
-        sslrootcert=pki.cert("ca"),
-        connect_timeout=10,
+def connect(dsn: str) -> psycopg.Connection:
+    """(Blocking.) An autocommit psycopg connection."""
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def start(
+    pki: PKI, cluster: Any, tmp_path: Path, *, pool: dict[str, Any] | None = None, **top: Any
+) -> RunningProxy:
+    """A pass-through route "app" and a transaction-pooled route, with the console on."""
+    top.setdefault("admin", {"auth": "backend", "users": [SCRAM_USER]})
+    return start_proxy(
+        [route(pki, cluster), pooled_route(pki, cluster, **(pool or {}))], tmp_path, **top
     )
-    params.update(extra)
-    return str(proxy.dsn(name, **params))
+
+
+def raw_admin_login(
+    port: int, ca: Path | str, user: str, password: str, **tls: Any
+) -> dict[str, str] | None:
+    """(Blocking.) Log in to the console with the raw client: the server error's fields, or None."""
+    sock = rawclient.request_tls(rawclient.connect(port), ca, **tls)
+    try:
+        rawclient.startup_cleartext(sock, user, password, database="pgtls")
+    except rawclient.ServerError as e:
+        return e.fields
+    finally:
+        sock.close()
+    return None
 
 
 async def psql(dsn: str, *commands: str, csv_output: bool = True) -> tuple[str, str, int]:
@@ -89,40 +94,6 @@ def query(dsn: str, sql: str, params: Any = None) -> tuple[list[str], list[tuple
         cur = conn.execute(sql, params)
         columns = [d.name for d in cur.description] if cur.description else []
         return columns, cur.fetchall() if cur.description else []
-
-
-def refused(port: int) -> bool:
-    """(Blocking.) Whether nothing listens on C{port} (any more)."""
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except ConnectionRefusedError:
-        return True
-    return False
-
-
-async def until(check: Any, timeout: float = 5.0, interval: float = 0.1) -> Any:
-    """Poll the async C{check} until it returns something truthy (or time is up)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result or time.monotonic() > deadline:
-            return result
-        await sleep(interval)
-
-
-async def in_thread(f: Any, *args: Any, **kwargs: Any) -> Any:
-    return await deferToThread(f, *args, **kwargs)
-
-
-# ---------------------------------------------------------------------------
-# A proxy started from a file (so that RELOAD has a file to re-read)
-
-
-def write_config(path: Path, routes: list[dict[str, Any]], **top: Any) -> Path:
-    """Write a configuration file; shutdown is immediate unless C{top} says otherwise."""
-    data = {"shutdown_timeout": "0s", **top, "proxy": routes}
-    path.write_text(toml_text(data))
-    return path
 
 
 # ---------------------------------------------------------------------------

@@ -10,7 +10,6 @@ that needs the proxy to answer, or the reactor (and the proxy) stops.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pgtls_twisted.app._service import make_service, route_services
 from pgtls_twisted.config import load_config, parse_config
 from pgtls_twisted.testing.cluster import PostgresCluster
 from pgtls_twisted.testing.pki import PKI
+from support.dsn import dsn
 
 
 def route(
@@ -70,13 +70,8 @@ class RunningProxy:
         raise KeyError(name)
 
     def dsn(self, name: str | None = None, **params: Any) -> str:
-        merged: dict[str, Any] = {
-            "host": "localhost",
-            "port": self.port(name),
-            "dbname": "postgres",
-        }
-        merged.update(params)
-        return " ".join(f"{k}={v}" for k, v in merged.items() if v is not None)
+        """A connection string to route C{name} (L{support.dsn.dsn}) with C{params}."""
+        return dsn(self.port(name), **params)
 
     async def stop(self) -> None:
         from twisted.internet import defer
@@ -106,48 +101,6 @@ async def running(tmp_path: Path, routes: list[dict[str, Any]]) -> AsyncIterator
         yield proxy
     finally:
         await proxy.stop()
-
-
-# ---------------------------------------------------------------------------
-# Configuration files (for reloads, and for pgtls as a child process)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return json.dumps(str(value))  # a JSON string is a TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def _is_array_of_tables(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def toml_text(data: dict[str, Any]) -> str:
-    """A TOML document for C{data} (scalars, lists, tables, arrays of tables)."""
-    lines: list[str] = []
-
-    def table(prefix: str, values: dict[str, Any]) -> None:
-        for key, value in values.items():
-            if not isinstance(value, dict) and not _is_array_of_tables(value):
-                lines.append(f"{key} = {_toml_value(value)}")
-        for key, value in values.items():
-            path = f"{prefix}{key}"
-            if isinstance(value, dict):
-                lines.append(f"[{path}]")
-                table(f"{path}.", value)
-            elif _is_array_of_tables(value):
-                for item in value:
-                    lines.append(f"[[{path}]]")
-                    table(f"{path}.", item)
-
-    table("", data)
-    return "\n".join(lines) + "\n"
 
 
 def start_from_file(path: Path, **kwargs: Any) -> RunningProxy:

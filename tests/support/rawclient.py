@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from pgtls_twisted.pool import _serverlogin as serverlogin
 from pgtls_twisted.protocol import _wire as wire
 
@@ -230,6 +232,14 @@ def request_tls(sock: socket.socket, ca: Path | str | None, **kwargs: object) ->
     if answer != b"S":
         raise AssertionError(f"SSLRequest answered {answer!r}")
     return tls_wrap(sock, ca, **kwargs)  # type: ignore[arg-type]
+
+
+def served_serial(port: int, ca: Path | str) -> int:
+    """The serial number of the certificate a new handshake on C{port} is served."""
+    with connect(port) as raw, request_tls(raw, ca) as sock:
+        der = sock.getpeercert(binary_form=True)
+        assert der is not None
+        return int(x509.load_der_x509_certificate(der).serial_number)
 
 
 def client_hello(server_hostname: str = "localhost", alpn: list[str] | None = None) -> bytes:

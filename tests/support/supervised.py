@@ -1,9 +1,13 @@
 """
 pgtls with C{workers = N} as a user runs it: C{twist pgtls --config FILE}
-in a child process (the supervisor), which starts the workers.
+in a child process (the supervisor), which starts the workers; its
+processes as /proc shows them, its metrics, and clients that find out
+which worker serves them.
 
 The tests that use this are plain blocking tests: the proxy is another
-process, so psycopg can be called directly.
+process, so psycopg can be called directly. Which worker serves a session
+is visible from the client: the low byte of the (minted) backend PID the
+client is given is the worker's number (L{worker_of}).
 """
 
 from __future__ import annotations
@@ -11,46 +15,26 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from support.proxy import toml_text
+import psycopg
 
-BIN = Path(sys.executable).parent
+from pgtls_twisted.testing.cluster import SCRAM_USER
+from support.configfile import write_config
+from support.dsn import app_dsn
+from support.net import free_ports
+from support.pooling import pooled_route
+from support.processes import ProxyProcess
+from support.proxy import route
+from support.waiting import eventually
 
 _STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
-
-
-def free_ports(count: int) -> list[int]:
-    """C{count} distinct free loopback ports (all bound at once, so none repeats)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-# -- configuration files ---------------------------------------------------------------
-
-
-def toml_config(routes: list[dict[str, Any]], **top: Any) -> str:
-    """
-    A pgtls configuration file: top-level keys and sections (C{admin},
-    C{metrics} as dicts) from C{top}, then one C{[[proxy]]} per route
-    (as built by L{support.proxy.route}).
-    """
-    return toml_text({**top, "proxy": routes})
 
 
 # -- /proc -----------------------------------------------------------------------------
@@ -91,19 +75,6 @@ def worker_processes(run_dir: str | None = None) -> dict[int, int]:
             continue
         found[int(entry.name)] = int(args[args.index("--index") + 1])
     return found
-
-
-def wait_until(
-    predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # -- metrics ---------------------------------------------------------------------------
@@ -157,12 +128,13 @@ class Supervised:
         self.top = {"metrics": {"bind_address": f"127.0.0.1:{metrics_port}"}, **top}
         self.routes = routes
         self.write(routes)
+        self.process: ProxyProcess | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.seen_pids: set[int] = set()
 
     def write(self, routes: list[dict[str, Any]], **top: Any) -> None:
         """(Re)write the configuration file."""
-        self.config_path.write_text(toml_config(routes, **{**self.top, **top}))
+        write_config(self.config_path, routes, **{**self.top, **top})
 
     @property
     def ports(self) -> dict[str, int]:
@@ -171,23 +143,8 @@ class Supervised:
         }
 
     def start(self, workers: Iterable[str] = ("0", "1")) -> None:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    str(BIN / "twist"),
-                    "--log-format",
-                    "text",
-                    "pgtls",
-                    "--config",
-                    str(self.config_path),
-                ],
-                cwd=self.tmp_path,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-            )
+        self.process = ProxyProcess(self.config_path, self.tmp_path, logpath=self.log_path)
+        self.proc = self.process.proc
         self.wait_ready(workers)
 
     def wait_ready(self, workers: Iterable[str] = ("0", "1"), timeout: float = 20.0) -> Scrape:
@@ -207,18 +164,14 @@ class Supervised:
                     return None
             return scrape
 
-        return wait_until(ready, timeout, "every worker to serve every route", interval=0.1)
+        return eventually(ready, timeout, "every worker to serve every route", interval=0.1)
 
     def check_running(self) -> None:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise AssertionError(f"pgtls exited with {self.proc.returncode}:\n{self.log()}")
+        assert self.process is not None
+        self.process.check_running()
 
     def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return self.process.log() if self.process is not None else ""
 
     def started_workers(self) -> list[tuple[int, int]]:
         """Every C{worker N started (pid P)} log line so far, as (N, P)."""
@@ -246,21 +199,128 @@ class Supervised:
 
     def stop(self, timeout: float = 20.0) -> int | None:
         """SIGTERM, wait; SIGKILL whatever is left (supervisor and workers)."""
-        if self.proc is None:
+        if self.process is None:
             return None
         self.worker_pids()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = self.process.stop(timeout)
         self.kill_leftovers()
-        return self.proc.returncode
+        return code
 
     def kill_leftovers(self) -> None:
         """SIGKILL worker processes this supervisor started that are still alive."""
         for pid in self.seen_pids:
             if alive(pid) and "worker" in cmdline(pid) and str(self.config_path) in cmdline(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- a supervisor with two workers, and its clients -----------------------------------
+
+
+#: The shutdown_timeout of L{start_supervised}'s configuration, in seconds.
+SHUTDOWN_TIMEOUT = 2.0
+#: What PostgreSQL says to a cancelled statement.
+CANCELED = "canceling statement due to user request"
+
+
+def worker_of(conn: psycopg.Connection) -> int:
+    """The worker serving C{conn}: the low byte of the PID pgtls minted for it."""
+    return conn.info.backend_pid & 0xFF
+
+
+def routes_for(pki: Any, cluster: Any, ports: list[int]) -> list[dict[str, Any]]:
+    """A pass-through route "app" and a transaction-pool route "pool"."""
+    app = route(pki, cluster, name="app", listener={"bind_address": f"127.0.0.1:{ports[0]}"})
+    pool = pooled_route(pki, cluster, max_size=30)
+    pool["name"] = "pool"
+    pool["listener"]["bind_address"] = f"127.0.0.1:{ports[1]}"
+    return [app, pool]
+
+
+def start_supervised(pki: Any, cluster: Any, directory: Any) -> Supervised:
+    """
+    pgtls with two workers in front of C{cluster} (L{routes_for}, the
+    console on), started in C{directory}: every worker serves every route.
+    """
+    app, pool, metrics = free_ports(3)
+    proxy = Supervised(
+        directory,
+        routes_for(pki, cluster, [app, pool]),
+        metrics,
+        workers=2,
+        shutdown_timeout=f"{SHUTDOWN_TIMEOUT:g}s",
+        log_level="info",
+        admin={"auth": "backend", "users": [SCRAM_USER]},
+    )
+    try:
+        proxy.start()
+    except BaseException:
+        proxy.stop()
+        raise
+    proxy.worker_pids()
+    return proxy
+
+
+def connect(proxy: Supervised, pki: Any, name: str = "app", **extra: Any) -> psycopg.Connection:
+    return psycopg.connect(app_dsn(proxy.ports[name], pki, **extra), autocommit=True)
+
+
+def run_in_threads(fn: Any, items: list[Any], timeout: float) -> list[Any]:
+    """C{fn(item)} for every item at once; results (or exceptions) in order."""
+    results: list[Any] = [None] * len(items)
+
+    def run(i: int, item: Any) -> None:
+        try:
+            results[i] = fn(item)
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i, x), daemon=True) for i, x in enumerate(items)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [i for i, t in enumerate(threads) if t.is_alive()]
+    assert not stuck, f"still running after {timeout}s: {stuck}"
+    return results
+
+
+def session_on(proxy: Supervised, pki: Any, worker: int, tries: int = 40) -> psycopg.Connection:
+    """A pass-through session served by C{worker} (connecting until one lands there)."""
+    others = []
+    try:
+        for _ in range(tries):
+            conn = connect(proxy, pki)
+            if worker_of(conn) == worker:
+                return conn
+            others.append(conn)
+    finally:
+        for conn in others:
+            conn.close()
+    raise AssertionError(f"no connection reached worker {worker} in {tries} tries")
+
+
+def cancel_all(sessions: list[psycopg.Connection]) -> None:
+    """A pg_sleep(30) in every session, each cancelled (plaintext cancel): all cancelled fast."""
+
+    def sleep(conn: psycopg.Connection) -> str:
+        try:
+            conn.execute("SELECT pg_sleep(30)")
+        except psycopg.errors.QueryCanceled as e:
+            return str(e)
+        return "not cancelled"
+
+    results: list[Any] = []
+    runner = threading.Thread(
+        target=lambda: results.extend(run_in_threads(sleep, sessions, timeout=20)), daemon=True
+    )
+    runner.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    for conn in sessions:
+        conn.cancel()
+    runner.join(20)
+    assert time.monotonic() - started < 10
+    assert all(isinstance(r, str) and CANCELED in r for r in results), results
+    for conn in sessions:
+        assert conn.execute("SELECT 1").fetchone() == (1,)

@@ -1,0 +1,48 @@
+"""
+The events pgtls logs through Twisted's global log publisher, captured for
+a test to assert on: as Twisted's event dicts, or as the JSON records
+C{log_format = "json"} writes.
+
+A test that only needs every event it caused takes conftest's C{events}
+fixture, which is L{captured} for the length of the test.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from twisted.logger import ILogObserver, globalLogPublisher
+
+from pgtls_twisted.ops import _logs as logs
+
+
+@contextmanager
+def captured() -> Iterator[list[dict[str, Any]]]:
+    """Every event logged meanwhile."""
+    events: list[dict[str, Any]] = []
+    # Twisted accepts any callable as an observer; the cast is for mypy.
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+@contextmanager
+def json_events() -> Iterator[list[dict[str, Any]]]:
+    """Every event logged meanwhile, as the JSON records C{log_format = "json"} writes."""
+    records: list[dict[str, Any]] = []
+
+    def observe(event: dict[str, Any]) -> None:
+        records.append(json.loads(logs.event_as_json_line(event)))
+
+    observer = cast(ILogObserver, observe)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield records
+    finally:
+        globalLogPublisher.removeObserver(observer)
