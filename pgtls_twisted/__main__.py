@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 from pgtls_twisted._version import __version__
 from pgtls_twisted.config import ConfigError, describe_config, load_config
+from pgtls_twisted.protocol._scram import make_verifier
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -98,8 +99,6 @@ def _admin_verifier(args: argparse.Namespace) -> int:
     """Print C{name:verifier}; the password comes from a prompt or stdin, never argv."""
     import getpass
 
-    from pgtls_twisted.protocol._scram import make_verifier
-
     if args.iterations < 4096:
         print("pgtls: --iterations must be at least 4096", file=sys.stderr)
         return EXIT_INVALID
@@ -121,6 +120,7 @@ def _admin_verifier(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    # Imported when run: the whole proxy is not needed to check a file.
     from pgtls_twisted.app._workers import run_worker
 
     return run_worker(args.config, args.index, args.run_dir)

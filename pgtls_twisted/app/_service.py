@@ -42,6 +42,7 @@ from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.pool._session import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._route import Route
+from pgtls_twisted.tls._contexts import TLSConfigError
 
 #: After the shutdown deadline, how long closing connections get to go.
 CLOSE_GRACE = 2.0
@@ -305,8 +306,6 @@ class ProxyService(MultiService):
 
         @raise ConfigError: naming every problem.
         """
-        from pgtls_twisted.tls._contexts import TLSConfigError
-
         if self.draining:
             self._log.warn("reload ignored: pgtls is shutting down")
             return ["reload ignored: pgtls is shutting down"]
@@ -428,6 +427,9 @@ class ProxyService(MultiService):
     def _newMetricsService(self, config: Config) -> ListeningService | None:
         if not self._serveMetrics or config.metrics is None:
             return None
+        # Imported here: prometheus_client's Twisted resource imports the
+        # global reactor, which must not happen before twist (or an
+        # embedding application) has chosen it.
         from pgtls_twisted.app._metricsweb import MetricsService
 
         return MetricsService(config.metrics, self.metrics.registry, self.reactor)

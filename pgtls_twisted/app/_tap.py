@@ -23,6 +23,7 @@ from twisted.python import usage
 
 from pgtls_twisted.app._service import make_service
 from pgtls_twisted.app._signals import proxy_signals
+from pgtls_twisted.app._workers import Supervisor, check_config
 from pgtls_twisted.config import ConfigError, load_config
 from pgtls_twisted.ops._logs import LogLevels, configure_output
 from pgtls_twisted.tls._contexts import TLSConfigError
@@ -51,8 +52,6 @@ def makeService(options: Options) -> IService:
     config = options["loaded"]
     levels = options["levels"]
     if config.workers > 1:
-        from pgtls_twisted.app._workers import Supervisor, check_config
-
         try:
             check_config(config, reactor, bind=True)
         except ConfigError as e:

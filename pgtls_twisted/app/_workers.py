@@ -52,10 +52,17 @@ from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 
+from pgtls_twisted.app._listening import listen_reuseport
 from pgtls_twisted.app._service import ProxyService
+from pgtls_twisted.app._signals import Signals, proxy_signals
 from pgtls_twisted.config import Config, ConfigError, load_config
+from pgtls_twisted.ops._commands import PER_WORKER, AdminCommands, Result, merge_rows
 from pgtls_twisted.ops._logs import LogLevels
+from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._route import Route
+from pgtls_twisted.tls._contexts import TLSConfigError
 
 #: Delay before a dead worker is started again (doubles while it keeps dying quickly).
 RESTART_DELAY = 0.5
@@ -77,12 +84,6 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
 
     @raise ConfigError: naming every problem.
     """
-    from pgtls_twisted.app._listening import listen_reuseport
-    from pgtls_twisted.ops._metrics import Metrics
-    from pgtls_twisted.proxy._cancel import CancelRegistry
-    from pgtls_twisted.proxy._route import Route
-    from pgtls_twisted.tls._contexts import TLSConfigError
-
     problems = []
     for routeConfig in config.routes:
         try:
@@ -155,8 +156,6 @@ class WorkerProxy(ProxyService):
         worker's rows (asked over their control sockets; a worker that does
         not answer is left out, with a NOTICE saying so).
         """
-        from pgtls_twisted.ops._commands import PER_WORKER, Result, merge_rows
-
         shows = [r for r in results if isinstance(r, Result) and r.show in PER_WORKER]
         if not shows:
             return defer.succeed(results)
@@ -212,8 +211,6 @@ class _Control(LineOnlyReceiver):
             if parsed is not None and isinstance(parsed[0], wire.CancelRequest):
                 proxy.cancels.cancel(parsed[0], 0, via, relayed=True)
         elif command == "show":
-            from pgtls_twisted.ops._commands import PER_WORKER, AdminCommands
-
             if argument in PER_WORKER:
                 result = AdminCommands(proxy).one(f"SHOW {argument}")
                 self.transport.write(json.dumps(result.rows).encode())
@@ -303,8 +300,6 @@ def run_worker(configPath: str, worker: int, runDir: str) -> int:
     _die_with_parent()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
-
-    from pgtls_twisted.app._signals import proxy_signals
 
     config = load_config(configPath)
     levels = LogLevels(config.log_level)
@@ -400,8 +395,6 @@ class Supervisor(MultiService):
         self._delays: dict[int, float] = {}
         self._stopping = False
         self._interrupted = False
-        from pgtls_twisted.app._signals import Signals
-
         Signals(
             reactor,
             {
@@ -414,6 +407,9 @@ class Supervisor(MultiService):
         if config.metrics is not None:
             from prometheus_client import CollectorRegistry
 
+            # Imported here: prometheus_client's Twisted resource imports
+            # the global reactor, which must not happen before twist (or an
+            # embedding application) has chosen it.
             from pgtls_twisted.app._metricsweb import MetricsService
 
             registry = CollectorRegistry(auto_describe=False)

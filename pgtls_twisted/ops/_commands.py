@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+from pgtls_twisted._version import __version__
 from pgtls_twisted.config import Config, ConfigError, format_duration
 from pgtls_twisted.ops._metrics import pool_states
 from pgtls_twisted.protocol import _wire as wire
@@ -158,7 +159,6 @@ class AdminCommands:
         from OpenSSL import SSL
         from OpenSSL import __version__ as pyopenssl_version
 
-        from pgtls_twisted._version import __version__
         from twisted import __version__ as twisted_version
 
         openssl = SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()
