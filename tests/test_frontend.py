@@ -29,6 +29,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Phase
 from pgtls_twisted.proxy._route import Route
 from pgtls_twisted.testing.pki import PKI
 
@@ -567,6 +568,99 @@ def test_alpn_without_postgresql_is_refused(route: Route, pki: PKI, direct: bool
     assert "no application protocol" in client.alert()
     assert serverIO.disconnecting
     assert sessions(route) == []
+
+
+# ---------------------------------------------------------------------------
+# The phase: one answer to "where is this connection?"
+
+
+def test_phases_through_tls(route: Route, pki: PKI) -> None:
+    proto, transport = connect_client(route)
+    assert proto.phase is Phase.NEGOTIATING
+    client = FakePGClient(pki.cert("ca"), route.clock, alpn=[b"postgresql"])
+    server, serverIO, pump = pump_client(route, client)
+    assert server.phase is Phase.STARTUP
+    client.sendTLS(startup_message())
+    pump.flush()
+    assert server.phase is Phase.AUTHENTICATING
+    server.startupComplete()
+    assert server.phase is Phase.READY
+    server.close()
+    assert (server.phase, server.reached) == (Phase.CLOSING, Phase.READY)
+    server.connectionLost(Failure(ConnectionDone()))
+    assert (server.phase, server.reached) == (Phase.CLOSED, Phase.READY)
+
+
+def test_phases_in_plaintext(allow_route: Route) -> None:
+    """A plaintext client's startup packet ends its negotiation: no STARTUP phase."""
+    proto, transport = connect_client(allow_route)
+    proto.dataReceived(wire.GSSENC_REQUEST)
+    assert proto.phase is Phase.NEGOTIATING
+    proto.dataReceived(startup_message())
+    assert proto.phase is Phase.AUTHENTICATING
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert (proto.phase, proto.reached) == (Phase.CLOSED, Phase.AUTHENTICATING)
+    assert proto.stats["reason"] == "client closed"
+
+
+def test_tls_handshake_phase(route: Route) -> None:
+    proto, transport = connect_client(route)
+    proto.dataReceived(wire.SSL_REQUEST)
+    assert proto.phase is Phase.TLS_HANDSHAKE
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert proto.reached is Phase.TLS_HANDSHAKE
+    assert proto.stats["reason"].startswith("TLS handshake failed")
+
+
+def test_startup_deadline_while_closing_a_plaintext_refusal(route: Route) -> None:
+    """
+    A refusal before any startup packet is closing when the deadline comes:
+    the client that does not answer the close is dropped then, as one that
+    never spoke would be.
+    """
+    proto, transport = connect_client(route)
+    proto.dataReceived(wire.SSL_REQUEST + b"x")
+    assert proto.phase is Phase.CLOSING
+    assert not transport.aborted
+    route.clock.advance(5)
+    assert transport.aborted
+
+
+def test_startup_deadline_while_closing_after_startup(route: Route) -> None:
+    """Once an ErrorResponse could be sent, a closing client keeps its close timeout."""
+    proto, transport = connect_client(route)
+    proto.dataReceived(startup_message())  # plaintext on a TLS-only listener
+    assert_fatal(transport.value(), "28000")
+    assert (proto.phase, proto.reached) == (Phase.CLOSING, Phase.AUTHENTICATING)
+    route.clock.advance(5)
+    assert not transport.aborted
+    route.clock.advance(CLOSE_TIMEOUT)
+    assert transport.aborted
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["negotiating", "tls-handshake"])
+def test_terminate_before_a_channel(route: Route, tls: bool) -> None:
+    """Nothing can be said yet: dropped."""
+    proto, transport = connect_client(route)
+    if tls:
+        proto.dataReceived(wire.SSL_REQUEST)
+        transport.clear()
+    proto.terminate()
+    assert transport.aborted
+    assert transport.value() == b""
+    assert proto.phase is Phase.CLOSING
+
+
+def test_terminate_after_startup_says_why(allow_route: Route) -> None:
+    proto, transport = connect_client(allow_route)
+    proto.dataReceived(startup_message())
+    proto.terminate()
+    assert_fatal(transport.value(), "57P01", "administrator command")
+    assert proto.phase is Phase.CLOSING
+    # Once closing, a second terminate says nothing more.
+    transport.clear()
+    proto.terminate()
+    assert transport.value() == b""
 
 
 def test_role_name_is_what_postgresql_logs_in_as() -> None:

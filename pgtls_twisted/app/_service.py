@@ -40,6 +40,7 @@ from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.pool._session import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._route import Route
 
 #: After the shutdown deadline, how long closing connections get to go.
@@ -273,7 +274,7 @@ class ProxyService(MultiService):
             return
         for route in self.liveRoutes():
             for client in route.clients:
-                if not client._closing:
+                if client.phase not in (Phase.CLOSING, Phase.CLOSED):
                     return
         drained, self._drained = self._drained, None
         drained.callback(None)

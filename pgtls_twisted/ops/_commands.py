@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from pgtls_twisted.config import Config, ConfigError, format_duration
 from pgtls_twisted.ops._metrics import pool_states
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import Phase
 
 TEXT, INT = wire.TEXT_OID, wire.INT8_OID
 
@@ -389,7 +390,7 @@ class AdminCommands:
 def client_state(client: Any) -> tuple[str, float | None]:
     """PgBouncer's client state, and since when the client has been waiting."""
     session = client.session
-    if not client.startupDone or session is None:
+    if client.reached is not Phase.READY or session is None:
         return "login", None
     since = getattr(session, "waitingSince", None)
     if since is not None:
@@ -418,7 +419,7 @@ def _servers(route: Any) -> Iterable[tuple[str, str, str, Any, int | None, int |
         yield (
             client.startup.user,
             client.startup.database,
-            "active" if client.startupDone else "login",
+            "active" if client.reached is Phase.READY else "login",
             server,
             key[0] if key else None,
             client.connId,

@@ -36,6 +36,8 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from pgtls_twisted.proxy._leg import Phase
+
 # No "_created" series: they double the page for nothing a dashboard uses.
 prometheus_client.disable_created_metrics()
 
@@ -283,7 +285,7 @@ class Metrics:
         for r in self.routes():
             if r.name == route:
                 for client in r.clients:
-                    if not client.startupDone or client.startup is None:
+                    if client.reached is not Phase.READY or client.startup is None:
                         continue  # not logged in: names nothing yet
                     label = self.databaseLabel(route, client.startup.database)
                     row = totals.setdefault(label, [0, 0])

@@ -24,7 +24,7 @@ from twisted.internet.protocol import ClientFactory
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.proxy._leg import Decrypted, Leg
+from pgtls_twisted.proxy._leg import Decrypted, Leg, Phase
 from pgtls_twisted.tls._contexts import BackendTLS, BackendVerification, describe_tls
 from pgtls_twisted.tls._lean import TLSLayer
 
@@ -51,8 +51,13 @@ class ServerProtocol(Leg):
     """
     One connection to the backend.
 
-    Before it is ready it answers to its L{connect_backend} Deferred; after,
-    to whoever sets C{deliver} and C{onLost} (a session, or a cancel).
+    Before it is ready it answers to its L{BackendConnector.connect}
+    Deferred; after, to whoever sets C{deliver} and C{onLost} (a session, a
+    server login, or a cancel).
+
+    Its L{Phase}: NEGOTIATING while its SSLRequest awaits the server's
+    answer, TLS_HANDSHAKE, READY once handed over (whatever runs on it
+    then, a startup included, is its user's business), CLOSING and CLOSED.
 
     @ivar tlsInfo: TLS version and cipher, or C{None} for plaintext.
     """
@@ -67,7 +72,6 @@ class ServerProtocol(Leg):
         self.connectedAt: float | None = None
         self.verification = BackendVerification()
         self.deliver = self._unexpected
-        self._waitingForSSLReply = False
 
     # -- establishing --------------------------------------------------------
 
@@ -77,20 +81,20 @@ class ServerProtocol(Leg):
         if self.mode == "disable":
             self._succeed()
             return
-        self._waitingForSSLReply = True
         self.transport.write(wire.SSL_REQUEST)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._waitingForSSLReply:
+        if self.phase is not Phase.NEGOTIATING:
             self.deliver(data)
             return
-        self._waitingForSSLReply = False
+        # The answer to the SSLRequest: each branch below leaves NEGOTIATING.
         answer = data[:1]
         if len(data) != 1 and answer in (b"S", b"N"):
             # CVE-2021-23222: whatever follows the one-byte answer was not
             # protected by the TLS session we are about to start.
             self._fail("08006", "received unencrypted data after SSL response")
         elif answer == b"S":
+            self.phase = Phase.TLS_HANDSHAKE
             self.tls = self.connector.tls.attach(self, Decrypted(self))
             self.out = self.tls
         elif answer == b"N":
@@ -119,6 +123,7 @@ class ServerProtocol(Leg):
     def _succeed(self) -> None:
         ready, self._ready = self._ready, None
         if ready is not None and not ready.called:
+            self.phase = Phase.READY
             ready.callback(self)
         else:
             # connect_timeout expired while we were negotiating.
@@ -126,7 +131,7 @@ class ServerProtocol(Leg):
 
     def _fail(self, sqlstate: str, message: str) -> None:
         ready, self._ready = self._ready, None
-        self._closing = True
+        self._beginClosing()
         self.transport.abortConnection()
         if ready is not None and not ready.called:
             ready.errback(BackendError(sqlstate, message))
@@ -141,7 +146,7 @@ class ServerProtocol(Leg):
     def appConnectionLost(self, reason: Failure) -> None:
         ready, self._ready = self._ready, None
         if ready is not None:
-            self._lost = True
+            self._gone()
             if not ready.called:
                 ready.errback(_explain_handshake_failure(self, reason))
             return

@@ -24,6 +24,7 @@ from pgtls_twisted.protocol._parameters import replication_kind
 from pgtls_twisted.proxy._backend import BackendConnector
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._frontend import ClientProtocol
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._logins import LoginGate
 from pgtls_twisted.tls._contexts import ServerTLS
 from pgtls_twisted.tls._lean import TLSLayer
@@ -197,7 +198,7 @@ class Route:
         if not paused:
             held, self._held = self._held, []
             for client, startup in held:
-                if client.connected and not client._closing:
+                if client.phase is Phase.AUTHENTICATING:  # not closing, nor gone
                     client.startLoginClock()
                     assert self.starter is not None
                     self.starter.start(self, client, startup)
