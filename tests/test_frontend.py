@@ -231,7 +231,7 @@ def test_plaintext_startup_allowed(allow_route: Route) -> None:
     assert startup.encode() == raw
     assert (startup.user, startup.database) == ("alice", "shop")
     assert proto.startup is startup
-    assert proto.stats["client_tls"] is None
+    assert proto.stats.client_tls is None
     # Pipelined bytes wait for the session; the client is paused meanwhile.
     assert bytes(proto.pending) == early
     assert transport.producerState == "paused"
@@ -249,14 +249,14 @@ def test_plaintext_bytes_after_startup_go_to_the_session(allow_route: Route) -> 
     proto.dataReceived(startup_message("alice"))
     assert len(sessions(allow_route)) == 1
     proto.dataReceived(b"more")
-    assert not transport.disconnecting, proto.stats["reason"]
+    assert not transport.disconnecting, proto.stats.reason
     assert bytes(proto.pending) == b"more"
     received: list[bytes] = []
     proto.deliver = received.append
     password = wire.message(b"p", b"secret\0")
     proto.dataReceived(password)
     assert received == [password]
-    assert not transport.disconnecting, proto.stats["reason"]
+    assert not transport.disconnecting, proto.stats.reason
 
 
 def test_tls_bytes_after_startup_go_to_the_session(route: Route, pki: PKI) -> None:
@@ -366,7 +366,7 @@ def test_cancel_request_for_unknown_key(pki: PKI, tmp_path: Path, tls_mode: str)
     assert transport.disconnecting
     assert route.reactor.tcpClients == []
     assert sessions(route) == []
-    assert proto.stats["reason"] == "cancel request"
+    assert proto.stats.reason == "cancel request"
 
 
 def test_startup_deadline(route: Route) -> None:
@@ -376,7 +376,7 @@ def test_startup_deadline(route: Route) -> None:
     route.clock.advance(0.2)
     assert transport.aborted
     assert transport.value() == b""
-    assert "startup did not complete" in proto.stats["reason"]
+    assert "startup did not complete" in proto.stats.reason
 
 
 def test_startup_deadline_during_partial_packet(route: Route) -> None:
@@ -448,7 +448,7 @@ def test_tls_session(route: Route, pki: PKI) -> None:
     [(proto, startup)] = sessions(route)
     assert proto is server
     assert startup.encode() == raw
-    assert server.stats["client_tls"]["version"] == "TLSv1.3"
+    assert server.stats.client_tls["version"] == "TLSv1.3"
     assert server.tls.negotiatedProtocol == b"postgresql"
     assert client.negotiatedProtocol == b"postgresql"
     assert not serverIO.disconnecting
@@ -536,7 +536,7 @@ def test_direct_tls_session(route: Route, pki: PKI) -> None:
     [(proto, startup)] = sessions(route)
     assert proto is server
     assert startup.encode() == raw
-    assert server.stats["client_tls"]["version"] == "TLSv1.3"
+    assert server.stats.client_tls["version"] == "TLSv1.3"
     assert not serverIO.disconnecting
 
 
@@ -551,7 +551,7 @@ def test_direct_tls_without_alpn_is_dropped(route: Route, pki: PKI) -> None:
     assert client.decrypted == b""
     assert client.lostReason is not None
     assert sessions(route) == []
-    assert "ALPN" in server.stats["reason"]
+    assert "ALPN" in server.stats.reason
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["negotiated", "direct"])
@@ -600,7 +600,7 @@ def test_phases_in_plaintext(allow_route: Route) -> None:
     assert proto.phase is Phase.AUTHENTICATING
     proto.connectionLost(Failure(ConnectionDone()))
     assert (proto.phase, proto.reached) == (Phase.CLOSED, Phase.AUTHENTICATING)
-    assert proto.stats["reason"] == "client closed"
+    assert proto.stats.reason == "client closed"
 
 
 def test_tls_handshake_phase(route: Route) -> None:
@@ -609,7 +609,7 @@ def test_tls_handshake_phase(route: Route) -> None:
     assert proto.phase is Phase.TLS_HANDSHAKE
     proto.connectionLost(Failure(ConnectionDone()))
     assert proto.reached is Phase.TLS_HANDSHAKE
-    assert proto.stats["reason"].startswith("TLS handshake failed")
+    assert proto.stats.reason.startswith("TLS handshake failed")
 
 
 def test_startup_deadline_while_closing_a_plaintext_refusal(route: Route) -> None:

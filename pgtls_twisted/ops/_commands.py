@@ -279,7 +279,7 @@ class AdminCommands:
                         _timestamp(client.lastRequest or client.connectedAt),
                         int(wait),
                         int((wait - int(wait)) * 1e6),
-                        tls_text(client.stats.get("client_tls")),
+                        tls_text(client.stats.client_tls),
                         startup.parameters.get("application_name", "") if startup else "",
                         client.connId,
                         route.name,

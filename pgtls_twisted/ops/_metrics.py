@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from pgtls_twisted.proxy._leg import Phase
+from pgtls_twisted.proxy._stats import ConnectionStats
 
 # No "_created" series: they double the page for nothing a dashboard uses.
 prometheus_client.disable_created_metrics()
@@ -232,12 +233,12 @@ class Metrics:
             return database
         return OTHER_DATABASES
 
-    def clientClosed(self, route: str, database: str | None, stats: dict[str, Any]) -> None:
+    def clientClosed(self, route: str, database: str | None, stats: ConnectionStats) -> None:
         """Keep the bytes of a closing client (any bytes mean it had logged in)."""
-        if stats["bytes_in"] or stats["bytes_out"]:
+        if stats.bytes_in or stats.bytes_out:
             row = self.stats[route].closedBytes[self.databaseLabel(route, database or "")]
-            row[0] += stats["bytes_in"]
-            row[1] += stats["bytes_out"]
+            row[0] += stats.bytes_in
+            row[1] += stats.bytes_out
 
     def pooled(self, route: str, database: str) -> PoolFigures:
         """
@@ -289,8 +290,8 @@ class Metrics:
                         continue  # not logged in: names nothing yet
                     label = self.databaseLabel(route, client.startup.database)
                     row = totals.setdefault(label, [0, 0])
-                    row[0] += client.stats["bytes_in"]
-                    row[1] += client.stats["bytes_out"]
+                    row[0] += client.stats.bytes_in
+                    row[1] += client.stats.bytes_out
         return {db: (row[0], row[1]) for db, row in totals.items()}
 
     def traffic(self, route: str) -> tuple[int, int]:

@@ -219,7 +219,7 @@ class PooledSession(Session):
         self._send(out, types)
 
     def _send(self, out: bytes, types: list[int]) -> None:
-        self.client.stats["bytes_in"] += len(out)
+        self.client.stats.bytes_in += len(out)
         if types and self._queryStarted is None:
             self._queryStarted = now = time.monotonic()
             self.client.lastRequest = time.time()
@@ -341,7 +341,7 @@ class PooledSession(Session):
                 tracker.serverMessage(mtype, peek or None)
                 if mtype == _READY:
                     self._ready(tracker)
-        self.client.stats["bytes_out"] += len(out)
+        self.client.stats.bytes_out += len(out)
         self.client.out.write(out)
         if (
             self.transactionMode

@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, Phase, discard
 from pgtls_twisted.proxy._logins import TicketState, TooManyLogins
+from pgtls_twisted.proxy._stats import ConnectionStats
 from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, describe_tls
 
 if TYPE_CHECKING:
@@ -43,8 +44,8 @@ class ClientProtocol(Leg):
 
     C{deliver} is the startup parser until a session takes over.
 
-    @ivar stats: what the close log line reports, filled in by whoever
-        learns it (this leg, the session, the backend leg).
+    @ivar stats: what the close log line reports (L{ConnectionStats}),
+        filled in by whoever learns it (this leg, the session, the pump).
     @ivar phase: where the connection is (L{Phase}).
     """
 
@@ -79,7 +80,7 @@ class ClientProtocol(Leg):
         self.connectedAt = time.time()
         #: When the client last started a request (pooled sessions set it).
         self.lastRequest: float | None = None
-        self.stats: dict[str, Any] = {"reason": None, "bytes_in": 0, "bytes_out": 0}
+        self.stats = ConnectionStats()
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -119,7 +120,7 @@ class ClientProtocol(Leg):
         its SSLRequest or StartupMessage).
         """
         self.refused("login_limit")
-        self.stats["reason"] = f"53300 {text}"
+        self.stats.reason = f"53300 {text}"
         self._log.warn(
             "conn={conn} refused peer={peer} route={route}: 53300 {text}",
             conn=self.connId,
@@ -158,14 +159,14 @@ class ClientProtocol(Leg):
             self._deadline.cancel()
         self._deadline = None
         self._leaveGate()
-        if self.stats["reason"] is None:
+        if self.stats.reason is None:
             if self.reached is Phase.TLS_HANDSHAKE:
-                self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
+                self.stats.reason = f"TLS handshake failed: {_tls_error(reason)}"
                 self.refused("handshake_failure")
             elif self.phase is Phase.CLOSING:
-                self.stats["reason"] = "closed by pgtls"
+                self.stats.reason = "closed by pgtls"
             else:
-                self.stats["reason"] = "client closed"
+                self.stats.reason = "client closed"
         self.route.clientClosed(self)
         super().appConnectionLost(reason)
         self._logClose()
@@ -214,12 +215,12 @@ class ClientProtocol(Leg):
             route=self.route.name,
             user=self.startup.user if self.startup else None,
             database=self.startup.database if self.startup else None,
-            client_tls=s.get("client_tls"),
-            backend_tls=s.get("backend_tls"),
-            bytes_in=s["bytes_in"],
-            bytes_out=s["bytes_out"],
+            client_tls=s.client_tls,
+            backend_tls=s.backend_tls,
+            bytes_in=s.bytes_in,
+            bytes_out=s.bytes_out,
             duration=time.monotonic() - self._started,
-            reason=s["reason"],
+            reason=s.reason,
         )
 
     def refused(self, reason: str) -> None:
@@ -251,7 +252,7 @@ class ClientProtocol(Leg):
         """Send a FATAL ErrorResponse (if a channel is open) and close."""
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
-        self.stats["reason"] = f"{sqlstate} {text}"
+        self.stats.reason = f"{sqlstate} {text}"
         self._log.warn(
             "conn={conn} refused peer={peer} route={route}: {sqlstate} {text}",
             conn=self.connId,
@@ -265,8 +266,8 @@ class ClientProtocol(Leg):
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once: nothing may be sent (or trusted)."""
-        if self.stats["reason"] is None:
-            self.stats["reason"] = reason
+        if self.stats.reason is None:
+            self.stats.reason = reason
         self._log.warn(
             "conn={conn} dropped peer={peer} route={route}: {reason}",
             conn=self.connId,
@@ -323,7 +324,7 @@ class ClientProtocol(Leg):
                 self.transport.write(b"N")
                 continue
             del buf[:used]
-            self.stats["client_tls"] = None
+            self.stats.client_tls = None
             self.deliver = self._startupData
             # Plaintext from here on: what the socket delivers is
             # application data, routed like decrypted bytes would be.
@@ -368,7 +369,7 @@ class ClientProtocol(Leg):
         if self.phase is Phase.TLS_HANDSHAKE:
             self.phase = Phase.STARTUP
         conn = self.tls.getHandle()
-        info = self.stats["client_tls"] = describe_tls(conn)
+        info = self.stats.client_tls = describe_tls(conn)
         self.route.metrics.handshakeDone(
             self.route.name,
             time.monotonic() - self._tlsStarted,
@@ -404,7 +405,7 @@ class ClientProtocol(Leg):
                 f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: encryption is already in use",
             )
         elif isinstance(packet, wire.CancelRequest):
-            self.stats["reason"] = "cancel request"
+            self.stats.reason = "cancel request"
             self.route.cancels.cancel(packet, self.connId, self.route)
             self.close()
         else:

@@ -154,7 +154,7 @@ class Session:
         backend = self.route.config.backend
         self.guard = LoginGuard(backend.require_auth, backend.tls, server.tls is not None)
         client = self.client
-        client.stats["backend_tls"] = server.tlsInfo
+        client.stats.backend_tls = server.tlsInfo
         client.onLost = self._clientLost
         server.onLost = self._serverLost
         server.deliver = self._serverData
@@ -248,7 +248,7 @@ class Session:
             out.write(wire.backend_key_data(self._mintedPid, mintedKey))
         elif mtype == b"E":
             fields = wire.parse_error_fields(body)
-            self.client.stats["reason"] = f"backend error {fields.get('C')} {fields.get('M')}"
+            self.client.stats.reason = f"backend error {fields.get('C')} {fields.get('M')}"
             out.write(wire.message(mtype, body))
         elif mtype == b"Z":
             out.write(wire.message(mtype, body))
@@ -427,8 +427,8 @@ class Session:
         self.phase = SessionPhase.CLOSED
         if self._mintedPid is not None:
             self.route.cancels.forget(self._mintedPid)
-        if self.client.stats["reason"] is None:
-            self.client.stats["reason"] = reason
+        if self.client.stats.reason is None:
+            self.client.stats.reason = reason
         if self.server is not None:
             self.server.close()
         self.client.close()
@@ -441,7 +441,7 @@ class Session:
             # The backend went away before the session started: without an
             # ErrorResponse of its own (those were relayed above) the
             # client must still learn why.
-            if self.client.stats["reason"] is None:
+            if self.client.stats.reason is None:
                 self.client.fail(
                     "08006",
                     f'pgtls route "{self.route.name}": backend closed the connection unexpectedly',
