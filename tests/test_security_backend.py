@@ -1257,7 +1257,8 @@ async def service_login(
 ) -> Any:
     """Connect as the route's backend leg does and log in with L{ServerLogin}."""
     config = parse_config({"proxy": [table]}, base_dir=tmp_path).routes[0]
-    leg = await BackendConnector(config.name, config.backend, reactor, Metrics()).connect()
+    connector = BackendConnector(config.name, config.backend, reactor, Metrics(clock=reactor))
+    leg = await connector.connect()
     result = await ServerLogin(leg, user, database, password, {}).done
     leg.close()
     return result

@@ -18,6 +18,7 @@ from support import rawclient
 from support.admin import in_thread, scrape, sleep
 from support.pooling import dsn, pooled_route
 from support.proxy import start_proxy
+from twisted.internet.task import Clock
 
 from pgtls_twisted.testing.cluster import APP_DB, SCRAM_USER
 
@@ -74,7 +75,7 @@ async def test_unauthenticated_names_create_nothing(pki, pg_tls, tmp_path):
 def test_database_labels_are_capped_and_freed() -> None:
     from pgtls_twisted.ops._metrics import MAX_DATABASE_LABELS, OTHER_DATABASES, Metrics
 
-    metrics = Metrics()
+    metrics = Metrics(clock=Clock())
     names = [f"db{i}" for i in range(MAX_DATABASE_LABELS + 20)]
     for name in names:
         metrics.pooled("r", name).transactionDone(0.001)

@@ -170,7 +170,7 @@ class ProxyService(MultiService):
         self.worker = worker
         self.draining = False
         self.cancels = CancelRegistry(worker)
-        self.metrics = Metrics(worker)
+        self.metrics = Metrics(worker, clock=reactor)
         self.metrics.routes = self.liveRoutes
         self.metrics.inReactor = self._inReactor
         self.groups: dict[str, _RouteGroup] = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -59,6 +58,8 @@ class Process(Protocol):
     config: Config
     worker: int
     metrics: Any
+    #: The process's reactor: the clock that connection times were read from.
+    reactor: Any
 
     def liveRoutes(self) -> Iterable[Any]: ...
 
@@ -260,7 +261,7 @@ class AdminCommands:
             ("route", TEXT),
         ]
         rows = []
-        now = time.time()
+        now = self.process.reactor.seconds()
         for route in self.process.liveRoutes():
             for client in sorted(route.clients, key=lambda c: c.connId):
                 startup = client.startup

@@ -27,7 +27,6 @@ its snapshot of live objects in the reactor thread
 from __future__ import annotations
 
 import os
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.interfaces import IReactorTime
 
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._stats import ConnectionStats
@@ -145,11 +145,13 @@ class Metrics:
         embedding) without clashing.
     @ivar routes: callable returning every live L{Route} of the process,
         including retired ones that still have sessions.
+    @ivar started: when the process started, by its clock.
     """
 
-    def __init__(self, worker: int = 0) -> None:
+    def __init__(self, worker: int = 0, *, clock: IReactorTime) -> None:
+        """@param clock: the process's reactor, which tells the time."""
         self.worker = str(worker)
-        self.started = time.time()
+        self.started = clock.seconds()
         self.stats: dict[str, RouteStats] = defaultdict(RouteStats)
         self.routes: Callable[[], Iterable[Route]] = lambda: ()
         self.inReactor: Callable[[Callable[[], Any]], Any] = lambda f: f()

@@ -27,7 +27,6 @@ with what is known of that connection's stream, is one L{Attachment}.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -142,10 +141,9 @@ class PooledSession(Session):
         #: at its next transaction boundary. Not a phase: a draining session
         #: may be in any of them, and goes on through them until then.
         self._draining = False
-        #: Wall-clock time since which the client has waited for a server,
-        #: while WAITING (admin console).
+        #: Since when the client has waited for a server, while WAITING
+        #: (the admin console shows it; the pool wait is timed from it).
         self.waitingSince: float | None = None
-        self._waitStarted = 0.0
         self._queryStarted: float | None = None
         self._transactionStarted: float | None = None
         self._figures: PoolFigures | None = None
@@ -221,8 +219,7 @@ class PooledSession(Session):
     def _send(self, out: bytes, types: list[int]) -> None:
         self.client.stats.bytes_in += len(out)
         if types and self._queryStarted is None:
-            self._queryStarted = now = time.monotonic()
-            self.client.lastRequest = time.time()
+            self._queryStarted = self.client.lastRequest = now = self.route.clock.seconds()
             if self._transactionStarted is None:
                 self._transactionStarted = now
         if self.phase is SessionPhase.ATTACHED:
@@ -245,15 +242,15 @@ class PooledSession(Session):
             self.client.transport.pauseProducing()
         if self.phase is SessionPhase.IDLE:
             self.phase = SessionPhase.WAITING
-            self.waitingSince = time.time()
-            self._waitStarted = time.monotonic()
+            self.waitingSince = self.route.clock.seconds()
             self._waiting = self.pool.acquire()
             self._waiting.addCallbacks(self._acquired, self._notAcquired)
 
     def _acquired(self, server: PooledServer) -> None:
+        assert self.waitingSince is not None
+        self._figures.waited(self.route.clock.seconds() - self.waitingSince)
         self._waiting = None
         self.waitingSince = None
-        self._figures.waited(time.monotonic() - self._waitStarted)
         if self.phase is SessionPhase.CLOSED:
             self.pool.release(server)
             return
@@ -357,7 +354,7 @@ class PooledSession(Session):
         """A ReadyForQuery: a query (and maybe a transaction) is over."""
         if self.queryLog is not None:
             self.queryLog.readyForQuery()
-        now = time.monotonic()
+        now = self.route.clock.seconds()
         if self._queryStarted is not None:
             self._figures.queryDone(now - self._queryStarted)
             self._queryStarted = now if tracker.pendingSyncs else None

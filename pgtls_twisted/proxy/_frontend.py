@@ -21,7 +21,6 @@ console read it.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -75,9 +74,10 @@ class ClientProtocol(Leg):
         #: The place at the route's L{LoginGate}, until logged in.
         self._ticket: Ticket | None = None
         self._loginDeadline: Any = None
-        self._started = time.monotonic()
+        #: When it was accepted, by the route's clock (the close log line's
+        #: duration, and the admin console's C{connect_time}).
+        self.connectedAt: float = self.clock.seconds()
         self._tlsStarted = 0.0
-        self.connectedAt = time.time()
         #: When the client last started a request (pooled sessions set it).
         self.lastRequest: float | None = None
         self.stats = ConnectionStats()
@@ -219,7 +219,7 @@ class ClientProtocol(Leg):
             backend_tls=s.backend_tls,
             bytes_in=s.bytes_in,
             bytes_out=s.bytes_out,
-            duration=time.monotonic() - self._started,
+            duration=self.clock.seconds() - self.connectedAt,
             reason=s.reason,
         )
 
@@ -356,7 +356,7 @@ class ClientProtocol(Leg):
         self._startTLS(received)
 
     def _startTLS(self, received: bytes) -> None:
-        self._tlsStarted = time.monotonic()
+        self._tlsStarted = self.clock.seconds()
         self.phase = Phase.TLS_HANDSHAKE
         self.deliver = self._startupData
         self.tls = self.route.clientTLS.attach(self, Decrypted(self), received)
@@ -372,7 +372,7 @@ class ClientProtocol(Leg):
         info = self.stats.client_tls = describe_tls(conn)
         self.route.metrics.handshakeDone(
             self.route.name,
-            time.monotonic() - self._tlsStarted,
+            self.clock.seconds() - self._tlsStarted,
             info["version"] or "",
             info["cipher"] or "",
         )
