@@ -3,8 +3,9 @@
 The backend leg: pgtls connecting to the real server, as libpq would.
 
 A route's L{BackendConnector} is all a session, a pool or a cancel needs
-to reach its server: L{BackendConnector.connect} opens a TCP connection,
-negotiates encryption according to C{backend.tls} (libpq's sslmode
+to reach its server: L{BackendConnector.connect} opens a TCP connection
+(through an endpoint, L{IStreamClientEndpoint}, from a factory it is
+given), negotiates encryption according to C{backend.tls} (libpq's sslmode
 meanings), verifies the server, and hands back a L{ServerProtocol} ready
 for a startup packet. Every failure becomes a L{BackendError} whose text is
 fit for the client's ErrorResponse.
@@ -12,15 +13,18 @@ fit for the client's ErrorResponse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import (
     ConnectionRefusedError,
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
@@ -185,22 +189,48 @@ def _openssl_reason(reason: Failure) -> str:
     return str(value) or reason.type.__name__
 
 
-class _BackendFactory(ClientFactory):
+#: Makes the endpoint of one backend connection: given the host, the port
+#: and C{backend.connect_timeout}.
+EndpointFactory = Callable[[str, int, float], IStreamClientEndpoint]
+
+
+def tcp_endpoints(reactor: Any) -> EndpointFactory:
+    """
+    The default L{EndpointFactory}: L{TCP4ClientEndpoint}, which is
+    C{reactor.connectTCP} as an endpoint, so host names are resolved as
+    ever (C{reactor.resolve}, the first IPv4 address; an IPv6 literal is
+    used as such) and a failure is one of C{connectTCP}'s, which
+    L{_explain_connect_failure} puts into words. (L{HostnameEndpoint}
+    would try every address, IPv6 ones included, and fail in its own way.)
+    """
+
+    def endpoint(host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+    return endpoint
+
+
+class _LegFactory(Factory):
+    """Builds the one L{ServerProtocol} of a connection attempt, and remembers it."""
+
     noisy = False
 
     def __init__(self, connector: BackendConnector, ready: defer.Deferred[ServerProtocol]) -> None:
         self.connector = connector
         self.ready = ready
+        self.leg: ServerProtocol | None = None
 
     def buildProtocol(self, addr: object) -> ServerProtocol:
-        return ServerProtocol(self.connector, self.ready)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if not self.ready.called:
-            self.ready.errback(_explain_connect_failure(self.connector.config, reason))
+        self.leg = ServerProtocol(self.connector, self.ready)
+        return self.leg
 
 
 def _explain_connect_failure(backend: BackendConfig, reason: Failure) -> BackendError:
+    """
+    Words for an endpoint's failure to connect: the C{twisted.internet.error}
+    exceptions of a refused connection, a timeout and a host name that does
+    not resolve, as libpq words them; anything else by its own message.
+    """
     where = f"{backend.host}:{backend.port}"
     if reason.check(ConnectionRefusedError):
         return BackendError("08001", f"could not connect to backend {where}: connection refused")
@@ -216,18 +246,30 @@ def _explain_connect_failure(backend: BackendConfig, reason: Failure) -> Backend
 class BackendConnector:
     """
     How one route reaches its server: the backend configuration, the TLS
-    client context (reloadable), the reactor and clock, and where failures
-    and connect times are counted. Given to sessions, pools and cancels
-    instead of the route itself.
+    client context (reloadable), the reactor and clock, where TCP
+    connections come from, and where failures and connect times are
+    counted. Given to sessions, pools and cancels instead of the route
+    itself.
 
     @ivar name: the route's name, for messages and metric labels.
     @ivar creator: the L{BackendTLS} (contexts, host name checks).
     @ivar tls: the L{TLSLayer} that puts TLS under a live connection.
+    @ivar endpoints: makes the endpoint of each connection.
     """
 
     def __init__(
-        self, name: str, config: BackendConfig, reactor: Any, metrics: MetricsRecorder
+        self,
+        name: str,
+        config: BackendConfig,
+        reactor: Any,
+        metrics: MetricsRecorder,
+        *,
+        endpoints: EndpointFactory | None = None,
     ) -> None:
+        """
+        @param endpoints: where TCP connections come from (tests give
+            in-memory ones); by default L{tcp_endpoints} on C{reactor}.
+        """
         self.name = name
         self.config = config
         self.reactor = reactor
@@ -235,6 +277,7 @@ class BackendConnector:
         self.metrics = metrics
         self.creator = BackendTLS(config)
         self.tls = TLSLayer(self.creator, True, reactor)
+        self.endpoints = endpoints if endpoints is not None else tcp_endpoints(reactor)
 
     def connect(self) -> defer.Deferred[ServerProtocol]:
         """
@@ -248,10 +291,19 @@ class BackendConnector:
         """
         backend = self.config
         ready: defer.Deferred[ServerProtocol] = defer.Deferred()
-        factory = _BackendFactory(self, ready)
-        connector = self.reactor.connectTCP(
-            backend.host, backend.port, factory, timeout=backend.connect_timeout
-        )
+        factory = _LegFactory(self, ready)
+        endpoint = self.endpoints(backend.host, backend.port, backend.connect_timeout)
+        # The leg itself fires `ready` (once encryption is settled); the
+        # endpoint's own Deferred only says whether TCP connected.
+        attempt = endpoint.connect(factory)
+
+        def notConnected(reason: Failure) -> None:
+            # (Once the timer below has given up, and cancelled the
+            # attempt, there is nothing more to tell.)
+            if not ready.called:
+                ready.errback(_explain_connect_failure(backend, reason))
+
+        attempt.addCallbacks(lambda leg: None, notConnected)
 
         def expired() -> None:
             if not ready.called:
@@ -262,7 +314,10 @@ class BackendConnector:
                         f"timeout expired after {backend.connect_timeout:g}s",
                     )
                 )
-                connector.disconnect()
+                if factory.leg is None:
+                    attempt.cancel()  # still connecting: stop
+                else:
+                    factory.leg.transport.loseConnection()  # negotiating: drop it
 
         timer = self.clock.callLater(backend.connect_timeout, expired)
         started = self.clock.seconds()

@@ -21,7 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from pgtls_twisted.protocol._parameters import replication_kind
-from pgtls_twisted.proxy._backend import BackendConnector
+from pgtls_twisted.proxy._backend import BackendConnector, EndpointFactory
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._frontend import ClientProtocol
 from pgtls_twisted.proxy._leg import Phase
@@ -64,12 +64,15 @@ class Route:
         starter: SessionStarter | None = None,
         pools: Callable[[Route], Any] | None = None,
         connectionIds: Iterator[int] | None = None,
+        endpoints: EndpointFactory | None = None,
     ) -> None:
         """
         @param pools: makes the route's pool manager (given the route),
             for a route with C{[proxy.pool]}.
         @param connectionIds: the process's connection numbers (unique
             across workers); by default 1, 2, 3, ...
+        @param endpoints: where backend connections come from (see
+            L{BackendConnector}); by default TCP on C{reactor}.
         """
         self.config = config
         self.name = config.name
@@ -88,7 +91,9 @@ class Route:
         self.reaper: Any = None
         self.serverTLS = ServerTLS(config.listener)
         self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
-        self.backend = BackendConnector(config.name, config.backend, reactor, metrics)
+        self.backend = BackendConnector(
+            config.name, config.backend, reactor, metrics, endpoints=endpoints
+        )
         self.clients: set[ClientProtocol] = set()
         listener = config.listener
         #: Who may be logging in now (see L{pgtls_twisted.proxy._logins}).
