@@ -57,10 +57,10 @@ from pgtls_twisted.protocol._scram import (
     ScramLogin,
     ScramLoginError,
     ScramPolicyError,
-    derivation_pool,
     prepare_password,
 )
 from pgtls_twisted.proxy._backend import BackendConnector
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._session import MAX_HELD_DURING_LOGIN
 from pgtls_twisted.testing.cluster import (
     APP_DB,
@@ -1123,9 +1123,9 @@ async def until(check: Any, timeout: float = 10.0) -> None:
         await d
 
 
-async def until_threads_idle() -> None:
-    """Until no SCRAM derivation is running."""
-    await until(lambda: not derivation_pool(reactor).working, timeout=30)
+async def until_threads_idle(threads: DerivationThreads) -> None:
+    """Until no SCRAM derivation is running in C{threads}."""
+    await until(lambda: not threads.working, timeout=30)
 
 
 # ---------------------------------------------------------------------------
@@ -1223,7 +1223,7 @@ async def test_client_leaving_during_derivation(pki, tmp_path):
             (conn,) = fake.connections
             await conn.closed.addTimeout(2, reactor)  # long before the derivation ends
             assert client.session._deriving
-            await until_threads_idle()
+            await until_threads_idle(proxy.route().backend.derivations)
             assert conn.received == [b"p"]
             assert not proxy.route().clients
     finally:
@@ -1242,7 +1242,7 @@ async def test_server_leaving_during_derivation(pki, tmp_path):
                 "08006",
                 'pgtls route "app": backend closed the connection unexpectedly',
             )
-            await until_threads_idle()
+            await until_threads_idle(proxy.route().backend.derivations)
             assert not proxy.route().clients
     finally:
         await fake.stop()
@@ -1252,12 +1252,22 @@ async def test_server_leaving_during_derivation(pki, tmp_path):
 # ServerLogin directly (the pool's service login, and the admin console's)
 
 
+#: Where L{service_login}'s connectors derive SCRAM keys.
+SERVICE_LOGIN_THREADS = DerivationThreads(reactor)
+
+
 async def service_login(
     tmp_path: Path, table: dict[str, Any], user: str, password: str, database: str = "postgres"
 ) -> Any:
     """Connect as the route's backend leg does and log in with L{ServerLogin}."""
     config = parse_config({"proxy": [table]}, base_dir=tmp_path).routes[0]
-    connector = BackendConnector(config.name, config.backend, reactor, Metrics(clock=reactor))
+    connector = BackendConnector(
+        config.name,
+        config.backend,
+        reactor,
+        Metrics(clock=reactor),
+        derivations=SERVICE_LOGIN_THREADS,
+    )
     leg = await connector.connect()
     result = await ServerLogin(leg, user, database, password, {}).done
     leg.close()
@@ -1309,7 +1319,7 @@ async def test_service_login_server_leaving_during_derivation(pki, tmp_path):
             "08006",
             "backend closed the connection during login",
         )
-        await until_threads_idle()
+        await until_threads_idle(SERVICE_LOGIN_THREADS)
     finally:
         await fake.stop()
 
@@ -1479,6 +1489,6 @@ async def test_client_pipelining_too_much_during_scram(pki, tmp_path):
             (conn,) = fake.connections
             await conn.closed
             assert b"Q" not in conn.received
-            await until_threads_idle()
+            await until_threads_idle(proxy.route().backend.derivations)
     finally:
         await fake.stop()

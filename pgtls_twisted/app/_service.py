@@ -40,6 +40,7 @@ from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.pool._session import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._route import Route
 
@@ -170,6 +171,8 @@ class ProxyService(MultiService):
         self.worker = worker
         self.draining = False
         self.cancels = CancelRegistry(worker)
+        #: Every route's SCRAM key derivations: one pool of threads.
+        self.derivations = DerivationThreads(reactor)
         self.metrics = Metrics(worker, clock=reactor)
         self.metrics.routes = self.liveRoutes
         self.metrics.inReactor = self._inReactor
@@ -203,6 +206,7 @@ class ProxyService(MultiService):
             starter=self.sessions,
             pools=PoolManager,
             connectionIds=self.connectionIds,
+            derivations=self.derivations,
         )
 
     def _addGroup(self, route: Route, listener: RouteService | None = None) -> _RouteGroup:

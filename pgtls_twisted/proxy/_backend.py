@@ -28,6 +28,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._leg import Decrypted, Leg, Phase
 from pgtls_twisted.tls._contexts import BackendTLS, BackendVerification, describe_tls
 from pgtls_twisted.tls._lean import TLSLayer
@@ -247,14 +248,17 @@ class BackendConnector:
     """
     How one route reaches its server: the backend configuration, the TLS
     client context (reloadable), the reactor and clock, where TCP
-    connections come from, and where failures and connect times are
-    counted. Given to sessions, pools and cancels instead of the route
-    itself.
+    connections come from, where SCRAM keys are derived, and where
+    failures and connect times are counted. Given to sessions, pools and
+    cancels instead of the route itself.
 
     @ivar name: the route's name, for messages and metric labels.
     @ivar creator: the L{BackendTLS} (contexts, host name checks).
     @ivar tls: the L{TLSLayer} that puts TLS under a live connection.
     @ivar endpoints: makes the endpoint of each connection.
+    @ivar derivations: where the SCRAM keys of logins to this server are
+        derived: its C{run} is the exchange's runner
+        (L{pgtls_twisted.protocol._scram.Runner}).
     """
 
     def __init__(
@@ -265,10 +269,13 @@ class BackendConnector:
         metrics: MetricsRecorder,
         *,
         endpoints: EndpointFactory | None = None,
+        derivations: DerivationThreads | None = None,
     ) -> None:
         """
         @param endpoints: where TCP connections come from (tests give
             in-memory ones); by default L{tcp_endpoints} on C{reactor}.
+        @param derivations: the process's derivation threads, shared by
+            its routes; by default threads of this connector's own.
         """
         self.name = name
         self.config = config
@@ -278,6 +285,7 @@ class BackendConnector:
         self.creator = BackendTLS(config)
         self.tls = TLSLayer(self.creator, True, reactor)
         self.endpoints = endpoints if endpoints is not None else tcp_endpoints(reactor)
+        self.derivations = derivations if derivations is not None else DerivationThreads(reactor)
 
     def connect(self) -> defer.Deferred[ServerProtocol]:
         """

@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from pgtls_twisted.protocol._parameters import replication_kind
 from pgtls_twisted.proxy._backend import BackendConnector, EndpointFactory
 from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._frontend import ClientProtocol
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._logins import LoginGate
@@ -65,6 +66,7 @@ class Route:
         pools: Callable[[Route], Any] | None = None,
         connectionIds: Iterator[int] | None = None,
         endpoints: EndpointFactory | None = None,
+        derivations: DerivationThreads | None = None,
     ) -> None:
         """
         @param pools: makes the route's pool manager (given the route),
@@ -73,6 +75,8 @@ class Route:
             across workers); by default 1, 2, 3, ...
         @param endpoints: where backend connections come from (see
             L{BackendConnector}); by default TCP on C{reactor}.
+        @param derivations: the process's SCRAM derivation threads; by
+            default the route's own.
         """
         self.config = config
         self.name = config.name
@@ -92,7 +96,12 @@ class Route:
         self.serverTLS = ServerTLS(config.listener)
         self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
         self.backend = BackendConnector(
-            config.name, config.backend, reactor, metrics, endpoints=endpoints
+            config.name,
+            config.backend,
+            reactor,
+            metrics,
+            endpoints=endpoints,
+            derivations=derivations,
         )
         self.clients: set[ClientProtocol] = set()
         listener = config.listener

@@ -36,7 +36,6 @@ from pgtls_twisted.protocol._scram import (
     ScramLogin,
     ScramLoginError,
     ScramPolicyError,
-    in_thread_pool,
 )
 from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
 from pgtls_twisted.proxy._pump import Pump
@@ -327,7 +326,7 @@ class Session:
         meanwhile ends the session as usual, and the late result is dropped.
         """
         assert self.scram is not None
-        derivation = self.scram.challenge(serverFirst, in_thread_pool(self.route.reactor))
+        derivation = self.scram.challenge(serverFirst, self.route.backend.derivations.run)
         self._deriving = True
         derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
 
