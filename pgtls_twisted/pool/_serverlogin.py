@@ -65,8 +65,9 @@ class ServerLogin:
     """
     Drive one login on a ready backend leg; L{done} fires with a L{LoginResult}.
 
-    @param server: a L{pgtls_twisted.proxy._backend.ServerProtocol}; its route's
-        C{backend} configuration and reactor are the ones used.
+    @param server: a L{pgtls_twisted.proxy._backend.ServerProtocol}; its
+        connector's C{backend} configuration and SCRAM derivation threads
+        are the ones used.
     """
 
     def __init__(
