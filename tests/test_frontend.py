@@ -29,6 +29,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Phase
 from pgtls_twisted.proxy._route import Route
 from pgtls_twisted.testing.pki import PKI
 
@@ -230,7 +231,7 @@ def test_plaintext_startup_allowed(allow_route: Route) -> None:
     assert startup.encode() == raw
     assert (startup.user, startup.database) == ("alice", "shop")
     assert proto.startup is startup
-    assert proto.stats["client_tls"] is None
+    assert proto.stats.client_tls is None
     # Pipelined bytes wait for the session; the client is paused meanwhile.
     assert bytes(proto.pending) == early
     assert transport.producerState == "paused"
@@ -248,14 +249,14 @@ def test_plaintext_bytes_after_startup_go_to_the_session(allow_route: Route) -> 
     proto.dataReceived(startup_message("alice"))
     assert len(sessions(allow_route)) == 1
     proto.dataReceived(b"more")
-    assert not transport.disconnecting, proto.stats["reason"]
+    assert not transport.disconnecting, proto.stats.reason
     assert bytes(proto.pending) == b"more"
     received: list[bytes] = []
     proto.deliver = received.append
     password = wire.message(b"p", b"secret\0")
     proto.dataReceived(password)
     assert received == [password]
-    assert not transport.disconnecting, proto.stats["reason"]
+    assert not transport.disconnecting, proto.stats.reason
 
 
 def test_tls_bytes_after_startup_go_to_the_session(route: Route, pki: PKI) -> None:
@@ -365,7 +366,7 @@ def test_cancel_request_for_unknown_key(pki: PKI, tmp_path: Path, tls_mode: str)
     assert transport.disconnecting
     assert route.reactor.tcpClients == []
     assert sessions(route) == []
-    assert proto.stats["reason"] == "cancel request"
+    assert proto.stats.reason == "cancel request"
 
 
 def test_startup_deadline(route: Route) -> None:
@@ -375,7 +376,7 @@ def test_startup_deadline(route: Route) -> None:
     route.clock.advance(0.2)
     assert transport.aborted
     assert transport.value() == b""
-    assert "startup did not complete" in proto.stats["reason"]
+    assert "startup did not complete" in proto.stats.reason
 
 
 def test_startup_deadline_during_partial_packet(route: Route) -> None:
@@ -447,7 +448,7 @@ def test_tls_session(route: Route, pki: PKI) -> None:
     [(proto, startup)] = sessions(route)
     assert proto is server
     assert startup.encode() == raw
-    assert server.stats["client_tls"]["version"] == "TLSv1.3"
+    assert server.stats.client_tls["version"] == "TLSv1.3"
     assert server.tls.negotiatedProtocol == b"postgresql"
     assert client.negotiatedProtocol == b"postgresql"
     assert not serverIO.disconnecting
@@ -535,7 +536,7 @@ def test_direct_tls_session(route: Route, pki: PKI) -> None:
     [(proto, startup)] = sessions(route)
     assert proto is server
     assert startup.encode() == raw
-    assert server.stats["client_tls"]["version"] == "TLSv1.3"
+    assert server.stats.client_tls["version"] == "TLSv1.3"
     assert not serverIO.disconnecting
 
 
@@ -550,7 +551,7 @@ def test_direct_tls_without_alpn_is_dropped(route: Route, pki: PKI) -> None:
     assert client.decrypted == b""
     assert client.lostReason is not None
     assert sessions(route) == []
-    assert "ALPN" in server.stats["reason"]
+    assert "ALPN" in server.stats.reason
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["negotiated", "direct"])
@@ -567,6 +568,99 @@ def test_alpn_without_postgresql_is_refused(route: Route, pki: PKI, direct: bool
     assert "no application protocol" in client.alert()
     assert serverIO.disconnecting
     assert sessions(route) == []
+
+
+# ---------------------------------------------------------------------------
+# The phase: one answer to "where is this connection?"
+
+
+def test_phases_through_tls(route: Route, pki: PKI) -> None:
+    proto, transport = connect_client(route)
+    assert proto.phase is Phase.NEGOTIATING
+    client = FakePGClient(pki.cert("ca"), route.clock, alpn=[b"postgresql"])
+    server, serverIO, pump = pump_client(route, client)
+    assert server.phase is Phase.STARTUP
+    client.sendTLS(startup_message())
+    pump.flush()
+    assert server.phase is Phase.AUTHENTICATING
+    server.startupComplete()
+    assert server.phase is Phase.READY
+    server.close()
+    assert (server.phase, server.reached) == (Phase.CLOSING, Phase.READY)
+    server.connectionLost(Failure(ConnectionDone()))
+    assert (server.phase, server.reached) == (Phase.CLOSED, Phase.READY)
+
+
+def test_phases_in_plaintext(allow_route: Route) -> None:
+    """A plaintext client's startup packet ends its negotiation: no STARTUP phase."""
+    proto, transport = connect_client(allow_route)
+    proto.dataReceived(wire.GSSENC_REQUEST)
+    assert proto.phase is Phase.NEGOTIATING
+    proto.dataReceived(startup_message())
+    assert proto.phase is Phase.AUTHENTICATING
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert (proto.phase, proto.reached) == (Phase.CLOSED, Phase.AUTHENTICATING)
+    assert proto.stats.reason == "client closed"
+
+
+def test_tls_handshake_phase(route: Route) -> None:
+    proto, transport = connect_client(route)
+    proto.dataReceived(wire.SSL_REQUEST)
+    assert proto.phase is Phase.TLS_HANDSHAKE
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert proto.reached is Phase.TLS_HANDSHAKE
+    assert proto.stats.reason.startswith("TLS handshake failed")
+
+
+def test_startup_deadline_while_closing_a_plaintext_refusal(route: Route) -> None:
+    """
+    A refusal before any startup packet is closing when the deadline comes:
+    the client that does not answer the close is dropped then, as one that
+    never spoke would be.
+    """
+    proto, transport = connect_client(route)
+    proto.dataReceived(wire.SSL_REQUEST + b"x")
+    assert proto.phase is Phase.CLOSING
+    assert not transport.aborted
+    route.clock.advance(5)
+    assert transport.aborted
+
+
+def test_startup_deadline_while_closing_after_startup(route: Route) -> None:
+    """Once an ErrorResponse could be sent, a closing client keeps its close timeout."""
+    proto, transport = connect_client(route)
+    proto.dataReceived(startup_message())  # plaintext on a TLS-only listener
+    assert_fatal(transport.value(), "28000")
+    assert (proto.phase, proto.reached) == (Phase.CLOSING, Phase.AUTHENTICATING)
+    route.clock.advance(5)
+    assert not transport.aborted
+    route.clock.advance(CLOSE_TIMEOUT)
+    assert transport.aborted
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["negotiating", "tls-handshake"])
+def test_terminate_before_a_channel(route: Route, tls: bool) -> None:
+    """Nothing can be said yet: dropped."""
+    proto, transport = connect_client(route)
+    if tls:
+        proto.dataReceived(wire.SSL_REQUEST)
+        transport.clear()
+    proto.terminate()
+    assert transport.aborted
+    assert transport.value() == b""
+    assert proto.phase is Phase.CLOSING
+
+
+def test_terminate_after_startup_says_why(allow_route: Route) -> None:
+    proto, transport = connect_client(allow_route)
+    proto.dataReceived(startup_message())
+    proto.terminate()
+    assert_fatal(transport.value(), "57P01", "administrator command")
+    assert proto.phase is Phase.CLOSING
+    # Once closing, a second terminate says nothing more.
+    transport.clear()
+    proto.terminate()
+    assert transport.value() == b""
 
 
 def test_role_name_is_what_postgresql_logs_in_as() -> None:

@@ -39,6 +39,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.threads import deferToThread
 
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.testing.cluster import (
     APP_DB,
     SCRAM_USER,
@@ -92,13 +93,15 @@ async def test_client_leaving_during_login_leaves_nothing(pki, pg_tls, tmp_path,
             # (and the /proc count sees it).
             (client,) = route_.clients
             temp = client.session.server
-            assert temp is not None and not temp._lost
+            assert temp is not None and temp.phase is not Phase.CLOSED
             assert await deferToThread(backend_tcp_connections, pg_tls.port) == baseline + 1
         tls.close()  # without a word
 
         await until(lambda: not route_.clients, what="route.clients empty")
         if temp is not None:
-            await until(lambda: temp._lost, what="temporary server connection closed")
+            await until(
+                lambda: temp.phase is Phase.CLOSED, what="temporary server connection closed"
+            )
         await until_in_thread(
             lambda: backend_tcp_connections(pg_tls.port) <= baseline,
             what="no TCP connection left to the server",
@@ -172,7 +175,7 @@ async def test_server_connection_killed_while_attached(pki, pg_tls, tmp_path, mo
 
 
 def all_alive(pool) -> bool:
-    return all(not server.leg._lost for server in pool.idle)
+    return all(server.leg.phase is not Phase.CLOSED for server in pool.idle)
 
 
 @pytest.mark.parametrize(

@@ -74,9 +74,11 @@ async def test_unauthenticated_names_create_nothing(pki, pg_tls, tmp_path):
 
 
 def test_database_labels_are_capped_and_freed() -> None:
+    from twisted.internet.task import Clock
+
     from pgtls_twisted.ops._metrics import MAX_DATABASE_LABELS, OTHER_DATABASES, Metrics
 
-    metrics = Metrics()
+    metrics = Metrics(clock=Clock())
     names = [f"db{i}" for i in range(MAX_DATABASE_LABELS + 20)]
     for name in names:
         metrics.pooled("r", name).transactionDone(0.001)

@@ -19,7 +19,14 @@ import pytest
 import pytest_twisted
 from support import rawclient
 from support.proxy import route, running
-from support.scram import ScramServerSide, ServerContext, fatal_of, initial_response, service_login
+from support.scram import (
+    SERVICE_LOGIN_THREADS,
+    ScramServerSide,
+    ServerContext,
+    fatal_of,
+    initial_response,
+    service_login,
+)
 from support.waiting import in_thread, until
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -27,7 +34,7 @@ from twisted.internet.task import LoopingCall
 
 from pgtls_twisted.pool._serverlogin import ServerLoginError
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.protocol._scram import derivation_pool
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._session import MAX_HELD_DURING_LOGIN
 from pgtls_twisted.testing.pki import PKI
 
@@ -202,9 +209,9 @@ def raw_login(port: int, pki: PKI, password: str, *, pipelined: bytes = b"") -> 
                 return {"ready": True}
 
 
-async def until_threads_idle() -> None:
+async def until_threads_idle(threads: DerivationThreads) -> None:
     """Until no SCRAM derivation is running."""
-    await until(lambda: not derivation_pool(reactor).working, timeout=30)
+    await until(lambda: not threads.working, timeout=30)
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +309,7 @@ async def test_client_leaving_during_derivation(pki, tmp_path):
             (conn,) = fake.connections
             await conn.closed.addTimeout(2, reactor)  # long before the derivation ends
             assert client.session._deriving
-            await until_threads_idle()
+            await until_threads_idle(proxy.route().backend.derivations)
             assert conn.received == [b"p"]
             assert not proxy.route().clients
     finally:
@@ -321,7 +328,7 @@ async def test_server_leaving_during_derivation(pki, tmp_path):
                 "08006",
                 'pgtls route "app": backend closed the connection unexpectedly',
             )
-            await until_threads_idle()
+            await until_threads_idle(proxy.route().backend.derivations)
             assert not proxy.route().clients
     finally:
         await fake.stop()
@@ -376,7 +383,7 @@ async def test_service_login_server_leaving_during_derivation(pki, tmp_path):
             "08006",
             "backend closed the connection during login",
         )
-        await until_threads_idle()
+        await until_threads_idle(SERVICE_LOGIN_THREADS)
     finally:
         await fake.stop()
 
@@ -403,6 +410,6 @@ async def test_client_pipelining_too_much_during_scram(pki, tmp_path):
             (conn,) = fake.connections
             await conn.closed
             assert b"Q" not in conn.received
-            await until_threads_idle()
+            await until_threads_idle(proxy.route().backend.derivations)
     finally:
         await fake.stop()

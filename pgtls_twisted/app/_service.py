@@ -41,6 +41,8 @@ from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.pool._session import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._derivation import DerivationThreads
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._route import Route
 from pgtls_twisted.tls._contexts import TLSConfigError
 
@@ -171,7 +173,9 @@ class ProxyService(MultiService):
         self.worker = worker
         self.draining = False
         self.cancels = CancelRegistry(worker)
-        self.metrics = Metrics(worker)
+        #: Every route's SCRAM key derivations: one pool of threads.
+        self.derivations = DerivationThreads(reactor)
+        self.metrics = Metrics(worker, clock=reactor)
         self.metrics.routes = self.liveRoutes
         self.metrics.inReactor = self._inReactor
         self.groups: dict[str, _RouteGroup] = {}
@@ -204,6 +208,7 @@ class ProxyService(MultiService):
             starter=self.sessions,
             pools=PoolManager,
             connectionIds=self.connectionIds,
+            derivations=self.derivations,
         )
 
     def _addGroup(self, route: Route, listener: RouteService | None = None) -> _RouteGroup:
@@ -275,7 +280,7 @@ class ProxyService(MultiService):
             return
         for route in self.liveRoutes():
             for client in route.clients:
-                if not client._closing:
+                if client.phase not in (Phase.CLOSING, Phase.CLOSED):
                     return
         drained, self._drained = self._drained, None
         drained.callback(None)

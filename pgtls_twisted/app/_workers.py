@@ -87,7 +87,7 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
     problems = []
     for routeConfig in config.routes:
         try:
-            Route(routeConfig, reactor, CancelRegistry(), Metrics())
+            Route(routeConfig, reactor, CancelRegistry(), Metrics(clock=reactor))
         except TLSConfigError as e:
             problems.append(f'{config.path}: route "{routeConfig.name}": {e}')
             continue

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from pgtls_twisted._version import __version__
 from pgtls_twisted.config import Config, ConfigError, format_duration
 from pgtls_twisted.ops._metrics import pool_states
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import Phase
 
 TEXT, INT = wire.TEXT_OID, wire.INT8_OID
 
@@ -59,6 +59,8 @@ class Process(Protocol):
     config: Config
     worker: int
     metrics: Any
+    #: The process's reactor: the clock that connection times were read from.
+    reactor: Any
 
     def liveRoutes(self) -> Iterable[Any]: ...
 
@@ -259,7 +261,7 @@ class AdminCommands:
             ("route", TEXT),
         ]
         rows = []
-        now = time.time()
+        now = self.process.reactor.seconds()
         for route in self.process.liveRoutes():
             for client in sorted(route.clients, key=lambda c: c.connId):
                 startup = client.startup
@@ -278,7 +280,7 @@ class AdminCommands:
                         _timestamp(client.lastRequest or client.connectedAt),
                         int(wait),
                         int((wait - int(wait)) * 1e6),
-                        tls_text(client.stats.get("client_tls")),
+                        tls_text(client.stats.client_tls),
                         startup.parameters.get("application_name", "") if startup else "",
                         client.connId,
                         route.name,
@@ -389,7 +391,7 @@ class AdminCommands:
 def client_state(client: Any) -> tuple[str, float | None]:
     """PgBouncer's client state, and since when the client has been waiting."""
     session = client.session
-    if not client.startupDone or session is None:
+    if client.reached is not Phase.READY or session is None:
         return "login", None
     since = getattr(session, "waitingSince", None)
     if since is not None:
@@ -418,7 +420,7 @@ def _servers(route: Any) -> Iterable[tuple[str, str, str, Any, int | None, int |
         yield (
             client.startup.user,
             client.startup.database,
-            "active" if client.startupDone else "login",
+            "active" if client.reached is Phase.READY else "login",
             server,
             key[0] if key else None,
             client.connId,

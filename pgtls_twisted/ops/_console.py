@@ -404,8 +404,8 @@ class AdminSession:
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
-        if self.client.stats["reason"] is None:
-            self.client.stats["reason"] = reason
+        if self.client.stats.reason is None:
+            self.client.stats.reason = reason
         self.client.close()
 
     def _clientLost(self, reason: Failure) -> None:

@@ -27,7 +27,6 @@ its snapshot of live objects in the reactor thread
 from __future__ import annotations
 
 import os
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,10 @@ from typing import TYPE_CHECKING, Any
 import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from twisted.internet.interfaces import IReactorTime
+
+from pgtls_twisted.proxy._leg import Phase
+from pgtls_twisted.proxy._stats import ConnectionStats
 
 # No "_created" series: they double the page for nothing a dashboard uses.
 prometheus_client.disable_created_metrics()
@@ -142,11 +145,13 @@ class Metrics:
         embedding) without clashing.
     @ivar routes: callable returning every live L{Route} of the process,
         including retired ones that still have sessions.
+    @ivar started: when the process started, by its clock.
     """
 
-    def __init__(self, worker: int = 0) -> None:
+    def __init__(self, worker: int = 0, *, clock: IReactorTime) -> None:
+        """@param clock: the process's reactor, which tells the time."""
         self.worker = str(worker)
-        self.started = time.time()
+        self.started = clock.seconds()
         self.stats: dict[str, RouteStats] = defaultdict(RouteStats)
         self.routes: Callable[[], Iterable[Route]] = lambda: ()
         self.inReactor: Callable[[Callable[[], Any]], Any] = lambda f: f()
@@ -230,12 +235,12 @@ class Metrics:
             return database
         return OTHER_DATABASES
 
-    def clientClosed(self, route: str, database: str | None, stats: dict[str, Any]) -> None:
+    def clientClosed(self, route: str, database: str | None, stats: ConnectionStats) -> None:
         """Keep the bytes of a closing client (any bytes mean it had logged in)."""
-        if stats["bytes_in"] or stats["bytes_out"]:
+        if stats.bytes_in or stats.bytes_out:
             row = self.stats[route].closedBytes[self.databaseLabel(route, database or "")]
-            row[0] += stats["bytes_in"]
-            row[1] += stats["bytes_out"]
+            row[0] += stats.bytes_in
+            row[1] += stats.bytes_out
 
     def pooled(self, route: str, database: str) -> PoolFigures:
         """
@@ -283,12 +288,12 @@ class Metrics:
         for r in self.routes():
             if r.name == route:
                 for client in r.clients:
-                    if not client.startupDone or client.startup is None:
+                    if client.reached is not Phase.READY or client.startup is None:
                         continue  # not logged in: names nothing yet
                     label = self.databaseLabel(route, client.startup.database)
                     row = totals.setdefault(label, [0, 0])
-                    row[0] += client.stats["bytes_in"]
-                    row[1] += client.stats["bytes_out"]
+                    row[0] += client.stats.bytes_in
+                    row[1] += client.stats.bytes_out
         return {db: (row[0], row[1]) for db, row in totals.items()}
 
     def traffic(self, route: str) -> tuple[int, int]:

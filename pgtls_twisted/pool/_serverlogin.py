@@ -30,7 +30,6 @@ from pgtls_twisted.protocol._scram import (
     SCRAM_SHA_256_PLUS,
     ScramLogin,
     ScramLoginError,
-    in_thread_pool,
 )
 from pgtls_twisted.proxy._backend import BackendError
 from pgtls_twisted.tls._contexts import channel_binding_data
@@ -66,8 +65,9 @@ class ServerLogin:
     """
     Drive one login on a ready backend leg; L{done} fires with a L{LoginResult}.
 
-    @param server: a L{pgtls_twisted.proxy._backend.ServerProtocol}; its route's
-        C{backend} configuration and reactor are the ones used.
+    @param server: a L{pgtls_twisted.proxy._backend.ServerProtocol}; its
+        connector's C{backend} configuration and SCRAM derivation threads
+        are the ones used.
     """
 
     def __init__(
@@ -93,7 +93,7 @@ class ServerLogin:
         self._reader = wire.MessageReader()
         self._scram: ScramLogin | None = None
         self._backend = server.connector.config
-        self._reactor = server.connector.reactor
+        self._derivations = server.connector.derivations
         self._guard = LoginGuard(
             self._backend.require_auth, self._backend.tls, server.tls is not None
         )
@@ -151,7 +151,7 @@ class ServerLogin:
                 out.write(self._scram.start(self._secret()))
                 self._password = None
             elif code == wire.AUTH_SASL_CONTINUE and self._scram is not None:
-                derivation = self._scram.challenge(body[4:], in_thread_pool(self._reactor))
+                derivation = self._scram.challenge(body[4:], self._derivations.run)
                 self._deriving = True
                 derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
             elif code == wire.AUTH_SASL_FINAL and self._scram is not None:

@@ -19,11 +19,15 @@ mode), or at every ReadyForQuery that leaves the connection idle
 (transaction mode). Nothing goes back dirty: a connection the client
 leaves in a transaction, a COPY or a pending request is closed, and in
 session mode an idle one is rolled back and reset first.
+
+Where a pooled session is, is its L{SessionPhase} (IDLE, WAITING,
+RESTORING, ATTACHED once logged in), and the server connection it holds,
+with what is known of that connection's stream, is one L{Attachment}.
 """
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -45,7 +49,7 @@ from pgtls_twisted.protocol._txstate import (
 )
 from pgtls_twisted.proxy._leg import discard
 from pgtls_twisted.proxy._pump import join, separate
-from pgtls_twisted.proxy._session import Session
+from pgtls_twisted.proxy._session import Session, SessionPhase
 
 if TYPE_CHECKING:
     from pgtls_twisted.proxy._frontend import ClientProtocol
@@ -61,10 +65,43 @@ _MAX_HELD = 256 * 1024
 #: Enough of an ErrorResponse to see a FATAL severity field.
 _ERROR_PEEK = 16
 
+#: The phases of a session that has logged in and not finished: it counts
+#: in its pool's C{sessions}.
+_LOGGED_IN = frozenset(
+    {SessionPhase.IDLE, SessionPhase.WAITING, SessionPhase.RESTORING, SessionPhase.ATTACHED}
+)
+
+
+def _serverSplitter() -> MessageSplitter:
+    return MessageSplitter(SERVER_WATCH, peek={**SERVER_PEEK, b"E": _ERROR_PEEK})
+
+
+@dataclass(eq=False)
+class Attachment:
+    """
+    The server connection attached to a session now, and what is known of
+    its stream since: created when the pool hands the connection over,
+    dropped when it goes back (or is lost), so nothing of one connection's
+    stream can be mistaken for the next one's.
+
+    @ivar server: the pooled server connection.
+    @ivar tracker: its transaction state, fed the messages of both
+        directions since it was attached.
+    @ivar splitter: frames what the server sends.
+    @ivar saidFatal: the server sent a FATAL ErrorResponse: its closing the
+        connection next is the end of the client's session, not a failure.
+    """
+
+    server: PooledServer
+    tracker: TransactionTracker = field(default_factory=TransactionTracker)
+    splitter: MessageSplitter = field(default_factory=_serverSplitter)
+    saidFatal: bool = False
+
 
 class PooledSession(Session):
     """
-    @ivar attached: the pooled server connection serving the client now.
+    @ivar attachment: the server connection serving the client now, or
+        C{None}.
     @ivar params: the session parameters the client should see on any server.
     """
 
@@ -79,11 +116,9 @@ class PooledSession(Session):
         #: created) only once the server has accepted the client's login,
         #: so that names a client made up create nothing.
         self.pool: Pool | None = None
-        self._counted = False
         self.transactionMode = route.config.pool.mode == "transaction"
         self.params = ParameterTracker(startup.parameters)
-        self.attached: PooledServer | None = None
-        self._tracker: TransactionTracker | None = None
+        self.attachment: Attachment | None = None
         self.queryLog: QueryLog | None = None
         if route.config.pool.log_queries:
             self.queryLog = QueryLog(
@@ -97,17 +132,18 @@ class PooledSession(Session):
             self._clientSplitter = MessageSplitter(CLIENT_WATCH, peek={b"Q": PEEK, b"P": PEEK})
         else:
             self._clientSplitter = MessageSplitter(CLIENT_WATCH)
-        self._serverSplitter: MessageSplitter | None = None
+        #: The pool's answer, while WAITING.
         self._waiting: defer.Deferred[PooledServer] | None = None
         self._held: list[bytes] = []
         self._heldBytes = 0
         self._heldTypes: list[int] = []
-        self._serverSaidFatal = False
-        self._internalRunning = False
+        #: The proxy is shutting down: in transaction mode the client goes
+        #: at its next transaction boundary. Not a phase: a draining session
+        #: may be in any of them, and goes on through them until then.
         self._draining = False
-        #: Wall-clock time since which the client has waited for a server (admin console).
+        #: Since when the client has waited for a server, while WAITING
+        #: (the admin console shows it; the pool wait is timed from it).
         self.waitingSince: float | None = None
-        self._waitStarted = 0.0
         self._queryStarted: float | None = None
         self._transactionStarted: float | None = None
         self._figures: PoolFigures | None = None
@@ -131,7 +167,7 @@ class PooledSession(Session):
         # A logged-in client may come back for a server any time: its pool
         # must not be dropped meanwhile (PoolManager.reap).
         self.pool.sessions += 1
-        self._counted = True
+        self.phase = SessionPhase.IDLE
         client = self.client
         self._started(
             " pool={pool} mode={mode}", pool=self.pool.name, mode=self.route.config.pool.mode
@@ -145,8 +181,11 @@ class PooledSession(Session):
             self._closeForShutdown()
 
     def cancelTarget(self) -> CancelTargetInfo | None:
-        server = self.attached
-        if server is None or server.backendKey is None or self._done:
+        attachment = self.attachment
+        if attachment is None or self.phase is SessionPhase.CLOSED:
+            return None
+        server = attachment.server
+        if server.backendKey is None:
             return None
         server.cancels += 1
         return (
@@ -178,19 +217,18 @@ class PooledSession(Session):
         self._send(out, types)
 
     def _send(self, out: bytes, types: list[int]) -> None:
-        self.client.stats["bytes_in"] += len(out)
+        self.client.stats.bytes_in += len(out)
         if types and self._queryStarted is None:
-            self._queryStarted = now = time.monotonic()
-            self.client.lastRequest = time.time()
+            self._queryStarted = self.client.lastRequest = now = self.route.clock.seconds()
             if self._transactionStarted is None:
                 self._transactionStarted = now
-        if self.attached is not None and not self._internalRunning:
-            tracker = self._tracker
-            assert tracker is not None
+        if self.phase is SessionPhase.ATTACHED:
+            attachment = self.attachment
+            assert attachment is not None
             for t in types:
-                tracker.clientMessage(t)
+                attachment.tracker.clientMessage(t)
             if out:
-                self.attached.leg.out.write(out)
+                attachment.server.leg.out.write(out)
             return
         if not out:
             return
@@ -202,17 +240,18 @@ class PooledSession(Session):
             # sooner: a paused socket would not notice the client leaving
             # the queue, Twisted #11168.)
             self.client.transport.pauseProducing()
-        if self._waiting is None and self.attached is None:
-            self.waitingSince = time.time()
-            self._waitStarted = time.monotonic()
+        if self.phase is SessionPhase.IDLE:
+            self.phase = SessionPhase.WAITING
+            self.waitingSince = self.route.clock.seconds()
             self._waiting = self.pool.acquire()
             self._waiting.addCallbacks(self._acquired, self._notAcquired)
 
     def _acquired(self, server: PooledServer) -> None:
+        assert self.waitingSince is not None
+        self._figures.waited(self.route.clock.seconds() - self.waitingSince)
         self._waiting = None
         self.waitingSince = None
-        self._figures.waited(time.monotonic() - self._waitStarted)
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             self.pool.release(server)
             return
         self._attach(server)
@@ -220,7 +259,7 @@ class PooledSession(Session):
     def _notAcquired(self, failure: Failure) -> None:
         self._waiting = None
         self.waitingSince = None
-        if self._done or failure.check(defer.CancelledError):
+        if self.phase is SessionPhase.CLOSED or failure.check(defer.CancelledError):
             return
         if failure.check(PoolTimeout):
             self._abandon("53300", f"pgtls: {failure.value}")
@@ -233,38 +272,40 @@ class PooledSession(Session):
     # -- attaching and detaching ----------------------------------------------------
 
     def _attach(self, server: PooledServer) -> None:
-        self.attached = server
+        self.attachment = Attachment(server)
         server.holder = self
-        self._tracker = TransactionTracker()
-        self._serverSplitter = MessageSplitter(
-            SERVER_WATCH, peek={**SERVER_PEEK, b"E": _ERROR_PEEK}
-        )
         leg = server.leg
         leg.onLost = self._attachedLost
         join(self.client, leg)
         diff = self.params.differences(server.parameters)
         if diff:
-            self._internal(ParameterTracker.applySQL(diff), self._flushHeld)
+            self.phase = SessionPhase.RESTORING
+            self._internal(server, ParameterTracker.applySQL(diff), self._flushHeld)
         else:
             self._flushHeld()
 
     def _flushHeld(self) -> None:
-        server = self.attached
-        assert server is not None and self._tracker is not None
-        server.leg.deliver = self._fromServer
+        attachment = self.attachment
+        assert attachment is not None
+        self.phase = SessionPhase.ATTACHED
+        leg = attachment.server.leg
+        leg.deliver = self._fromServer
         held, types = b"".join(self._held), self._heldTypes
         self._held, self._heldTypes, self._heldBytes = [], [], 0
         for t in types:
-            self._tracker.clientMessage(t)
+            attachment.tracker.clientMessage(t)
         if held:
-            server.leg.out.write(held)
+            leg.out.write(held)
         self.client.transport.resumeProducing()
 
     def _detach(self) -> PooledServer:
-        server = self.attached
-        assert server is not None
-        self.attached = None
-        self._tracker = None
+        """Let go of the attached server (back to IDLE, unless finishing)."""
+        attachment = self.attachment
+        assert attachment is not None
+        self.attachment = None
+        if self.phase is not SessionPhase.CLOSED:
+            self.phase = SessionPhase.IDLE
+        server = attachment.server
         leg = server.leg
         separate(self.client, leg)
         leg.deliver = discard
@@ -274,29 +315,30 @@ class PooledSession(Session):
     # -- server to client ----------------------------------------------------------
 
     def _fromServer(self, data: bytes) -> None:
-        splitter, tracker = self._serverSplitter, self._tracker
-        assert splitter is not None and tracker is not None and self.attached is not None
+        attachment = self.attachment
+        assert attachment is not None
+        splitter, tracker = attachment.splitter, attachment.tracker
         try:
             out, events = splitter.feed(data)
         except wire.ProtocolViolation as e:
-            self.attached.dirty = True
+            attachment.server.dirty = True
             self._abandon("08006", f"backend protocol violation: {e.message}")
             return
         for _, mtype, length, peek in events:
             if mtype == _PARAMETER_STATUS:
                 param = parameterStatusFromPeek(length, peek)
                 if param is not None:
-                    self.attached.parameters[param[0]] = param[1]
+                    attachment.server.parameters[param[0]] = param[1]
                     self.params.serverReported(*param)
             elif mtype == _ERROR:
                 if b"SFATAL\0" in peek:
-                    self._serverSaidFatal = True
+                    attachment.saidFatal = True
                 tracker.serverMessage(mtype)
             else:
                 tracker.serverMessage(mtype, peek or None)
                 if mtype == _READY:
                     self._ready(tracker)
-        self.client.stats["bytes_out"] += len(out)
+        self.client.stats.bytes_out += len(out)
         self.client.out.write(out)
         if (
             self.transactionMode
@@ -312,7 +354,7 @@ class PooledSession(Session):
         """A ReadyForQuery: a query (and maybe a transaction) is over."""
         if self.queryLog is not None:
             self.queryLog.readyForQuery()
-        now = time.monotonic()
+        now = self.route.clock.seconds()
         if self._queryStarted is not None:
             self._figures.queryDone(now - self._queryStarted)
             self._queryStarted = now if tracker.pendingSyncs else None
@@ -329,22 +371,19 @@ class PooledSession(Session):
         in session mode its session runs on until the deadline.
         """
         self._draining = True
-        if self.transactionMode and self.client.startupDone and self._betweenTransactions():
+        if self.transactionMode and self.phase is SessionPhase.IDLE:
+            # Between transactions: no server held, none waited for.
             self._closeForShutdown()
 
     def terminate(self) -> None:
         """The deadline: FATAL 57P01 where a message boundary allows, and close."""
-        if not self.client.startupDone:
+        if self.phase in (SessionPhase.CONNECTING, SessionPhase.LOGGING_IN):
             super().terminate()
             return
-        if self.attached is None or (
-            self._serverSplitter is not None and self._serverSplitter.atBoundary
-        ):
+        attachment = self.attachment
+        if attachment is None or attachment.splitter.atBoundary:
             self.client.fail("57P01", "terminating connection due to administrator command")
         self._finish("pgtls shutdown")
-
-    def _betweenTransactions(self) -> bool:
-        return self.attached is None and self._waiting is None and not self._held
 
     def _closeForShutdown(self) -> None:
         self.client.fail("57P01", "terminating connection due to administrator command")
@@ -352,14 +391,13 @@ class PooledSession(Session):
 
     # -- the proxy's own statements ----------------------------------------------------
 
-    def _internal(self, sql: str, then: Any) -> None:
+    def _internal(self, server: PooledServer, sql: str, then: Any) -> None:
         """
-        Run C{sql} on the attached server, swallowing its answers, then call
-        C{then}. A failure marks the connection dirty (closed on release)
-        and ends the client's session: its state could not be restored.
+        Run C{sql} on C{server} (the attached one, or one being given back),
+        swallowing its answers, then call C{then}. A failure marks the
+        connection dirty (closed on release) and ends the client's session:
+        its state could not be restored.
         """
-        server = self.attached
-        assert server is not None
         reader = wire.MessageReader()
         failed: list[str] = []
 
@@ -381,7 +419,6 @@ class PooledSession(Session):
                     name, value = wire.parse_parameter_status(body)
                     server.parameters[name] = value
                 elif mtype == b"Z":
-                    self._internalRunning = False
                     server.leg.deliver = discard
                     if failed:
                         server.dirty = True
@@ -399,37 +436,33 @@ class PooledSession(Session):
                         server.leg.deliver(rest)
                     return
 
-        self._internalRunning = True
         server.leg.deliver = answer
         server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
 
     # -- ending ----------------------------------------------------------------------
 
     def _finish(self, reason: str) -> None:
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             return
-        if self._counted:
-            self._counted = False
+        if self.phase in _LOGGED_IN:
             self.pool.sessions -= 1
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()
-        if self.attached is not None:
-            self._giveBack()
+        if self.attachment is not None:
+            self._giveBack(self.attachment)
         super()._finish(reason)
 
-    def _giveBack(self) -> None:
+    def _giveBack(self, attachment: Attachment) -> None:
         """The client is leaving: return its server connection clean, or close it."""
-        tracker = self._tracker
-        assert tracker is not None
+        tracker = attachment.tracker
         quiet = (
             tracker.pendingSyncs == 0
             and tracker.inCopy is None
             and not tracker.batchOpen
             and tracker.pinned is None
             and self._clientSplitter.atBoundary
-            and self._serverSplitter is not None
-            and self._serverSplitter.atBoundary
+            and attachment.splitter.atBoundary
         )
         server = self._detach()
         if not quiet:
@@ -446,7 +479,6 @@ class PooledSession(Session):
             statements.append("ROLLBACK")
         if not self.transactionMode and self.route.config.pool.reset_query:
             statements.append(self.route.config.pool.reset_query)
-        self.attached = server  # for _internal
         self._internalEach(statements, server, lambda: self._resetDone(server))
 
     def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
@@ -462,23 +494,24 @@ class PooledSession(Session):
             then()
             return
         first, rest = statements[0], statements[1:]
-        self._internal(first, lambda: self._internalEach(rest, server, then))
+        self._internal(server, first, lambda: self._internalEach(rest, server, then))
 
     def _resetDone(self, server: PooledServer) -> None:
-        self.attached = None
         server.leg.deliver = discard
         server.leg.onLost = lambda reason: self.pool.lost(server)
         # Parameters are back to the service user's defaults after a reset.
         self.pool.release(server)
 
     def _attachedLost(self, reason: Failure) -> None:
-        server = self.attached
-        if server is None:
+        attachment = self.attachment
+        if attachment is None:
             return
-        self.attached = None
-        self.pool.lost(server)
-        if not self._done:
-            if self._serverSaidFatal:
+        self.attachment = None
+        if self.phase is not SessionPhase.CLOSED:
+            self.phase = SessionPhase.IDLE
+        self.pool.lost(attachment.server)
+        if self.phase is not SessionPhase.CLOSED:
+            if attachment.saidFatal:
                 self._finish("server connection closed by the server")
             else:
                 self._abandon("08006", f'pgtls pool "{self.pool.name}": server connection lost')

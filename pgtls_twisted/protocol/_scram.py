@@ -23,8 +23,9 @@ does not:
    server do (scramp raises);
  - an empty SCRAM user name (PostgreSQL takes the startup packet's), so no
    user name can fail SASLprep either;
- - the key derivation (PBKDF2, the costly part) handed to a thread, with
-   the iteration count checked against C{backend.max_scram_iterations}
+ - the key derivation (PBKDF2, the costly part) handed to a runner (in
+   production, threads: L{pgtls_twisted.proxy._derivation}), with the
+   iteration count checked against C{backend.max_scram_iterations}
    before it starts.
 """
 
@@ -33,18 +34,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import os
 import secrets
 from collections.abc import Callable
-from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scramp import ScramException, ScramMechanism
 from scramp.utils import saslprep
-from twisted.internet import defer, threads
-from twisted.python.threadpool import ThreadPool
 
 from pgtls_twisted.protocol import _wire as wire
+
+if TYPE_CHECKING:
+    from twisted.internet import defer
 
 SCRAM_SHA_256 = "SCRAM-SHA-256"
 SCRAM_SHA_256_PLUS = "SCRAM-SHA-256-PLUS"
@@ -71,43 +71,6 @@ class ScramPolicyError(ScramLoginError):
     """The server asked for more than the configuration allows."""
 
     sqlstate = "28000"
-
-
-#: Derivations run at once at most: PBKDF2 is all CPU, so one per core.
-_DERIVATION_THREADS = max(1, os.cpu_count() or 1)
-_pools: dict[int, ThreadPool] = {}
-
-
-def derivation_pool(reactor: Any) -> ThreadPool:
-    """
-    The threads that derive SCRAM keys for C{reactor}'s logins, started on
-    first use and stopped when the reactor shuts down.
-
-    A pool of its own, not the reactor's: that one also resolves host
-    names (and, in the tests, runs blocking clients), and neither may keep
-    a login waiting, nor a burst of logins keep them waiting.
-    """
-    pool = _pools.get(id(reactor))
-    if pool is None:
-        pool = ThreadPool(0, _DERIVATION_THREADS, "pgtls-scram")
-        pool.start()
-        _pools[id(reactor)] = pool
-
-        def stop() -> None:
-            del _pools[id(reactor)]
-            pool.stop()
-
-        reactor.addSystemEventTrigger("during", "shutdown", stop)
-    return pool
-
-
-def in_thread_pool(reactor: Any) -> Runner:
-    """
-    A L{Runner} using L{derivation_pool}: C{hashlib.pbkdf2_hmac} releases
-    the GIL, so the reactor thread goes on serving every other connection
-    while a derivation runs.
-    """
-    return partial(threads.deferToThreadPool, reactor, derivation_pool(reactor))
 
 
 def prepare_password(password: bytes | str) -> bytes:

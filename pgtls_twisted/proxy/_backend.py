@@ -3,8 +3,9 @@
 The backend leg: pgtls connecting to the real server, as libpq would.
 
 A route's L{BackendConnector} is all a session, a pool or a cancel needs
-to reach its server: L{BackendConnector.connect} opens a TCP connection,
-negotiates encryption according to C{backend.tls} (libpq's sslmode
+to reach its server: L{BackendConnector.connect} opens a TCP connection
+(through an endpoint, L{IStreamClientEndpoint}, from a factory it is
+given), negotiates encryption according to C{backend.tls} (libpq's sslmode
 meanings), verifies the server, and hands back a L{ServerProtocol} ready
 for a startup packet. Every failure becomes a L{BackendError} whose text is
 fit for the client's ErrorResponse.
@@ -12,19 +13,23 @@ fit for the client's ErrorResponse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import (
     ConnectionRefusedError,
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.proxy._leg import Decrypted, Leg
+from pgtls_twisted.proxy._derivation import DerivationThreads
+from pgtls_twisted.proxy._leg import Decrypted, Leg, Phase
 from pgtls_twisted.tls._contexts import BackendTLS, BackendVerification, describe_tls
 from pgtls_twisted.tls._lean import TLSLayer
 
@@ -51,8 +56,13 @@ class ServerProtocol(Leg):
     """
     One connection to the backend.
 
-    Before it is ready it answers to its L{connect_backend} Deferred; after,
-    to whoever sets C{deliver} and C{onLost} (a session, or a cancel).
+    Before it is ready it answers to its L{BackendConnector.connect}
+    Deferred; after, to whoever sets C{deliver} and C{onLost} (a session, a
+    server login, or a cancel).
+
+    Its L{Phase}: NEGOTIATING while its SSLRequest awaits the server's
+    answer, TLS_HANDSHAKE, READY once handed over (whatever runs on it
+    then, a startup included, is its user's business), CLOSING and CLOSED.
 
     @ivar tlsInfo: TLS version and cipher, or C{None} for plaintext.
     """
@@ -67,7 +77,6 @@ class ServerProtocol(Leg):
         self.connectedAt: float | None = None
         self.verification = BackendVerification()
         self.deliver = self._unexpected
-        self._waitingForSSLReply = False
 
     # -- establishing --------------------------------------------------------
 
@@ -77,20 +86,20 @@ class ServerProtocol(Leg):
         if self.mode == "disable":
             self._succeed()
             return
-        self._waitingForSSLReply = True
         self.transport.write(wire.SSL_REQUEST)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._waitingForSSLReply:
+        if self.phase is not Phase.NEGOTIATING:
             self.deliver(data)
             return
-        self._waitingForSSLReply = False
+        # The answer to the SSLRequest: each branch below leaves NEGOTIATING.
         answer = data[:1]
         if len(data) != 1 and answer in (b"S", b"N"):
             # CVE-2021-23222: whatever follows the one-byte answer was not
             # protected by the TLS session we are about to start.
             self._fail("08006", "received unencrypted data after SSL response")
         elif answer == b"S":
+            self.phase = Phase.TLS_HANDSHAKE
             self.tls = self.connector.tls.attach(self, Decrypted(self))
             self.out = self.tls
         elif answer == b"N":
@@ -119,6 +128,7 @@ class ServerProtocol(Leg):
     def _succeed(self) -> None:
         ready, self._ready = self._ready, None
         if ready is not None and not ready.called:
+            self.phase = Phase.READY
             ready.callback(self)
         else:
             # connect_timeout expired while we were negotiating.
@@ -126,7 +136,7 @@ class ServerProtocol(Leg):
 
     def _fail(self, sqlstate: str, message: str) -> None:
         ready, self._ready = self._ready, None
-        self._closing = True
+        self._beginClosing()
         self.transport.abortConnection()
         if ready is not None and not ready.called:
             ready.errback(BackendError(sqlstate, message))
@@ -141,7 +151,7 @@ class ServerProtocol(Leg):
     def appConnectionLost(self, reason: Failure) -> None:
         ready, self._ready = self._ready, None
         if ready is not None:
-            self._lost = True
+            self._gone()
             if not ready.called:
                 ready.errback(_explain_handshake_failure(self, reason))
             return
@@ -180,22 +190,48 @@ def _openssl_reason(reason: Failure) -> str:
     return str(value) or reason.type.__name__
 
 
-class _BackendFactory(ClientFactory):
+#: Makes the endpoint of one backend connection: given the host, the port
+#: and C{backend.connect_timeout}.
+EndpointFactory = Callable[[str, int, float], IStreamClientEndpoint]
+
+
+def tcp_endpoints(reactor: Any) -> EndpointFactory:
+    """
+    The default L{EndpointFactory}: L{TCP4ClientEndpoint}, which is
+    C{reactor.connectTCP} as an endpoint, so host names are resolved as
+    ever (C{reactor.resolve}, the first IPv4 address; an IPv6 literal is
+    used as such) and a failure is one of C{connectTCP}'s, which
+    L{_explain_connect_failure} puts into words. (L{HostnameEndpoint}
+    would try every address, IPv6 ones included, and fail in its own way.)
+    """
+
+    def endpoint(host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+
+    return endpoint
+
+
+class _LegFactory(Factory):
+    """Builds the one L{ServerProtocol} of a connection attempt, and remembers it."""
+
     noisy = False
 
     def __init__(self, connector: BackendConnector, ready: defer.Deferred[ServerProtocol]) -> None:
         self.connector = connector
         self.ready = ready
+        self.leg: ServerProtocol | None = None
 
     def buildProtocol(self, addr: object) -> ServerProtocol:
-        return ServerProtocol(self.connector, self.ready)
-
-    def clientConnectionFailed(self, connector: object, reason: Failure) -> None:
-        if not self.ready.called:
-            self.ready.errback(_explain_connect_failure(self.connector.config, reason))
+        self.leg = ServerProtocol(self.connector, self.ready)
+        return self.leg
 
 
 def _explain_connect_failure(backend: BackendConfig, reason: Failure) -> BackendError:
+    """
+    Words for an endpoint's failure to connect: the C{twisted.internet.error}
+    exceptions of a refused connection, a timeout and a host name that does
+    not resolve, as libpq words them; anything else by its own message.
+    """
     where = f"{backend.host}:{backend.port}"
     if reason.check(ConnectionRefusedError):
         return BackendError("08001", f"could not connect to backend {where}: connection refused")
@@ -211,18 +247,36 @@ def _explain_connect_failure(backend: BackendConfig, reason: Failure) -> Backend
 class BackendConnector:
     """
     How one route reaches its server: the backend configuration, the TLS
-    client context (reloadable), the reactor and clock, and where failures
-    and connect times are counted. Given to sessions, pools and cancels
-    instead of the route itself.
+    client context (reloadable), the reactor and clock, where TCP
+    connections come from, where SCRAM keys are derived, and where
+    failures and connect times are counted. Given to sessions, pools and
+    cancels instead of the route itself.
 
     @ivar name: the route's name, for messages and metric labels.
     @ivar creator: the L{BackendTLS} (contexts, host name checks).
     @ivar tls: the L{TLSLayer} that puts TLS under a live connection.
+    @ivar endpoints: makes the endpoint of each connection.
+    @ivar derivations: where the SCRAM keys of logins to this server are
+        derived: its C{run} is the exchange's runner
+        (L{pgtls_twisted.protocol._scram.Runner}).
     """
 
     def __init__(
-        self, name: str, config: BackendConfig, reactor: Any, metrics: MetricsRecorder
+        self,
+        name: str,
+        config: BackendConfig,
+        reactor: Any,
+        metrics: MetricsRecorder,
+        *,
+        endpoints: EndpointFactory | None = None,
+        derivations: DerivationThreads | None = None,
     ) -> None:
+        """
+        @param endpoints: where TCP connections come from (tests give
+            in-memory ones); by default L{tcp_endpoints} on C{reactor}.
+        @param derivations: the process's derivation threads, shared by
+            its routes; by default threads of this connector's own.
+        """
         self.name = name
         self.config = config
         self.reactor = reactor
@@ -230,6 +284,8 @@ class BackendConnector:
         self.metrics = metrics
         self.creator = BackendTLS(config)
         self.tls = TLSLayer(self.creator, True, reactor)
+        self.endpoints = endpoints if endpoints is not None else tcp_endpoints(reactor)
+        self.derivations = derivations if derivations is not None else DerivationThreads(reactor)
 
     def connect(self) -> defer.Deferred[ServerProtocol]:
         """
@@ -243,10 +299,19 @@ class BackendConnector:
         """
         backend = self.config
         ready: defer.Deferred[ServerProtocol] = defer.Deferred()
-        factory = _BackendFactory(self, ready)
-        connector = self.reactor.connectTCP(
-            backend.host, backend.port, factory, timeout=backend.connect_timeout
-        )
+        factory = _LegFactory(self, ready)
+        endpoint = self.endpoints(backend.host, backend.port, backend.connect_timeout)
+        # The leg itself fires `ready` (once encryption is settled); the
+        # endpoint's own Deferred only says whether TCP connected.
+        attempt = endpoint.connect(factory)
+
+        def notConnected(reason: Failure) -> None:
+            # (Once the timer below has given up, and cancelled the
+            # attempt, there is nothing more to tell.)
+            if not ready.called:
+                ready.errback(_explain_connect_failure(backend, reason))
+
+        attempt.addCallbacks(lambda leg: None, notConnected)
 
         def expired() -> None:
             if not ready.called:
@@ -257,7 +322,10 @@ class BackendConnector:
                         f"timeout expired after {backend.connect_timeout:g}s",
                     )
                 )
-                connector.disconnect()
+                if factory.leg is None:
+                    attempt.cancel()  # still connecting: stop
+                else:
+                    factory.leg.transport.loseConnection()  # negotiating: drop it
 
         timer = self.clock.callLater(backend.connect_timeout, expired)
         started = self.clock.seconds()

@@ -11,19 +11,25 @@ allowed once, so alternating requests cannot loop (CVE-2026-6479).
 
 All parsing here is of startup packets, whose lengths are bounded before
 any bytes are buffered for them.
+
+Where the connection is, is its L{Phase}: NEGOTIATING, then (with TLS)
+TLS_HANDSHAKE and STARTUP, AUTHENTICATING from its StartupMessage, READY
+once its session has started, and CLOSING and CLOSED at the end. The
+startup and login deadlines, L{ClientProtocol.terminate} and the admin
+console read it.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, discard
+from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, Phase, discard
 from pgtls_twisted.proxy._logins import TicketState, TooManyLogins
+from pgtls_twisted.proxy._stats import ConnectionStats
 from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, describe_tls
 
 if TYPE_CHECKING:
@@ -37,8 +43,9 @@ class ClientProtocol(Leg):
 
     C{deliver} is the startup parser until a session takes over.
 
-    @ivar stats: what the close log line reports, filled in by whoever
-        learns it (this leg, the session, the backend leg).
+    @ivar stats: what the close log line reports (L{ConnectionStats}),
+        filled in by whoever learns it (this leg, the session, the pump).
+    @ivar phase: where the connection is (L{Phase}).
     """
 
     _log = Logger()
@@ -53,20 +60,27 @@ class ClientProtocol(Leg):
         self.verifyError: str | None = None
         self.startup: wire.StartupMessage | None = None
         self._buf = bytearray()
-        self._gssDone = False
-        self._direct = False
-        self.startupDone = False
-        self._handshakeDone = False
+        #: A GSSENCRequest has been answered (C{N}). A fact within
+        #: NEGOTIATING, not a phase of its own: the client may still send an
+        #: SSLRequest or its startup packet, but not a second GSSENCRequest
+        #: (CVE-2026-6479), nor begin TLS directly (a direct ClientHello can
+        #: only be a connection's first bytes).
+        self._gssAnswered = False
+        #: TLS was begun directly (a ClientHello, no SSLRequest): not a
+        #: phase but how TLS_HANDSHAKE was entered, which decides whether
+        #: ALPN must have chosen C{postgresql} when it completes.
+        self._directTLS = False
         self._deadline: Any = None
         #: The place at the route's L{LoginGate}, until logged in.
         self._ticket: Ticket | None = None
         self._loginDeadline: Any = None
-        self._started = time.monotonic()
+        #: When it was accepted, by the route's clock (the close log line's
+        #: duration, and the admin console's C{connect_time}).
+        self.connectedAt: float = self.clock.seconds()
         self._tlsStarted = 0.0
-        self.connectedAt = time.time()
         #: When the client last started a request (pooled sessions set it).
         self.lastRequest: float | None = None
-        self.stats: dict[str, Any] = {"reason": None, "bytes_in": 0, "bytes_out": 0}
+        self.stats = ConnectionStats()
 
     # -- connection lifecycle ------------------------------------------------
 
@@ -106,7 +120,7 @@ class ClientProtocol(Leg):
         its SSLRequest or StartupMessage).
         """
         self.refused("login_limit")
-        self.stats["reason"] = f"53300 {text}"
+        self.stats.reason = f"53300 {text}"
         self._log.warn(
             "conn={conn} refused peer={peer} route={route}: 53300 {text}",
             conn=self.connId,
@@ -145,19 +159,21 @@ class ClientProtocol(Leg):
             self._deadline.cancel()
         self._deadline = None
         self._leaveGate()
-        if self.stats["reason"] is None:
-            if self.tls is not None and not self._handshakeDone:
-                self.stats["reason"] = f"TLS handshake failed: {_tls_error(reason)}"
+        if self.stats.reason is None:
+            if self.reached is Phase.TLS_HANDSHAKE:
+                self.stats.reason = f"TLS handshake failed: {_tls_error(reason)}"
                 self.refused("handshake_failure")
+            elif self.phase is Phase.CLOSING:
+                self.stats.reason = "closed by pgtls"
             else:
-                self.stats["reason"] = "client closed" if not self._closing else "closed by pgtls"
+                self.stats.reason = "client closed"
         self.route.clientClosed(self)
         super().appConnectionLost(reason)
         self._logClose()
 
     def startupComplete(self) -> None:
         """The session is established; the startup deadline no longer applies."""
-        self.startupDone = True
+        self.phase = Phase.READY
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
@@ -181,9 +197,9 @@ class ClientProtocol(Leg):
 
     def _expired(self, text: str) -> None:
         self.refused("startup_timeout")
-        if self.tls is not None and not self._handshakeDone:
-            self.abort(text)  # no channel to speak on yet
-        elif self.startup is None and self.tls is None:
+        if self.reached in (Phase.NEGOTIATING, Phase.TLS_HANDSHAKE):
+            # No channel to speak on yet: dropped, even if a close (of a
+            # refusal in plaintext, say) has begun meanwhile.
             self.abort(text)
         else:
             self.fail("08006", text)
@@ -199,12 +215,12 @@ class ClientProtocol(Leg):
             route=self.route.name,
             user=self.startup.user if self.startup else None,
             database=self.startup.database if self.startup else None,
-            client_tls=s.get("client_tls"),
-            backend_tls=s.get("backend_tls"),
-            bytes_in=s["bytes_in"],
-            bytes_out=s["bytes_out"],
-            duration=time.monotonic() - self._started,
-            reason=s["reason"],
+            client_tls=s.client_tls,
+            backend_tls=s.backend_tls,
+            bytes_in=s.bytes_in,
+            bytes_out=s.bytes_out,
+            duration=self.clock.seconds() - self.connectedAt,
+            reason=s.reason,
         )
 
     def refused(self, reason: str) -> None:
@@ -220,22 +236,23 @@ class ClientProtocol(Leg):
 
     def terminate(self) -> None:
         """The shutdown deadline has passed: close now, telling the client why (57P01)."""
-        if self._closing:
+        phase = self.phase
+        if phase in (Phase.CLOSING, Phase.CLOSED):
             return
         if self.session is not None:
             self.session.terminate()
-        elif self.startup is not None or (self.tls is not None and self._handshakeDone):
-            self.fail("57P01", "terminating connection due to administrator command")
-        else:
+        elif phase in (Phase.NEGOTIATING, Phase.TLS_HANDSHAKE):
             self.abort("pgtls is shutting down")
+        else:
+            self.fail("57P01", "terminating connection due to administrator command")
 
     # -- closing -------------------------------------------------------------
 
     def fail(self, sqlstate: str, text: str, detail: str | None = None) -> None:
         """Send a FATAL ErrorResponse (if a channel is open) and close."""
-        if self._closing:
+        if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
-        self.stats["reason"] = f"{sqlstate} {text}"
+        self.stats.reason = f"{sqlstate} {text}"
         self._log.warn(
             "conn={conn} refused peer={peer} route={route}: {sqlstate} {text}",
             conn=self.connId,
@@ -249,8 +266,8 @@ class ClientProtocol(Leg):
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once: nothing may be sent (or trusted)."""
-        if self.stats["reason"] is None:
-            self.stats["reason"] = reason
+        if self.stats.reason is None:
+            self.stats.reason = reason
         self._log.warn(
             "conn={conn} dropped peer={peer} route={route}: {reason}",
             conn=self.connId,
@@ -263,7 +280,7 @@ class ClientProtocol(Leg):
 
     def _ignoreInput(self) -> None:
         """Closing: whatever the client still sends is not looked at."""
-        self._closing = True
+        self._beginClosing()
         self.deliver = discard
         self.dataReceived = discard  # type: ignore[method-assign]
 
@@ -272,10 +289,10 @@ class ClientProtocol(Leg):
     def dataReceived(self, data: bytes) -> None:
         """Plaintext bytes before any TLS: encryption requests and the like."""
         buf = self._buf
-        first = not buf and not self._gssDone
+        first = not buf and not self._gssAnswered
         buf += data
         if first and buf[0] == wire.TLS_HANDSHAKE_RECORD:
-            self._directTLS()
+            self._startDirectTLS()
             return
         while buf:
             parsed = self._nextPacket()
@@ -294,7 +311,7 @@ class ClientProtocol(Leg):
                 self._startTLS(b"")
                 return
             if isinstance(packet, wire.GSSENCRequest):
-                if self._gssDone:
+                if self._gssAnswered:
                     self.refused("protocol")
                     self.fail("08P01", "pgtls: duplicate GSSAPI encryption request")
                     return
@@ -302,12 +319,12 @@ class ClientProtocol(Leg):
                     self.refused("protocol")
                     self.fail("08P01", "received unencrypted data after GSSAPI encryption request")
                     return
-                self._gssDone = True
+                self._gssAnswered = True
                 del buf[:used]
                 self.transport.write(b"N")
                 continue
             del buf[:used]
-            self.stats["client_tls"] = None
+            self.stats.client_tls = None
             self.deliver = self._startupData
             # Plaintext from here on: what the socket delivers is
             # application data, routed like decrypted bytes would be.
@@ -328,36 +345,38 @@ class ClientProtocol(Leg):
                 self.fail(e.sqlstate, e.message)
             return None
 
-    def _directTLS(self) -> None:
+    def _startDirectTLS(self) -> None:
         if not self.route.config.listener.direct_tls:
             self.refused("protocol")
             self.abort("direct TLS connection refused: listener.direct_tls is off")
             return
-        self._direct = True
+        self._directTLS = True
         received = bytes(self._buf)
         self._buf.clear()
         self._startTLS(received)
 
     def _startTLS(self, received: bytes) -> None:
-        self._tlsStarted = time.monotonic()
+        self._tlsStarted = self.clock.seconds()
+        self.phase = Phase.TLS_HANDSHAKE
         self.deliver = self._startupData
         self.tls = self.route.clientTLS.attach(self, Decrypted(self), received)
-        if not self._closing:
+        if self.phase is not Phase.CLOSING:
             self.out = self.tls
 
     # -- inside TLS ----------------------------------------------------------
 
     def handshakeCompleted(self) -> None:
-        self._handshakeDone = True
+        if self.phase is Phase.TLS_HANDSHAKE:
+            self.phase = Phase.STARTUP
         conn = self.tls.getHandle()
-        info = self.stats["client_tls"] = describe_tls(conn)
+        info = self.stats.client_tls = describe_tls(conn)
         self.route.metrics.handshakeDone(
             self.route.name,
-            time.monotonic() - self._tlsStarted,
+            self.clock.seconds() - self._tlsStarted,
             info["version"] or "",
             info["cipher"] or "",
         )
-        if self._direct and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:
+        if self._directTLS and self.tls.negotiatedProtocol != ALPN_POSTGRESQL:
             self.refused("protocol")
             self.abort("direct TLS connection without ALPN protocol negotiation extension")
 
@@ -386,7 +405,7 @@ class ClientProtocol(Leg):
                 f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: encryption is already in use",
             )
         elif isinstance(packet, wire.CancelRequest):
-            self.stats["reason"] = "cancel request"
+            self.stats.reason = "cancel request"
             self.route.cancels.cancel(packet, self.connId, self.route)
             self.close()
         else:
@@ -394,6 +413,7 @@ class ClientProtocol(Leg):
 
     def _startupMessage(self, startup: wire.StartupMessage, rest: bytes) -> None:
         self.startup = startup
+        self.phase = Phase.AUTHENTICATING
         listener = self.route.config.listener
         if self.tls is None and listener.tls == "require":
             self.refused("tls_required")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from pgtls_twisted.protocol._wire import StartupMessage
+from pgtls_twisted.proxy._stats import ConnectionStats
 
 
 class PoolFigures(Protocol):
@@ -51,7 +52,7 @@ class MetricsRecorder(Protocol):
 
     def cancelRequest(self, route: str, outcome: str) -> None: ...
 
-    def clientClosed(self, route: str, database: str | None, stats: Any) -> None: ...
+    def clientClosed(self, route: str, database: str | None, stats: ConnectionStats) -> None: ...
 
     def pooled(self, route: str, database: str) -> PoolFigures: ...
 

@@ -11,10 +11,15 @@ middle. Whoever uses a leg (a session, the pump, a cancel) sees only:
  - C{deliver}: where application bytes from the peer go;
  - C{onLost}: told once when the connection is gone;
  - L{Leg.close}: a graceful close that cannot hang.
+
+Where a leg is, from accept (or connect) to close, is its L{Phase}: one
+attribute, not a flag per fact, so that a deadline, a shutdown or the
+admin console asks one question and gets one answer.
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +31,42 @@ from zope.interface import implementer
 #: How long a closing connection may wait for the peer's TLS close_notify
 #: (or its FIN) before it is aborted (Twisted #7926: TLS close waits for ever).
 CLOSE_TIMEOUT = 10.0
+
+
+class Phase(enum.Enum):
+    """
+    Where a leg is. A client leg (L{pgtls_twisted.proxy._frontend}) goes
+
+        NEGOTIATING -> [TLS_HANDSHAKE -> STARTUP] -> AUTHENTICATING -> READY
+
+    (a plaintext client's startup packet ends its negotiation), a backend
+    leg (L{pgtls_twisted.proxy._backend})
+
+        NEGOTIATING -> [TLS_HANDSHAKE] -> READY
+
+    and either may go to CLOSING, then CLOSED, from any phase (or to CLOSED
+    at once, when the peer goes first).
+    """
+
+    #: Encryption is being chosen: a client's GSSENCRequest, SSLRequest or
+    #: direct TLS ClientHello may come (a plaintext client's first other
+    #: packet is its startup packet); pgtls's SSLRequest awaits the
+    #: server's answer.
+    NEGOTIATING = "negotiating"
+    #: TLS is being set up on the connection; nothing is read from it yet.
+    TLS_HANDSHAKE = "TLS handshake"
+    #: A client inside TLS: its one startup packet may come.
+    STARTUP = "startup"
+    #: The client's StartupMessage has come: its session logs it in.
+    AUTHENTICATING = "authenticating"
+    #: A client's session has started; a backend leg is in its user's hands.
+    READY = "ready"
+    #: pgtls is closing it: what was written is flushed (and TLS
+    #: close_notify sent), nothing more is read, until the peer closes too
+    #: or L{CLOSE_TIMEOUT} passes.
+    CLOSING = "closing"
+    #: The connection is gone.
+    CLOSED = "closed"
 
 
 def discard(data: bytes) -> None:
@@ -55,6 +96,7 @@ class Leg(Protocol):
 
     @ivar tls: the L{TLSMemoryBIOProtocol} once TLS is up, else C{None}.
     @ivar clock: for the close timeout; set by subclasses.
+    @ivar phase: where the connection is (see L{Phase}).
     """
 
     clock: Any
@@ -64,9 +106,35 @@ class Leg(Protocol):
         self.tls: Any = None
         self.deliver: Callable[[bytes], None] = discard
         self.onLost: Callable[[Failure], None] | None = None
-        self._closing = False
-        self._lost = False
+        self.phase = Phase.NEGOTIATING
+        #: The phase the connection was in when its end began (a close, or
+        #: the peer leaving), or C{None} while it is open: once CLOSING or
+        #: CLOSED, the phase no longer says how far the connection got, and
+        #: a few still ask (see L{reached}).
+        self._endedIn: Phase | None = None
         self._closeTimer: Any = None
+
+    @property
+    def reached(self) -> Phase:
+        """
+        How far the connection got: its phase, or, once it is closing or
+        closed, the phase it was in when that began. A deadline that fires
+        while the connection closes, the admin console and the traffic
+        figures ask this (whether a client had logged in), not L{phase}.
+        """
+        return self.phase if self._endedIn is None else self._endedIn
+
+    def _beginClosing(self) -> None:
+        """Enter CLOSING (once), remembering how far the connection got."""
+        if self._endedIn is None:
+            self._endedIn = self.phase
+        self.phase = Phase.CLOSING
+
+    def _gone(self) -> None:
+        """Enter CLOSED, remembering how far the connection got."""
+        if self._endedIn is None:
+            self._endedIn = self.phase
+        self.phase = Phase.CLOSED
 
     def connectionMade(self) -> None:
         self.out = self.transport
@@ -88,7 +156,7 @@ class Leg(Protocol):
 
     def appConnectionLost(self, reason: Failure) -> None:
         """The connection is gone, after TLS (if any) has shut down."""
-        self._lost = True
+        self._gone()
         if self._closeTimer is not None and self._closeTimer.active():
             self._closeTimer.cancel()
         self._closeTimer = None
@@ -98,9 +166,9 @@ class Leg(Protocol):
 
     def close(self) -> None:
         """Close gracefully (TLS close_notify), aborting if the peer stalls."""
-        if self._closing or self._lost:
+        if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
-        self._closing = True
+        self._beginClosing()
         self.deliver = discard
         self.out.unregisterProducer()
         self.out.loseConnection()

@@ -22,6 +22,8 @@ from typing import Any
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from pgtls_twisted.proxy._stats import ConnectionStats
+
 #: A ReadyForQuery message's type and length.
 _READY_HEADER = b"Z\x00\x00\x00\x05"
 
@@ -55,7 +57,7 @@ class Pump:
     @ivar stats: counts C{bytes_in} (client to server) and C{bytes_out}.
     """
 
-    def __init__(self, client: Any, server: Any, stats: dict[str, Any]) -> None:
+    def __init__(self, client: Any, server: Any, stats: ConnectionStats) -> None:
         self.client = client
         self.server = server
         self.stats = stats
@@ -80,11 +82,11 @@ class Pump:
         stats = self.stats
 
         def fromClient(data: bytes) -> None:
-            stats["bytes_in"] += len(data)
+            stats.bytes_in += len(data)
             toServer(data)
 
         def fromServer(data: bytes) -> None:
-            stats["bytes_out"] += len(data)
+            stats.bytes_out += len(data)
             self._tail = data[-6:]
             toClient(data)
 

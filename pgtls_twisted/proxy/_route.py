@@ -21,9 +21,11 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from pgtls_twisted.protocol._parameters import replication_kind
-from pgtls_twisted.proxy._backend import BackendConnector
+from pgtls_twisted.proxy._backend import BackendConnector, EndpointFactory
 from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._frontend import ClientProtocol
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._logins import LoginGate
 from pgtls_twisted.tls._contexts import ServerTLS
 from pgtls_twisted.tls._lean import TLSLayer
@@ -63,12 +65,18 @@ class Route:
         starter: SessionStarter | None = None,
         pools: Callable[[Route], Any] | None = None,
         connectionIds: Iterator[int] | None = None,
+        endpoints: EndpointFactory | None = None,
+        derivations: DerivationThreads | None = None,
     ) -> None:
         """
         @param pools: makes the route's pool manager (given the route),
             for a route with C{[proxy.pool]}.
         @param connectionIds: the process's connection numbers (unique
             across workers); by default 1, 2, 3, ...
+        @param endpoints: where backend connections come from (see
+            L{BackendConnector}); by default TCP on C{reactor}.
+        @param derivations: the process's SCRAM derivation threads; by
+            default the route's own.
         """
         self.config = config
         self.name = config.name
@@ -87,7 +95,14 @@ class Route:
         self.reaper: Any = None
         self.serverTLS = ServerTLS(config.listener)
         self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
-        self.backend = BackendConnector(config.name, config.backend, reactor, metrics)
+        self.backend = BackendConnector(
+            config.name,
+            config.backend,
+            reactor,
+            metrics,
+            endpoints=endpoints,
+            derivations=derivations,
+        )
         self.clients: set[ClientProtocol] = set()
         listener = config.listener
         #: Who may be logging in now (see L{pgtls_twisted.proxy._logins}).
@@ -197,7 +212,7 @@ class Route:
         if not paused:
             held, self._held = self._held, []
             for client, startup in held:
-                if client.connected and not client._closing:
+                if client.phase is Phase.AUTHENTICATING:  # not closing, nor gone
                     client.startLoginClock()
                     assert self.starter is not None
                     self.starter.start(self, client, startup)

@@ -17,10 +17,13 @@ there:
  - errors and the backend's closing are turned into ErrorResponses.
 
 After ReadyForQuery the session becomes a L{pgtls_twisted.proxy._pump.Pump}.
+
+Where a session is, is its L{SessionPhase}.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -33,7 +36,6 @@ from pgtls_twisted.protocol._scram import (
     ScramLogin,
     ScramLoginError,
     ScramPolicyError,
-    in_thread_pool,
 )
 from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
 from pgtls_twisted.proxy._pump import Pump
@@ -49,8 +51,43 @@ if TYPE_CHECKING:
 MAX_HELD_DURING_LOGIN = 64 * 1024
 
 
+class SessionPhase(enum.Enum):
+    """
+    Where a session is. Every session goes CONNECTING, LOGGING_IN, and
+    ends CLOSED. In between, once the client has logged in, a pass-through
+    session is PUMPING; a pooled one (L{pgtls_twisted.pool._session}) is
+    IDLE, WAITING, RESTORING or ATTACHED, as its client comes and goes
+    between server connections. (One enumeration for both kinds, so that
+    the code they share reads one attribute.)
+    """
+
+    #: The backend connection (a temporary one, for a pooled session) is
+    #: being opened; the client's bytes wait unread.
+    CONNECTING = "connecting"
+    #: The client's startup is relayed to the backend, SCRAM run by pgtls
+    #: where it must be, up to the backend's first ReadyForQuery.
+    LOGGING_IN = "logging in"
+    #: Pass-through: the two legs are joined by a L{Pump}.
+    PUMPING = "pumping"
+    #: Pooled: logged in, holding no server connection and waiting for none.
+    IDLE = "idle"
+    #: Pooled: waiting for a server connection from the pool; the client's
+    #: bytes are held.
+    WAITING = "waiting"
+    #: Pooled: a server connection is attached, and pgtls's own statement
+    #: runs on it first (the client's session parameters are restored);
+    #: the client's bytes are still held.
+    RESTORING = "restoring"
+    #: Pooled: the client's bytes flow to its server connection and back.
+    ATTACHED = "attached"
+    #: Finished: both legs are closed or closing (a pooled server
+    #: connection being reset for its next client goes on on its own).
+    CLOSED = "closed"
+
+
 class Session:
     """
+    @ivar phase: where the session is (L{SessionPhase}).
     @ivar server: the backend leg, once connected.
     @ivar scram: the proxy's own SCRAM exchange, when it runs one.
     @ivar guard: what the backend may ask for during login.
@@ -64,6 +101,7 @@ class Session:
         self.route = route
         self.client = client
         self.startup = startup
+        self.phase = SessionPhase.CONNECTING
         self.server: ServerProtocol | None = None
         self.scram: ScramLogin | None = None
         self.guard: LoginGuard | None = None
@@ -78,7 +116,6 @@ class Session:
         self._serverReader = wire.MessageReader()
         self._backendKey: tuple[int, bytes] | None = None
         self._mintedPid: int | None = None
-        self._done = False
         self.pump: Pump | None = None
         client.session = self
 
@@ -89,10 +126,10 @@ class Session:
         self.route.backend.connect().addCallbacks(self._backendReady, self._backendFailed)
 
     def _clientLostEarly(self, reason: Failure) -> None:
-        self._done = True
+        self.phase = SessionPhase.CLOSED
 
     def _backendFailed(self, failure: Failure) -> None:
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             return
         if failure.check(BackendError):
             err = failure.value
@@ -108,14 +145,15 @@ class Session:
             )
 
     def _backendReady(self, server: ServerProtocol) -> None:
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             server.close()
             return
+        self.phase = SessionPhase.LOGGING_IN
         self.server = server
         backend = self.route.config.backend
         self.guard = LoginGuard(backend.require_auth, backend.tls, server.tls is not None)
         client = self.client
-        client.stats["backend_tls"] = server.tlsInfo
+        client.stats.backend_tls = server.tlsInfo
         client.onLost = self._clientLost
         server.onLost = self._serverLost
         server.deliver = self._serverData
@@ -143,7 +181,7 @@ class Session:
                 return
             self._heldBytes -= 5 + len(msg[1])
             self._clientMessage(*msg)
-            if self._done:
+            if self.phase is SessionPhase.CLOSED:
                 return
         if self._clientHeld() and self._heldBytes > MAX_HELD_DURING_LOGIN:
             self._abandon(
@@ -184,7 +222,7 @@ class Session:
     def _serverData(self, data: bytes) -> None:
         reader = self._serverReader
         reader.feed(data)
-        while not self._done and not self._deriving:
+        while self.phase is not SessionPhase.CLOSED and not self._deriving:
             try:
                 msg = reader.next()
             except wire.ProtocolViolation as e:
@@ -209,7 +247,7 @@ class Session:
             out.write(wire.backend_key_data(self._mintedPid, mintedKey))
         elif mtype == b"E":
             fields = wire.parse_error_fields(body)
-            self.client.stats["reason"] = f"backend error {fields.get('C')} {fields.get('M')}"
+            self.client.stats.reason = f"backend error {fields.get('C')} {fields.get('M')}"
             out.write(wire.message(mtype, body))
         elif mtype == b"Z":
             out.write(wire.message(mtype, body))
@@ -288,13 +326,13 @@ class Session:
         meanwhile ends the session as usual, and the late result is dropped.
         """
         assert self.scram is not None
-        derivation = self.scram.challenge(serverFirst, in_thread_pool(self.route.reactor))
+        derivation = self.scram.challenge(serverFirst, self.route.backend.derivations.run)
         self._deriving = True
         derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
 
     def _clientFinal(self, message: bytes) -> None:
         self._deriving = False
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             return
         assert self.server is not None
         self.server.out.write(message)
@@ -303,7 +341,7 @@ class Session:
 
     def _derivationFailed(self, failure: Failure) -> None:
         self._deriving = False
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             return
         self._log.failure(
             "conn={conn} SCRAM key derivation failed", failure, conn=self.client.connId
@@ -322,6 +360,7 @@ class Session:
         server, client = self.server, self.client
         assert server is not None
         self._started()
+        self.phase = SessionPhase.PUMPING
         self.pump = Pump(client, server, client.stats)
         self.pump.start()
         rest = self._serverReader.drain()
@@ -344,7 +383,7 @@ class Session:
         )
 
     def cancelTarget(self) -> CancelTargetInfo | None:
-        if self._backendKey is None or self._done:
+        if self._backendKey is None or self.phase is SessionPhase.CLOSED:
             return None
         return self.route.backend, self._backendKey[0], self._backendKey[1], None
 
@@ -365,7 +404,7 @@ class Session:
         not frame messages, see L{Pump.atReady}).
         """
         text = "terminating connection due to administrator command"
-        if not self.client.startupDone:
+        if self.phase is not SessionPhase.PUMPING:
             self._abandon("57P01", text)
             return
         if self.pump is not None and self.pump.atReady():
@@ -376,19 +415,19 @@ class Session:
 
     def _abandon(self, sqlstate: str, text: str) -> None:
         """A failure during startup: tell the client, close both legs."""
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             return
         self.client.fail(sqlstate, text)
         self._finish(text)
 
     def _finish(self, reason: str) -> None:
-        if self._done:
+        if self.phase is SessionPhase.CLOSED:
             return
-        self._done = True
+        self.phase = SessionPhase.CLOSED
         if self._mintedPid is not None:
             self.route.cancels.forget(self._mintedPid)
-        if self.client.stats["reason"] is None:
-            self.client.stats["reason"] = reason
+        if self.client.stats.reason is None:
+            self.client.stats.reason = reason
         if self.server is not None:
             self.server.close()
         self.client.close()
@@ -397,11 +436,11 @@ class Session:
         self._finish("client closed")
 
     def _serverLost(self, reason: Failure) -> None:
-        if not self._done and not self.client.startupDone:
+        if self.phase is SessionPhase.LOGGING_IN:
             # The backend went away before the session started: without an
             # ErrorResponse of its own (those were relayed above) the
             # client must still learn why.
-            if self.client.stats["reason"] is None:
+            if self.client.stats.reason is None:
                 self.client.fail(
                     "08006",
                     f'pgtls route "{self.route.name}": backend closed the connection unexpectedly',

@@ -118,7 +118,7 @@ async def wait_no_clients(
     while clients:
         waited = time.monotonic() - start
         assert waited < timeout, f"clients still open after {waited:.1f}s: " + ", ".join(
-            str(c.stats["reason"]) for c in clients
+            str(c.stats.reason) for c in clients
         )
         await sleep(0.02)
     return time.monotonic() - start

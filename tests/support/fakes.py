@@ -63,7 +63,8 @@ def make_route(
         "backend": {"address": "127.0.0.1:1", "tls": "disable", **(backend or {})},
     }
     config = parse_config({"proxy": [table]}, base_dir=tmp_path).routes[0]
-    route = Route(config, reactor or MemoryReactorClock(), CancelRegistry(), Metrics())
+    clock = reactor or MemoryReactorClock()
+    route = Route(config, clock, CancelRegistry(), Metrics(clock=clock))
     sessions: list[tuple[ClientProtocol, wire.StartupMessage]] = []
     route.sessions = sessions  # type: ignore[attr-defined]
     route.startSession = lambda client, startup: sessions.append(  # type: ignore[method-assign]

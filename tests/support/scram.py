@@ -24,6 +24,7 @@ from pgtls_twisted.ops._metrics import Metrics
 from pgtls_twisted.pool._serverlogin import ServerLogin
 from pgtls_twisted.protocol._scram import prepare_password
 from pgtls_twisted.proxy._backend import BackendConnector
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.testing.pki import PKI
 
 
@@ -121,12 +122,23 @@ class ServerContext:
         return SSL.Connection(self._ctx, None)
 
 
+#: Where L{service_login}'s connectors derive SCRAM keys.
+SERVICE_LOGIN_THREADS = DerivationThreads(reactor)
+
+
 async def service_login(
     tmp_path: Path, table: dict[str, Any], user: str, password: str, database: str = "postgres"
 ) -> Any:
     """Connect as the route's backend leg does and log in with L{ServerLogin}."""
     config = parse_config({"proxy": [table]}, base_dir=tmp_path).routes[0]
-    leg = await BackendConnector(config.name, config.backend, reactor, Metrics()).connect()
+    connector = BackendConnector(
+        config.name,
+        config.backend,
+        reactor,
+        Metrics(clock=reactor),
+        derivations=SERVICE_LOGIN_THREADS,
+    )
+    leg = await connector.connect()
     result = await ServerLogin(leg, user, database, password, {}).done
     leg.close()
     return result
