@@ -40,7 +40,6 @@ from pgtls_twisted.testing.pki import PKI
 from pgtls_twisted.tls import _contexts, _private
 from pgtls_twisted.tls._lean import (
     PUBLIC_PROTOCOL,
-    SHARED_CORKER,
     Corker,
     LeanTLSProtocol,
     TLSLayer,
@@ -285,9 +284,13 @@ def test_verdict_per_feature_and_one_warning() -> None:
 
 def test_choice_follows_the_verdict() -> None:
     clock = Clock()
-    lean = chooseProtocol(clock, verdict=Verdict())
+    corker = Corker()
+    lean = chooseProtocol(clock, corker, verdict=Verdict())
     assert lean.func is LeanTLSProtocol  # type: ignore[attr-defined]
-    assert lean.keywords == {"clock": clock, "corker": SHARED_CORKER}  # type: ignore[attr-defined]
+    assert lean.keywords == {"clock": clock, "corker": corker}  # type: ignore[attr-defined]
+    # Without one, a layer gets a corker of its own, never a process-wide one.
+    mine = chooseProtocol(clock, verdict=Verdict()).keywords["corker"]  # type: ignore[attr-defined]
+    assert isinstance(mine, Corker) and mine is not corker
     assert chooseProtocol(clock, verdict=NOTHING_PRIVATE) is PUBLIC_PROTOCOL
     onlyGroups = Verdict(missing=tuple(r for r in RELIED_ON if r.feature == GROUPS))
     assert chooseProtocol(clock, verdict=onlyGroups).func is LeanTLSProtocol  # type: ignore[attr-defined]

@@ -457,7 +457,10 @@ class PooledSession(Session):
         """The client is leaving: return its server connection clean, or close it."""
         tracker = attachment.tracker
         quiet = (
-            tracker.pendingSyncs == 0
+            # pgtls's own SET still running: its answer is on the way, and
+            # the next holder would read it as its own.
+            self.phase is not SessionPhase.RESTORING
+            and tracker.pendingSyncs == 0
             and tracker.inCopy is None
             and not tracker.batchOpen
             and tracker.pinned is None

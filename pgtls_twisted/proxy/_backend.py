@@ -31,7 +31,7 @@ from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._leg import Decrypted, Leg, Phase
 from pgtls_twisted.tls._contexts import BackendTLS, BackendVerification, describe_tls
-from pgtls_twisted.tls._lean import TLSLayer
+from pgtls_twisted.tls._lean import Corker, TLSLayer
 
 if TYPE_CHECKING:
     from pgtls_twisted.config import BackendConfig
@@ -270,12 +270,14 @@ class BackendConnector:
         *,
         endpoints: EndpointFactory | None = None,
         derivations: DerivationThreads | None = None,
+        corker: Corker | None = None,
     ) -> None:
         """
         @param endpoints: where TCP connections come from (tests give
             in-memory ones); by default L{tcp_endpoints} on C{reactor}.
         @param derivations: the process's derivation threads, shared by
             its routes; by default threads of this connector's own.
+        @param corker: the client legs' (see L{Corker}).
         """
         self.name = name
         self.config = config
@@ -283,7 +285,7 @@ class BackendConnector:
         self.clock = reactor
         self.metrics = metrics
         self.creator = BackendTLS(config)
-        self.tls = TLSLayer(self.creator, True, reactor)
+        self.tls = TLSLayer(self.creator, True, reactor, corker=corker)
         self.endpoints = endpoints if endpoints is not None else tcp_endpoints(reactor)
         self.derivations = derivations if derivations is not None else DerivationThreads(reactor)
 

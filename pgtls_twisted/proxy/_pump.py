@@ -87,7 +87,9 @@ class Pump:
 
         def fromServer(data: bytes) -> None:
             stats.bytes_out += len(data)
-            self._tail = data[-6:]
+            tail = data[-6:]
+            # A ReadyForQuery may arrive split over two reads.
+            self._tail = tail if len(tail) == 6 else (self._tail + tail)[-6:]
             toClient(data)
 
         client.deliver = fromClient

@@ -28,7 +28,7 @@ from pgtls_twisted.proxy._frontend import ClientProtocol
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._logins import LoginGate
 from pgtls_twisted.tls._contexts import ServerTLS
-from pgtls_twisted.tls._lean import TLSLayer
+from pgtls_twisted.tls._lean import Corker, TLSLayer
 
 if TYPE_CHECKING:
     from pgtls_twisted.config import RouteConfig
@@ -94,7 +94,10 @@ class Route:
         #: Reaps the pools of a retired route that still has sessions.
         self.reaper: Any = None
         self.serverTLS = ServerTLS(config.listener)
-        self.clientTLS = TLSLayer(self.serverTLS, False, reactor)
+        # Both legs' TLS share one corker: a client's chunk and the write it
+        # causes on the server leg leave together (see tls/_lean.py).
+        corker = Corker()
+        self.clientTLS = TLSLayer(self.serverTLS, False, reactor, corker=corker)
         self.backend = BackendConnector(
             config.name,
             config.backend,
@@ -102,6 +105,7 @@ class Route:
             metrics,
             endpoints=endpoints,
             derivations=derivations,
+            corker=corker,
         )
         self.clients: set[ClientProtocol] = set()
         listener = config.listener

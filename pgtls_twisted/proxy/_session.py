@@ -38,6 +38,7 @@ from pgtls_twisted.protocol._scram import (
     ScramPolicyError,
 )
 from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._pump import Pump
 from pgtls_twisted.tls._contexts import channel_binding_data
 
@@ -147,6 +148,12 @@ class Session:
     def _backendReady(self, server: ServerProtocol) -> None:
         if self.phase is SessionPhase.CLOSED:
             server.close()
+            return
+        if self.client.phase in (Phase.CLOSING, Phase.CLOSED):
+            # The client was refused (its startup deadline) while the
+            # backend was being connected: not a byte goes to the server.
+            server.close()
+            self._finish("client closed while the backend was being connected")
             return
         self.phase = SessionPhase.LOGGING_IN
         self.server = server

@@ -65,9 +65,9 @@ class Corker:
     Both legs of a session must share one: the point is that the write a
     client's chunk causes on the server leg (the pump, the pooler, the
     startup relay) leaves when that chunk has been handled, not after a
-    scheduled call. L{TLSLayer}s share L{SHARED_CORKER}, one per process,
-    unless given another; the state is only ever set for the span of one
-    synchronous C{dataReceived}.
+    scheduled call. A route makes one and gives it to the L{TLSLayer}s of
+    both its legs (a pump joins legs of one route only); the state is only
+    ever set for the span of one synchronous C{dataReceived}.
 
     @ivar corked: while a chunk is being handled, the protocols holding
         writes, in the order of their first write; C{None} otherwise.
@@ -77,10 +77,6 @@ class Corker:
 
     def __init__(self) -> None:
         self.corked: list[LeanTLSProtocol] | None = None
-
-
-#: The L{Corker} of every L{TLSLayer} not given one.
-SHARED_CORKER: Final = Corker()
 
 
 class LeanTLSProtocol(TLSMemoryBIOProtocol):
@@ -298,7 +294,7 @@ PUBLIC_PROTOCOL: Final[TLSProtocolMaker] = TLSMemoryBIOFactory.protocol
 
 def chooseProtocol(
     clock: IReactorTime,
-    corker: Corker = SHARED_CORKER,
+    corker: Corker | None = None,
     verdict: _private.Verdict | None = None,
 ) -> TLSProtocolMaker:
     """
@@ -309,7 +305,9 @@ def chooseProtocol(
     if verdict is None:
         verdict = _private.verdict()
     if verdict.leanTLS:
-        return functools.partial(LeanTLSProtocol, clock=clock, corker=corker)
+        return functools.partial(
+            LeanTLSProtocol, clock=clock, corker=corker if corker is not None else Corker()
+        )
     return PUBLIC_PROTOCOL
 
 
@@ -327,15 +325,18 @@ class TLSLayer:
         isClient: bool,
         clock: IReactorTime,
         protocol: TLSProtocolMaker | None = None,
+        corker: Corker | None = None,
     ) -> None:
         """
         @param protocol: by default L{chooseProtocol}'s choice: the lean
             protocol where the installed libraries allow, Twisted's own
             otherwise.
+        @param corker: shared with the other leg's layer (see L{Corker});
+            by default one of this layer's own.
         """
         self._factory = TLSMemoryBIOFactory(creator, isClient, Factory(), clock=clock)
         self.protocol: TLSProtocolMaker = (
-            protocol if protocol is not None else chooseProtocol(clock)
+            protocol if protocol is not None else chooseProtocol(clock, corker)
         )
 
     def attach(
