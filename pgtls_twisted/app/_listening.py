@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_reload,tests.test_metrics -*-
 """
 Services that own a listening socket: the base of route listeners and of
-the metrics endpoint, and how every listener binds (C{SO_REUSEPORT}).
+the metrics endpoint, a route's listener, and how every listener binds
+(C{SO_REUSEPORT}).
 """
 
 from __future__ import annotations
@@ -11,6 +12,9 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer
+from twisted.logger import Logger
+
+from pgtls_twisted.proxy._route import Route
 
 
 class ListeningService(Service):
@@ -72,3 +76,51 @@ def listen_reuseport(reactor: Any, host: str, port: int, factory: Any, backlog: 
         raise CannotListenError(host, port, e) from None
     finally:
         sock.close()
+
+
+class RouteService(ListeningService):
+    """
+    Listens for one route.
+
+    It binds with C{SO_REUSEPORT}, so that every worker process has a
+    listening socket of its own on the same port, and a new pgtls can
+    start on the ports of one that is draining (a deploy that drops no
+    session). The kernel only lets processes of the same user share a
+    port.
+    """
+
+    _log = Logger()
+
+    def __init__(self, route: Route, reactor: Any) -> None:
+        self.route = route
+        self.name = route.name
+        self._reactor = reactor
+
+    def _bind(self) -> Any:
+        listener = self.route.config.listener
+        port = listen_reuseport(self._reactor, listener.host, listener.port, self.route.factory())
+        self.route.port = port
+        address = port.getHost()
+        backend = self.route.config.backend
+        self._log.info(
+            "route={route} listening on {host}:{port} -> backend {backend} (backend.tls={mode})",
+            route=self.name,
+            host=address.host,
+            port=address.port,
+            backend=f"{backend.host}:{backend.port}",
+            mode=backend.tls,
+        )
+        return port
+
+    def serve(self, route: Route) -> None:
+        """Hand new connections on the same socket to C{route} (a reload)."""
+        old, self.route = self.route, route
+        self.name = route.name
+        old.port = None
+        route.port = self.port
+        if self.port is not None:
+            self.port.factory = route.factory()
+
+    def stopService(self) -> defer.Deferred[None]:
+        self.route.port = None
+        return super().stopService()

@@ -33,13 +33,13 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from pgtls_twisted.app._listening import ListeningService, listen_reuseport
+from pgtls_twisted.app._listening import ListeningService, RouteService
 from pgtls_twisted.app._reload import plan_reload
 from pgtls_twisted.app._sessions import SessionStarter
 from pgtls_twisted.config import Config, ConfigError, load_config
 from pgtls_twisted.ops._logs import LogLevels
 from pgtls_twisted.ops._metrics import Metrics
-from pgtls_twisted.pool._session import PoolManager
+from pgtls_twisted.pool._manager import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._leg import Phase
@@ -52,54 +52,6 @@ CLOSE_GRACE = 2.0
 DRAIN_POLL = 0.25
 #: How long the last FATALs and close_notify alerts get to leave before exit.
 FLUSH_DELAY = 0.2
-
-
-class RouteService(ListeningService):
-    """
-    Listens for one route.
-
-    It binds with C{SO_REUSEPORT}, so that every worker process has a
-    listening socket of its own on the same port, and a new pgtls can
-    start on the ports of one that is draining (a deploy that drops no
-    session). The kernel only lets processes of the same user share a
-    port.
-    """
-
-    _log = Logger()
-
-    def __init__(self, route: Route, reactor: Any) -> None:
-        self.route = route
-        self.name = route.name
-        self._reactor = reactor
-
-    def _bind(self) -> Any:
-        listener = self.route.config.listener
-        port = listen_reuseport(self._reactor, listener.host, listener.port, self.route.factory())
-        self.route.port = port
-        address = port.getHost()
-        backend = self.route.config.backend
-        self._log.info(
-            "route={route} listening on {host}:{port} -> backend {backend} (backend.tls={mode})",
-            route=self.name,
-            host=address.host,
-            port=address.port,
-            backend=f"{backend.host}:{backend.port}",
-            mode=backend.tls,
-        )
-        return port
-
-    def serve(self, route: Route) -> None:
-        """Hand new connections on the same socket to C{route} (a reload)."""
-        old, self.route = self.route, route
-        self.name = route.name
-        old.port = None
-        route.port = self.port
-        if self.port is not None:
-            self.port.factory = route.factory()
-
-    def stopService(self) -> defer.Deferred[None]:
-        self.route.port = None
-        return super().stopService()
 
 
 class _RouteGroup(MultiService):

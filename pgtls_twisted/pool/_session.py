@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
-from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
+from pgtls_twisted.pool._serverlogin import ServerLoginError
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._framing import MessageSplitter
 from pgtls_twisted.protocol._txstate import (
@@ -518,79 +518,3 @@ class PooledSession(Session):
                 self._finish("server connection closed by the server")
             else:
                 self._abandon("08006", f'pgtls pool "{self.pool.name}": server connection lost')
-
-
-class PoolManager:
-    """
-    The pools of one route, one per database (the service user is the
-    route's), created on first use and dropped when empty and idle.
-    """
-
-    _log = Logger()
-
-    def __init__(self, route: SessionHost) -> None:
-        self.route = route
-        self.config = route.config.pool
-        self.pools: dict[str, Pool] = {}
-
-    def poolFor(self, database: str) -> Pool:
-        pool = self.pools.get(database)
-        if pool is None:
-            config = self.config
-            pool = Pool(
-                f"{config.service_user}/{database}",
-                lambda: self._open(database),
-                self.route.clock,
-                maxSize=config.max_size,
-                minSize=config.min_size,
-                acquireTimeout=config.acquire_timeout,
-                idleTimeout=config.idle_timeout,
-                maxLifetime=config.max_lifetime,
-            )
-            pool.paused = self.route.paused
-            self.pools[database] = pool
-        return pool
-
-    def _open(self, database: str) -> defer.Deferred[PooledServer]:
-        """A new server connection, logged in as the service user."""
-        config = self.config
-        clock = self.route.clock
-
-        def login(leg: Any) -> defer.Deferred[PooledServer]:
-            attempt = ServerLogin(
-                leg,
-                config.service_user,
-                database,
-                config.service_password,
-                {"application_name": "pgtls"},
-            )
-
-            def ready(result: Any) -> PooledServer:
-                now = clock.seconds()
-                server = PooledServer(leg, now, dict(result.parameters), result.backendKey, now)
-                # Until a client holds it, the pool watches it: one that
-                # dies while idle must leave the pool, not be handed out.
-                pool = self.pools.get(database)
-                leg.deliver = discard
-                leg.onLost = (lambda reason: pool.lost(server)) if pool is not None else None
-                return server
-
-            return attempt.done.addCallback(ready)
-
-        return self.route.backend.connect().addCallback(login)
-
-    def reap(self) -> None:
-        """Close idle and over-age connections; forget pools nobody uses."""
-        for database, pool in list(self.pools.items()):
-            pool.reap()
-            if pool.size == 0 and pool.unused:
-                del self.pools[database]
-                if not self.route.retired:
-                    # (A retired route's successor of the same name may
-                    # still be using these series.)
-                    self.route.metrics.poolDropped(self.route.name, database)
-
-    def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-        self.pools.clear()
