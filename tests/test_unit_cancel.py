@@ -1,8 +1,9 @@
 """
 The cancel registry (L{pgtls_twisted.proxy._cancel}): minted keys, their
 constant-time check, the worker number in every PID, forwarding a cancel
-to the backend over a new connection (the route's real connector on a
-L{MemoryReactorClock}), and passing a request on to another worker once.
+to the backend over a new connection (the route's real connector, through
+the in-memory endpoints of L{support.unit.Backends}), and passing a
+request on to another worker once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.unit import Scene, UnitReactor, unit_reactor
+from support.unit import Scene, unit_reactor
+from twisted.internet.testing import MemoryReactorClock
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._cancel import CANCEL_WAIT, CancelRegistry, worker_of
@@ -22,7 +24,7 @@ reactor = pytest.fixture(unit_reactor, name="reactor")
 
 
 @pytest.fixture
-def scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     """A route, for its backend connector and its metrics."""
     return Scene(pki, tmp_path, reactor, None)
 

@@ -23,7 +23,6 @@ from support.unit import (
     FakePool,
     FakePools,
     Scene,
-    UnitReactor,
     answer,
     login_ok,
     pooled_server,
@@ -31,17 +30,19 @@ from support.unit import (
     unit_reactor,
 )
 from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
 
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._session import PooledSession
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.testing.pki import PKI
 
 reactor = pytest.fixture(unit_reactor, name="reactor")
 
 
 def pooled_scene(
-    pki: PKI, tmp_path: Path, reactor: UnitReactor, mode: str, pool: Any = None
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock, mode: str, pool: Any = None
 ) -> Scene:
     events: list[Event] = []
     return Scene(
@@ -56,13 +57,13 @@ def pooled_scene(
 
 
 @pytest.fixture
-def scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     """A transaction-mode route."""
     return pooled_scene(pki, tmp_path, reactor, "transaction")
 
 
 @pytest.fixture
-def session_scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def session_scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     return pooled_scene(pki, tmp_path, reactor, "session")
 
 
@@ -117,7 +118,7 @@ def test_login_ends_on_the_temporary_connection(scene: Scene) -> None:
     # The pool is looked up only now, and counts the session.
     assert the_pool(scene).sessions == 1
     assert scene.metrics.named("pooled") == [("pooled", "test", "alice")]
-    assert client.proto.startupDone
+    assert client.proto.phase is Phase.READY
 
 
 def test_no_server_until_the_first_request(scene: Scene) -> None:
@@ -397,7 +398,7 @@ def test_cancel_without_an_attached_server_is_ignored(scene: Scene) -> None:
 
 
 def test_cancel_race_keeps_the_server_from_the_next_client(
-    pki: PKI, tmp_path: Path, reactor: UnitReactor
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock
 ) -> None:
     """
     PgBouncer's cancel race: a cancel for client A's query is still on its

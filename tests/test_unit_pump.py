@@ -19,6 +19,7 @@ from twisted.internet.testing import StringTransport
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._pump import Pump, join, separate
+from pgtls_twisted.proxy._stats import ConnectionStats
 
 
 class FakeLeg:
@@ -43,8 +44,7 @@ def events() -> list[Event]:
 @pytest.fixture
 def legs(events: list[Event]) -> tuple[FakeLeg, FakeLeg, Pump]:
     client, server = FakeLeg("client", events), FakeLeg("server", events)
-    stats = {"bytes_in": 0, "bytes_out": 0}
-    pump = Pump(client, server, stats)
+    pump = Pump(client, server, ConnectionStats())
     pump.start()
     return client, server, pump
 
@@ -62,7 +62,7 @@ def test_bytes_go_both_ways_unchanged_and_counted(
         ("client", "C"),
         ("client", "Z:I"),
     ]
-    assert pump.stats == {"bytes_in": len(query("select 1")), "bytes_out": len(answer())}
+    assert pump.stats == ConnectionStats(bytes_in=len(query("select 1")), bytes_out=len(answer()))
 
 
 def test_chunks_are_not_framed(legs: tuple[FakeLeg, FakeLeg, Pump], events: list[Event]) -> None:

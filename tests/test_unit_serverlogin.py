@@ -4,7 +4,7 @@ pgtls logging in as a pool's service user
 against a server played by the test: what pgtls writes (C{server} events)
 and what the login's Deferred fires with. SCRAM is checked by an
 independent server side (L{support.unit.ScramServerSide}); its key
-derivation runs in pgtls's thread and comes back when the test says.
+derivation is held (L{support.unit.HeldDerivations}) until the test says.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import pytest
 from support.unit import (
     Scene,
     ScramServerSide,
-    UnitReactor,
     certificate_binding,
     login_ok,
     md5_request,
@@ -26,6 +25,7 @@ from support.unit import (
     sasl_final,
     unit_reactor,
 )
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 
 from pgtls_twisted.pool._serverlogin import LoginResult, ServerLogin, ServerLoginError
@@ -35,18 +35,18 @@ from pgtls_twisted.testing.pki import PKI
 reactor = pytest.fixture(unit_reactor, name="reactor")
 
 
-def make_scene(pki: PKI, tmp_path: Path, reactor: UnitReactor, **backend: Any) -> Scene:
+def make_scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock, **backend: Any) -> Scene:
     return Scene(pki, tmp_path, reactor, None, backend=backend)
 
 
 @pytest.fixture
-def scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     """A plaintext backend."""
     return make_scene(pki, tmp_path, reactor)
 
 
 @pytest.fixture
-def tls_scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def tls_scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     """A verified TLS backend."""
     return make_scene(pki, tmp_path, reactor, tls="verify-full", root_ca=str(pki.cert("ca")))
 
@@ -77,7 +77,7 @@ def scram_exchange(scene: Scene, backend: Any, scram: ScramServerSide) -> None:
     """From the SASLInitialResponse pgtls sent to its client-final."""
     _, clientFirst = wire.parse_sasl_initial_response(backend.messages[-1][1])
     backend.send(sasl_continue(scram.first(clientFirst)))
-    scene.reactor.runThreadCall()  # the keys are derived: client-final goes
+    scene.derivations.complete()  # the keys are derived: client-final goes
     scene.flush()
 
 
@@ -198,7 +198,7 @@ def test_cleartext_refused_over_a_plaintext_backend(scene: Scene) -> None:
 
 
 def test_require_auth_refuses_another_method(
-    pki: PKI, tmp_path: Path, reactor: UnitReactor
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock
 ) -> None:
     scene = make_scene(pki, tmp_path, reactor, require_auth="scram-sha-256")
     login, backend = start(scene)
@@ -264,7 +264,7 @@ def test_scram_accepted_without_the_server_proving_anything(scene: Scene) -> Non
     )
 
 
-def test_scram_iteration_limit(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> None:
+def test_scram_iteration_limit(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> None:
     scene = make_scene(pki, tmp_path, reactor, max_scram_iterations=4096)
     login, backend = start(scene)
     scram = ScramServerSide("svc-pw", iterations=4097)

@@ -2,9 +2,10 @@
 A pass-through session (L{pgtls_twisted.proxy._session.Session}) from the
 client's StartupMessage to the byte pump, without sockets: the client leg
 on a recording transport, the backend leg a real L{ServerProtocol} that the
-route's connector opened through a L{MemoryReactorClock} (or, where TLS
-matters, one that runs real TLS over iosim). Each test states the exact
-sequence of what was written to whom (see L{support.unit}).
+route's connector opened through an in-memory endpoint
+(L{support.unit.Backends}), or, where TLS matters, one that runs real TLS
+over iosim. Each test states the exact sequence of what was written to
+whom (see L{support.unit}).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from support.unit import (
     Client,
     Scene,
     ScramServerSide,
-    UnitReactor,
     answer,
     certificate_binding,
     login_ok,
@@ -29,6 +29,7 @@ from support.unit import (
     startup_message,
     unit_reactor,
 )
+from twisted.internet.testing import MemoryReactorClock
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._session import Session
@@ -38,7 +39,7 @@ reactor = pytest.fixture(unit_reactor, name="reactor")
 
 
 @pytest.fixture
-def scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     return Scene(pki, tmp_path, reactor, Session, backend={"connect_timeout": "2s"})
 
 
@@ -59,7 +60,7 @@ def test_startup_waits_for_the_backend_then_is_relayed(scene: Scene) -> None:
     client = scene.start("alice", database="app", application_name="psql")
     # Nothing is read from the client while its backend is being connected.
     assert client.transport.producerState == "paused"
-    assert [(host, port) for host, port, *_ in scene.reactor.tcpClients] == [("127.0.0.1", 5432)]
+    assert [attempt.address for attempt in scene.backends.attempts] == [("127.0.0.1", 5432)]
     assert scene.events == []
 
     server = scene.backends.accept()
@@ -158,7 +159,7 @@ def test_cleartext_password_refused_over_a_plaintext_backend(scene: Scene) -> No
 
 
 def test_require_auth_refuses_another_method(
-    pki: PKI, tmp_path: Path, reactor: UnitReactor
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock
 ) -> None:
     scene = Scene(pki, tmp_path, reactor, Session, backend={"require_auth": "scram-sha-256"})
     client = scene.start()
@@ -218,14 +219,34 @@ def test_backend_refusing_the_connection_is_08001(scene: Scene) -> None:
     assert scene.metrics.named("backendFailed") != []
 
 
-def test_backend_connect_timeout_and_a_late_connection_is_closed(scene: Scene) -> None:
+def test_backend_connect_timeout_gives_the_connection_attempt_up(scene: Scene) -> None:
     client = scene.start()
     scene.reactor.advance(2)
-    assert scene.events == [("client", "E:08001"), ("client", "close")]
+    assert scene.events == [
+        ("client", "E:08001"),
+        ("client", "close"),
+        ("backends", "cancelled"),  # no late connection will come
+    ]
     assert client.error()["M"].endswith("timeout expired after 2s")
+    assert scene.backends.pending == 0
 
-    scene.backends.accept()  # the TCP connection completes after all
-    assert scene.events[2:] == [("server", "close")]
+
+def test_backend_connect_timeout_closes_a_connection_still_negotiating(
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock
+) -> None:
+    backend = {"connect_timeout": "2s", "tls": "require"}
+    scene = Scene(pki, tmp_path, reactor, Session, backend=backend)
+    client = scene.start()
+    scene.backends.accept()  # connected in time; the SSLRequest is never answered
+    scene.reactor.advance(2)
+
+    assert scene.events == [
+        ("server", "ssl"),
+        ("client", "E:08001"),
+        ("client", "close"),
+        ("server", "close"),
+    ]
+    assert client.error()["M"].endswith("timeout expired after 2s")
 
 
 def test_backend_protocol_violation_is_08006(scene: Scene) -> None:
@@ -402,7 +423,7 @@ def test_a_finished_session_forgets_its_key(scene: Scene) -> None:
 
 
 @pytest.fixture
-def tls_scene(pki: PKI, tmp_path: Path, reactor: UnitReactor) -> Scene:
+def tls_scene(pki: PKI, tmp_path: Path, reactor: MemoryReactorClock) -> Scene:
     backend = {"tls": "verify-full", "root_ca": str(pki.cert("ca"))}
     return Scene(pki, tmp_path, reactor, Session, backend=backend)
 
@@ -427,7 +448,7 @@ def test_cleartext_password_relayed_over_a_verified_backend(tls_scene: Scene) ->
 
 
 def test_cleartext_password_refused_over_an_unverified_backend(
-    pki: PKI, tmp_path: Path, reactor: UnitReactor
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock
 ) -> None:
     scene = Scene(pki, tmp_path, reactor, Session, backend={"tls": "require"})
     client = scene.start()
@@ -464,7 +485,7 @@ def test_pgtls_runs_scram_between_two_tls_legs(pki: PKI, tls_scene: Scene) -> No
     client.send(password("secret"))
     mechanism, clientFirst = wire.parse_sasl_initial_response(server.messages[-1][1])
     server.send(sasl_continue(scram.first(clientFirst)))
-    tls_scene.reactor.runThreadCall()  # the keys are derived: client-final goes
+    tls_scene.derivations.complete()  # the keys are derived: client-final goes
     tls_scene.flush()
     server.send(sasl_final(scram.final(server.messages[-1][1])) + login_ok())
 
@@ -490,7 +511,7 @@ def test_pgtls_scram_with_a_wrong_server_signature_is_08006(pki: PKI, tls_scene:
     server.send(
         sasl_continue(scram.first(wire.parse_sasl_initial_response(server.messages[-1][1])[1]))
     )
-    tls_scene.reactor.runThreadCall()
+    tls_scene.derivations.complete()
     tls_scene.flush()
     server.send(sasl_final(b"v=" + b"A" * 44))
 

@@ -25,17 +25,22 @@ C{server}, ...) or a fake (C{pool}); for a transport, C{what} is:
  - C{"close"} (C{loseConnection}) or C{"abort"} (C{abortConnection}).
 
 Backend connections are the real thing: the route's
-L{pgtls_twisted.proxy._backend.BackendConnector} connects through a
-L{MemoryReactorClock}, and L{Backends} completes (or refuses) each
-connection attempt with a real L{ServerProtocol} on a recording transport
-(L{Wire}). Where TLS matters, L{Scene.accept_tls} and L{Scene.tls_client}
-run real TLS over L{twisted.test.iosim} instead, recording what pgtls
-sends inside it the same way.
+L{pgtls_twisted.proxy._backend.BackendConnector} connects through the
+endpoints of L{Backends} (its endpoint factory), and the test completes (or
+refuses) each connection attempt with a real L{ServerProtocol} on a
+recording transport (L{Wire}). Where TLS matters, L{Scene.accept_tls} and
+L{Scene.tls_client} run real TLS over L{twisted.test.iosim} instead,
+recording what pgtls sends inside it the same way. An attempt the
+connector gives up (its C{connect_timeout} expired) is the event
+C{("backends", "cancelled")}.
 
 SCRAM: L{ScramServerSide} is the server side computed from RFC 5802 (not
-pgtls's own), and L{UnitReactor} hands back the key derivations that pgtls
-runs in a thread only when the test asks (L{UnitReactor.runThreadCall}),
+pgtls's own), and the route's derivation threads are L{HeldDerivations},
+which derive a key only when the test asks (L{HeldDerivations.complete}),
 so that exchanges stay in a fixed order.
+
+The reactor (L{unit_reactor}) is a L{MemoryReactorClock}, whose clock runs
+the deadlines.
 """
 
 from __future__ import annotations
@@ -43,8 +48,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import queue
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,7 +57,11 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
-from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.interfaces import (
+    IOpenSSLServerConnectionCreator,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -63,10 +71,12 @@ from zope.interface import implementer
 from pgtls_twisted.config import parse_config
 from pgtls_twisted.pool._pool import PooledServer
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.proxy._backend import ServerProtocol
+from pgtls_twisted.proxy._backend import EndpointFactory, ServerProtocol
 from pgtls_twisted.proxy._cancel import CancelRegistry
+from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._frontend import ClientProtocol
 from pgtls_twisted.proxy._route import Route
+from pgtls_twisted.proxy._stats import ConnectionStats
 from pgtls_twisted.testing.pki import PKI
 from pgtls_twisted.tls._contexts import channel_binding_data
 from pgtls_twisted.tls._lean import TLSLayer
@@ -192,43 +202,48 @@ class Wire(StringTransport):
 
 
 # ---------------------------------------------------------------------------
-# The reactor
+# The reactor, and the SCRAM derivations
 
 
-class UnitReactor(MemoryReactorClock):
+def unit_reactor() -> MemoryReactorClock:
     """
-    A L{MemoryReactorClock} on which SCRAM key derivations (which run in a
-    real thread: L{pgtls_twisted.protocol._scram.in_thread_pool}) come back
-    only when the test says so: C{callFromThread} queues, and
-    L{runThreadCall} waits for one call and runs it. L{shutdown} stops the
-    derivation threads.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._fromThreads: queue.Queue[tuple[Callable[..., Any], Any, Any]] = queue.Queue()
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        self._fromThreads.put((f, args, kw))
-
-    def runThreadCall(self, timeout: float = 10.0) -> None:
-        f, args, kw = self._fromThreads.get(timeout=timeout)
-        f(*args, **kw)
-
-    def shutdown(self) -> None:
-        for f, args, kw in self.triggers.get("during", {}).get("shutdown", []):
-            f(*args, **kw)
-
-
-def unit_reactor() -> Iterator[UnitReactor]:
-    """
-    A fresh L{UnitReactor} for one test, shut down after it. A test module
-    makes it its C{reactor} fixture with
+    A fresh L{MemoryReactorClock} for one test. A test module makes it its
+    C{reactor} fixture with
     C{reactor = pytest.fixture(unit_reactor, name="reactor")}.
     """
-    reactor = UnitReactor()
-    yield reactor
-    reactor.shutdown()
+    return MemoryReactorClock()
+
+
+class HeldDerivations(DerivationThreads):
+    """
+    Derivation threads (L{pgtls_twisted.proxy._derivation}) that start no
+    thread: each SCRAM key derivation pgtls asks for is held until the
+    test runs it (L{complete}), in the test's own thread, so that an
+    exchange goes in one fixed order and a test can look at it while a
+    derivation is pending.
+
+    @ivar held: the derivations asked for and not run yet, oldest first:
+        the function, its arguments, and the Deferred pgtls waits on.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__(reactor)
+        self.held: list[tuple[Callable[..., Any], tuple[Any, ...], defer.Deferred[Any]]] = []
+
+    def run(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        done: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((f, args, done))
+        return done
+
+    @property
+    def working(self) -> bool:
+        return bool(self.held)
+
+    def complete(self) -> None:
+        """Run the oldest held derivation: its Deferred fires with its result (or failure)."""
+        assert self.held, "no key derivation is waiting"
+        f, args, done = self.held.pop(0)
+        defer.maybeDeferred(f, *args).chainDeferred(done)
 
 
 # ---------------------------------------------------------------------------
@@ -259,7 +274,7 @@ class RecordingMetrics:
     def cancelRequest(self, route: str, outcome: str) -> None:
         self.calls.append(("cancelRequest", route, outcome))
 
-    def clientClosed(self, route: str, database: str | None, stats: Any) -> None:
+    def clientClosed(self, route: str, database: str | None, stats: ConnectionStats) -> None:
         self.calls.append(("clientClosed", route, database))
 
     def pooled(self, route: str, database: str) -> _Figures:
@@ -381,13 +396,21 @@ def unit_route(
     pool: dict[str, Any] | None = None,
     pools: Any = None,
     cancels: CancelRegistry | None = None,
+    endpoints: EndpointFactory | None = None,
+    derivations: DerivationThreads | None = None,
 ) -> Route:
     """
     A L{Route} from a real configuration on C{reactor}: a listener that
     takes plaintext clients too (C{tls = "allow"}), a plaintext backend at
-    127.0.0.1:5432 (connected to through the reactor, that is never), and
-    C{[proxy.pool]} when C{pool} is given (service user C{svc}), with
-    C{pools} as its pool manager. Its metrics are a L{RecordingMetrics}.
+    127.0.0.1:5432, and C{[proxy.pool]} when C{pool} is given (service user
+    C{svc}), with C{pools} as its pool manager. Its metrics are a
+    L{RecordingMetrics}.
+
+    @param endpoints: where its backend connections come from
+        (L{Backends.endpoint}); by default TCP on C{reactor} (that is,
+        never connected).
+    @param derivations: its SCRAM derivation threads (L{HeldDerivations});
+        by default its own.
     """
     table: dict[str, Any] = {
         "name": "test",
@@ -410,6 +433,8 @@ def unit_route(
         RecordingMetrics(),
         starter=starter,
         pools=(lambda route: pools) if pools is not None else None,
+        endpoints=endpoints,
+        derivations=derivations,
     )
 
 
@@ -461,30 +486,68 @@ class Backend:
         self.leg.connectionLost(Failure(ConnectionDone()))
 
 
-class Backends:
+@implementer(IStreamClientEndpoint)
+class Attempt:
     """
-    The connections a L{BackendConnector} opened on a L{MemoryReactorClock},
-    in order; the test completes each with L{accept} or fails it with
-    L{refuse}.
+    One backend connection attempt: the endpoint a L{Backends} made for the
+    connector, the factory the connector gave it, and (C{connected}) the
+    Deferred the connector waits on, which the test fires.
+
+    @ivar address: the C{(host, port)} the endpoint was made for.
     """
 
-    def __init__(self, reactor: MemoryReactorClock, events: list[Event]) -> None:
-        self.reactor = reactor
+    def __init__(self, backends: Backends, host: str, port: int) -> None:
+        self._backends = backends
+        self.address = (host, port)
+        self.factory: IProtocolFactory | None = None
+        self.connected: defer.Deferred[Any] = defer.Deferred(self._cancel)
+
+    def connect(self, factory: IProtocolFactory) -> defer.Deferred[Any]:
+        self.factory = factory
+        self._backends.attempts.append(self)
+        self._backends.waiting.append(self)
+        return self.connected
+
+    def _cancel(self, connected: defer.Deferred[Any]) -> None:
+        # (The Deferred then fails with CancelledError, as an endpoint's does.)
+        self._backends.waiting.remove(self)
+        self._backends.events.append(("backends", "cancelled"))
+
+
+class Backends:
+    """
+    The connections a L{BackendConnector} opened through L{endpoint} (its
+    endpoint factory), in order; the test completes each with L{accept}
+    (or L{Scene.accept_tls}) or fails it with L{refuse}.
+
+    @ivar attempts: every connection attempt, in order.
+    @ivar waiting: those not yet accepted, refused or given up.
+    """
+
+    def __init__(self, events: list[Event]) -> None:
         self.events = events
-        self._taken = 0
+        self.attempts: list[Attempt] = []
+        self.waiting: list[Attempt] = []
+
+    def endpoint(self, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+        """The connector's endpoint factory (an C{EndpointFactory})."""
+        return Attempt(self, host, port)
 
     @property
     def pending(self) -> int:
-        """Connection attempts not yet accepted or refused."""
-        return len(self.reactor.tcpClients) - self._taken
+        return len(self.waiting)
 
-    def take(self) -> tuple[Any, Any]:
-        """The factory and connector of the next connection attempt."""
-        assert self.pending, "nothing is connecting to the backend"
-        factory = self.reactor.tcpClients[self._taken][2]
-        connector = self.reactor.connectors[self._taken]
-        self._taken += 1
-        return factory, connector
+    def take(self) -> Attempt:
+        assert self.waiting, "nothing is connecting to the backend"
+        return self.waiting.pop(0)
+
+    def build(self) -> tuple[ServerProtocol, Attempt]:
+        """The leg of the next connection attempt, not connected yet."""
+        attempt = self.take()
+        assert attempt.factory is not None
+        leg = attempt.factory.buildProtocol(None)
+        assert isinstance(leg, ServerProtocol)
+        return leg, attempt
 
     def accept(self, name: str = "server", *, untyped: bool = True) -> Backend:
         """
@@ -493,29 +556,29 @@ class Backends:
         @param untyped: the first thing pgtls will write is a startup
             packet (a login or a cancel), not a message.
         """
-        factory, _ = self.take()
-        leg = cast(ServerProtocol, factory.buildProtocol(None))
+        leg, attempt = self.build()
         transport = Wire(name, self.events, untyped=untyped)
         leg.makeConnection(transport)
+        attempt.connected.callback(leg)
         return Backend(leg, transport)
 
     def refuse(self) -> None:
-        factory, connector = self.take()
-        factory.clientConnectionFailed(connector, Failure(ConnectionRefusedError()))
+        self.take().connected.errback(Failure(ConnectionRefusedError()))
 
 
 class Scene:
     """
-    One route on a L{UnitReactor}, whose clients start sessions of C{kind}
-    (L{Starter}), the backend connections it opens (L{Backends}), and the
-    list every fake records into.
+    One route on a L{MemoryReactorClock}, whose clients start sessions of
+    C{kind} (L{Starter}), the backend connections it opens (L{Backends}),
+    its SCRAM key derivations (L{HeldDerivations}), and the list every fake
+    records into.
     """
 
     def __init__(
         self,
         pki: PKI,
         tmp_path: Path,
-        reactor: UnitReactor,
+        reactor: MemoryReactorClock,
         kind: Any,
         *,
         events: list[Event] | None = None,
@@ -529,9 +592,18 @@ class Scene:
         self.reactor = reactor
         self.events: list[Event] = events if events is not None else []
         self.starter = Starter(kind)
-        self.route = unit_route(pki, tmp_path, reactor, self.starter, **route)
+        self.backends = Backends(self.events)
+        self.derivations = HeldDerivations(reactor)
+        self.route = unit_route(
+            pki,
+            tmp_path,
+            reactor,
+            self.starter,
+            endpoints=self.backends.endpoint,
+            derivations=self.derivations,
+            **route,
+        )
         self.metrics = cast(RecordingMetrics, self.route.metrics)
-        self.backends = Backends(reactor, self.events)
         self.pki = pki
         #: The iosim connections (TLS ones), each with what to do after it moved bytes.
         self.pumps: list[tuple[IOPump, Callable[[], None]]] = []
@@ -551,8 +623,7 @@ class Scene:
         Complete the next backend connection attempt with a peer that runs
         TLS with the PKI's certificate C{cert}, over iosim.
         """
-        factory, _ = self.backends.take()
-        leg = cast(ServerProtocol, factory.buildProtocol(None))
+        leg, attempt = self.backends.build()
         peer = TLSBackendPeer(self.pki, cert, self.reactor, name, self.events)
         pump = connect(
             peer,
@@ -562,6 +633,7 @@ class Scene:
             greet=False,
             clock=self.reactor,
         )
+        attempt.connected.callback(leg)
         self.pumps.append((pump, lambda: None))
         self.flush()
         return TLSBackend(leg, peer, self.flush)
@@ -836,6 +908,7 @@ class TLSClient:
 
 
 __all__ = [
+    "Attempt",
     "Backend",
     "Backends",
     "Client",
@@ -843,13 +916,13 @@ __all__ = [
     "FakePool",
     "FakePools",
     "Framer",
+    "HeldDerivations",
     "RecordingMetrics",
     "Scene",
     "ScramServerSide",
     "Starter",
     "TLSBackend",
     "TLSClient",
-    "UnitReactor",
     "Wire",
     "answer",
     "certificate_binding",
