@@ -481,7 +481,7 @@ async def test_down3_direct_tls_without_alpn_dropped(pki, pg_tls, tmp_path):
         await assert_still_serves(proxy, pki, recorder)
 
 
-#: What PostgreSQL (and pgtls, by design: L{tlsconfig._select_alpn}) answers
+#: What PostgreSQL (and pgtls, by design: L{pgtls_twisted.tls._contexts._select_alpn}) answers
 #: a ClientHello offering only ALPN protocols other than C{postgresql}: a
 #: fatal no_application_protocol (120) alert record.
 _ALERT_NO_APPLICATION_PROTOCOL = b"\x15\x03\x03\x00\x02\x02\x78"

@@ -435,3 +435,24 @@ def test_cancel_race_keeps_the_server_from_the_next_client(
     assert scene.events[4:] == [("cancel", "cancel"), ("pooled", "Q")]
     assert sent_sql(opened[0]) == ["select pg_sleep(10)", "select 'b'"]
     assert len(opened) == 1
+
+
+def test_a_client_leaving_while_its_parameters_are_restored_leaves_the_server_dirty(
+    scene: Scene,
+) -> None:
+    """
+    pgtls's own SET is still running when the client leaves: its answer is
+    on the way, and the next client would read it as its own. Before the
+    fix the server went back clean (the tracker and splitters looked idle).
+    """
+    client = login(scene, TimeZone="UTC")
+    client.send(query("select now()"))
+    server, backend = pooled_server(
+        scene.route, scene.backends, parameters={"TimeZone": "Europe/Paris"}
+    )
+    the_pool(scene).give(server)
+    assert sent_sql(backend) == ["SET TimeZone = 'UTC';"]
+    client.lose()
+    assert ("pool", "release dirty") in scene.events
+    assert ("pool", "release") not in scene.events
+    assert server.dirty

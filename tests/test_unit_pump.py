@@ -165,3 +165,14 @@ def test_client_bytes_do_not_change_at_ready(legs: tuple[FakeLeg, FakeLeg, Pump]
     client, _, pump = legs
     client.deliver(query("select 1"))
     assert pump.atReady()
+
+
+def test_at_ready_when_the_ready_for_query_is_split_over_two_reads(
+    legs: tuple[FakeLeg, FakeLeg, Pump],
+) -> None:
+    """A ReadyForQuery whose last byte comes in a read of its own is still seen."""
+    client, server, pump = legs
+    server.deliver(b"C\x00\x00\x00\x0bSELECT 1\x00" + b"Z\x00\x00\x00\x05")
+    assert not pump.atReady()
+    server.deliver(b"I")
+    assert pump.atReady()

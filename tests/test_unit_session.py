@@ -518,3 +518,27 @@ def test_pgtls_scram_with_a_wrong_server_signature_is_08006(pki: PKI, tls_scene:
     assert tls_scene.events[-1] == ("client", "E:08006")
     fields = wire.parse_error_fields(client.messages[-1][1])
     assert fields["M"] == "backend authentication failed: incorrect server signature"
+
+
+def test_a_client_refused_while_its_backend_connects_sends_the_server_nothing(
+    pki: PKI, tmp_path: Path, reactor: MemoryReactorClock
+) -> None:
+    """
+    The client's startup deadline passes while the backend is still being
+    connected: the client is told, and when the backend connects after
+    all, not a byte goes to it (before the fix the StartupMessage did).
+    """
+    scene = Scene(
+        pki,
+        tmp_path,
+        reactor,
+        Session,
+        listener={"startup_timeout": "1s"},
+        backend={"connect_timeout": "10s"},
+    )
+    client = scene.start()
+    scene.reactor.advance(1)
+    assert client.error()["C"] == "08006"
+    server = scene.backends.accept()
+    assert server.transport.value() == b""
+    assert ("server", "close") in scene.events

@@ -20,6 +20,7 @@ A length below 4 can never be valid and is rejected as soon as it is seen.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Mapping
 
@@ -77,11 +78,18 @@ def _buildTable(
     return table, maxPeek
 
 
-#: Built tables by (watch, peek items), shared read-only between splitters:
-#: a transaction pooler makes a splitter for every transaction, always with
-#: the same arguments, and building the 256-entry table was most of its cost.
-_tables: dict[tuple[object, tuple[tuple[int | bytes, int], ...]], tuple[list[int | None], int]] = {}
-_MAX_TABLES = 64
+@functools.lru_cache(maxsize=64)
+def _cachedTable(
+    watch: frozenset[int | bytes] | tuple[int | bytes, ...] | None,
+    peeks: tuple[tuple[int | bytes, int], ...],
+) -> tuple[list[int | None], int]:
+    """
+    L{_buildTable}, remembered: the tables are shared read-only between
+    splitters, because a transaction pooler makes a splitter for every
+    transaction, always with the same arguments, and building the
+    256-entry table was most of its cost.
+    """
+    return _buildTable(watch, peeks)
 
 
 class MessageSplitter:
@@ -138,12 +146,7 @@ class MessageSplitter:
             None if watch is None else watch if isinstance(watch, frozenset) else tuple(watch)
         )
         key = (watchKey, tuple(peek.items()) if peek else ())
-        built = _tables.get(key)
-        if built is None:
-            built = _buildTable(watchKey, key[1])
-            if len(_tables) < _MAX_TABLES:
-                _tables[key] = built
-        table, maxPeek = built
+        table, maxPeek = _cachedTable(*key)
         self._table = table
         self._held = b""
         self._remaining = 0
