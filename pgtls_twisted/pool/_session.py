@@ -394,9 +394,10 @@ class PooledSession(Session):
     def _internal(self, server: PooledServer, sql: str, then: Any) -> None:
         """
         Run C{sql} on C{server} (the attached one, or one being given back),
-        swallowing its answers, then call C{then}. A failure marks the
-        connection dirty (closed on release) and ends the client's session:
-        its state could not be restored.
+        swallowing its answers, then call C{then}. A failure is logged and
+        marks the connection dirty (closed on release); the client goes on
+        (a parameter that could not be restored is the one thing it may
+        then see differ).
         """
         reader = wire.MessageReader()
         failed: list[str] = []
