@@ -62,3 +62,16 @@ def test_a_waiting_ticket_that_leaves_frees_its_place() -> None:
     assert admitted.order == [] and gate.active == 0
     gate.arrive("c", admitted("c"))
     assert "max_logins = 1" in gate.refusal(gate.arrive("d", admitted("d")))
+
+
+def test_what_counts_as_one_address() -> None:
+    from pgtls_twisted.proxy._logins import address_key
+
+    assert address_key("127.0.0.2") == "127.0.0.2"
+    assert address_key("::ffff:10.1.2.3") == "10.1.2.3"
+    # One IPv6 host can use any address of its /64.
+    assert (
+        address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    )
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("not an address") == "not an address"

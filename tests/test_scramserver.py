@@ -136,3 +136,10 @@ def test_fuzz_only_scram_errors_escape(first: bytes, final: bytes) -> None:
             server.clientFinal(final)
         except ScramAuthError:
             pass
+
+
+@pytest.mark.parametrize("nonce", ["é", "a b", "\x7f", "\x00"])
+def test_nonce_must_be_printable_ascii_without_commas(nonce: str) -> None:
+    """RFC 5802's nonce: anything else is a clean refusal, never an uncaught error."""
+    with pytest.raises(ScramAuthError, match="invalid nonce"):
+        ScramServer(verifier(), None).clientFirst(SCRAM_SHA_256, f"n,,n=,r={nonce}".encode())

@@ -415,3 +415,47 @@ def test_password_file_must_not_be_readable_by_others(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_config(doc)
     assert f'admin.password_file: file "{path}" has group or world access' in str(e.value)
+
+
+def _salt(port: int, ca: Path, user: str) -> bytes:
+    """(Blocking.) The salt of the SCRAM server-first-message pgtls sends C{user}."""
+    import base64
+
+    from scramp import ScramClient
+
+    sock = rawclient.request_tls(rawclient.connect(port), ca)
+    try:
+        sock.sendall(rawclient.startup_message(user, "pgtls"))
+        rawclient.read_message(sock)  # AuthenticationSASL
+        client = ScramClient(["SCRAM-SHA-256"], "ignored", "x")
+        sock.sendall(
+            wire.sasl_initial_response("SCRAM-SHA-256", client.get_client_first().encode())
+        )
+        _, body = rawclient.read_message(sock)
+        fields = dict(part.split("=", 1) for part in body[4:].decode().split(","))
+        return base64.b64decode(fields["s"])
+    finally:
+        sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_made_up_salts_are_the_same_in_every_process(pki, pg_tls, tmp_path):
+    """
+    A made-up verifier's salt depends on the name and the password file
+    only: two processes (two workers, or one restarted) give a name that
+    does not exist the same salt, as a real name's never changes, and of
+    the same length as the real ones.
+    """
+    admin = scram_admin(tmp_path)
+    first = start_proxy([route(pki, pg_tls)], tmp_path, admin=admin)
+    second = start_proxy([route(pki, pg_tls, name="other")], tmp_path, admin=admin)
+    try:
+        ca = pki.cert("ca")
+        salts = [await in_thread(_salt, p.port(), ca, "nobody") for p in (first, second)]
+        real = await in_thread(_salt, first.port(), ca, OPS)
+        assert salts[0] == salts[1]
+        assert len(salts[0]) == len(real)
+        assert await in_thread(_salt, first.port(), ca, "nobody2") != salts[0]
+    finally:
+        await first.stop()
+        await second.stop()

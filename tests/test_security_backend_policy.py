@@ -230,3 +230,17 @@ def test_cleartext_password_allowed_over_verified_tls(mode: str) -> None:
         'authentication method requirement "!password" failed:'
         " server requested a cleartext password"
     )
+
+
+@pytest.mark.parametrize("require_auth", [None, "scram-sha-256"])
+@pytest.mark.parametrize("code", [wire.AUTH_SASL_CONTINUE, wire.AUTH_SASL_FINAL])
+def test_sasl_continuation_without_a_sasl_start_is_refused(
+    require_auth: str | None, code: int
+) -> None:
+    """
+    A "final" SASL message with no exchange before it would otherwise pass
+    for an authentication (and the AuthenticationOk behind it with it).
+    """
+    guard = LoginGuard(require_auth, "require", tls=True)
+    refusal = guard.refusal(code)
+    assert refusal is not None and refusal.endswith("server did not complete authentication")

@@ -542,3 +542,16 @@ def test_a_client_refused_while_its_backend_connects_sends_the_server_nothing(
     server = scene.backends.accept()
     assert server.transport.value() == b""
     assert ("server", "close") in scene.events
+
+
+@pytest.mark.parametrize(
+    "message",
+    [b"R\x00\x00\x00\x06\x00\x00", b"K\x00\x00\x00\x07abc"],
+    ids=["short-authentication", "short-key-data"],
+)
+def test_a_backend_message_that_does_not_parse_is_08006(scene: Scene, message: bytes) -> None:
+    """A well-framed message with a body that does not parse: a clean 08006, no traceback."""
+    client = scene.start()
+    scene.backends.accept().send(message)
+    assert ("client", "E:08006") in scene.events
+    assert client.error()["M"].startswith("backend protocol violation")

@@ -21,6 +21,8 @@ itself, never by whatever a backend's C{pg_hba.conf} happens to say:
    C{admin.users} or C{admin.stats_users} goes through the same exchange
    (a SCRAM exchange against a made-up verifier, a password request) and
    gets the same error as a wrong password; only pgtls's log says which.
+   (With C{backend}, the time to the answer still differs: only a real
+   name costs a backend login. README says so.)
  - B{Roles}: C{admin.stats_users} may only C{SHOW}
    (L{pgtls_twisted.ops._commands.AdminCommands} checks every command).
 
@@ -34,6 +36,7 @@ import enum
 import hashlib
 import hmac
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -55,12 +58,10 @@ if TYPE_CHECKING:
     from pgtls_twisted.proxy._frontend import ClientProtocol
     from pgtls_twisted.proxy._route import Route
 
-#: Made-up SCRAM salts for names without a verifier are derived from this,
-#: so that asking twice for one name gives the same salt, as it would for a
-#: real user (PostgreSQL's mock authentication does the same).
-_MOCK_SECRET = os.urandom(32)
-#: The iteration count of made-up verifiers when the file has none to copy.
+#: The iteration count and salt length of made-up verifiers when the file
+#: has none to copy (PostgreSQL's defaults).
 _MOCK_ITERATIONS = 4096
+_MOCK_SALT_BYTES = 16
 
 
 class Phase(enum.Enum):
@@ -163,16 +164,30 @@ class AdminSession:
         return channel_binding_data(own.to_cryptography().public_bytes(Encoding.DER))
 
     def _verifier(self) -> Verifier:
-        """The user's verifier, or a made-up one that no password matches."""
+        """
+        The user's verifier, or a made-up one that no password matches.
+        A made-up salt must look like a real one, and stay the same for a
+        name, in every worker and across restarts (a salt that changed
+        would tell a made-up name from a real one): it is derived from the
+        name and from the password file's secret keys, which an attacker
+        does not have. Its length and iteration count are the file's most
+        common ones.
+        """
         user = self.startup.user
-        verifier = self.admin.verifiers.get(user) if self.role is not None else None
+        verifiers = self.admin.verifiers
+        verifier = verifiers.get(user) if self.role is not None else None
         if verifier is not None:
             self._known = True
             return verifier
-        known = next(iter(self.admin.verifiers.values()), None)
-        salt = hmac.new(_MOCK_SECRET, user.encode("utf-8"), hashlib.sha256).digest()[:16]
+        secret = hashlib.sha256()
+        for name in sorted(verifiers):
+            secret.update(verifiers[name].stored_key + verifiers[name].server_key)
+        lengths = Counter(len(v.salt) for v in verifiers.values())
+        counts = Counter(v.iterations for v in verifiers.values())
+        size = lengths.most_common(1)[0][0] if lengths else _MOCK_SALT_BYTES
+        salt = hmac.new(secret.digest(), user.encode("utf-8"), hashlib.sha512).digest()[:size]
         return Verifier(
-            known.iterations if known is not None else _MOCK_ITERATIONS,
+            counts.most_common(1)[0][0] if counts else _MOCK_ITERATIONS,
             salt,
             os.urandom(32),
             os.urandom(32),
@@ -211,7 +226,7 @@ class AdminSession:
         if self.role is None:
             self._passwordRefused("not in admin.users or admin.stats_users")
             return
-        self._busy = True
+        self._setBusy(True)
         legs: list[ServerProtocol] = []
 
         def login(leg: ServerProtocol) -> defer.Deferred[LoginResult]:
@@ -225,7 +240,7 @@ class AdminSession:
             for leg in legs:
                 leg.onLost = None
                 leg.close()
-            self._busy = False
+            self._setBusy(False)
             if self.phase is Phase.CLOSED:
                 return
             if not isinstance(result, Failure):
@@ -284,6 +299,19 @@ class AdminSession:
             role=self.role,
         )
 
+    def _setBusy(self, busy: bool) -> None:
+        """
+        While a message is answered asynchronously (a backend login, a
+        query every worker answers), the client is not read: what it sends
+        meanwhile waits in the socket, not in pgtls's memory.
+        """
+        self._busy = busy
+        if self.phase is not Phase.CLOSED:
+            if busy:
+                self.client.transport.pauseProducing()
+            else:
+                self.client.transport.resumeProducing()
+
     def cancelTarget(self) -> None:
         return None
 
@@ -304,6 +332,11 @@ class AdminSession:
                     return
                 except ScramAuthError as e:
                     self._passwordRefused(f"SCRAM: {e}")
+                    return
+                except Exception:
+                    # Nothing a client sends may end in a bare close.
+                    self._log.failure("conn={conn} admin console", conn=self.client.connId)
+                    self._abandon("08P01", "pgtls admin console: invalid message")
                     return
         finally:
             self._looping = False
@@ -333,7 +366,7 @@ class AdminSession:
                 sql=redact(sql[:200]),
             )
             results = AdminCommands(self.route.process, self.role or "stats").run(sql)
-            self._busy = True
+            self._setBusy(True)
             d = defer.maybeDeferred(self.route.process.complete, results)
             d.addCallback(self._answer)
             d.addErrback(self._failedAnswer)
@@ -354,7 +387,7 @@ class AdminSession:
             raise wire.ProtocolViolation(f"pgtls admin console: unexpected message type {mtype!r}")
 
     def _answer(self, results: list[Result | AdminError]) -> None:
-        self._busy = False
+        self._setBusy(False)
         if self.phase is Phase.CLOSED:
             return
         out = self.client.out
@@ -382,7 +415,7 @@ class AdminSession:
 
     def _failedAnswer(self, failure: Any) -> None:
         self._log.failure("conn={conn} admin console", failure, conn=self.client.connId)
-        self._busy = False
+        self._setBusy(False)
         self._abandon("XX000", "pgtls admin console: internal error")
 
     # -- ending ----------------------------------------------------------------------

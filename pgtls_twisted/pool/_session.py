@@ -409,7 +409,13 @@ class PooledSession(Session):
                     msg = reader.next()
                 except wire.ProtocolViolation as e:
                     server.dirty = True
-                    self._abandon("08006", f"backend protocol violation: {e.message}")
+                    server.leg.deliver = discard
+                    if self.phase is SessionPhase.CLOSED:
+                        # A reset after the client left: give it back
+                        # (dirty, so it is closed, not kept busy for ever).
+                        then()
+                    else:
+                        self._abandon("08006", f"backend protocol violation: {e.message}")
                     return
                 if msg is None:
                     return

@@ -139,6 +139,8 @@ class LoginGuard:
         self._verified = tls and mode in VERIFIED_MODES
         self._tls = tls
         self._authenticated = False
+        #: A SASL exchange was allowed to start (its continuations need one).
+        self._sasl = False
 
     def refusal(self, code: int) -> str | None:
         """
@@ -146,7 +148,14 @@ class LoginGuard:
         (an AuthenticationOk included), or C{None} to let it through.
         """
         if code in (wire.AUTH_SASL_CONTINUE, wire.AUTH_SASL_FINAL):
-            # Continuations of a SASL exchange already allowed.
+            # Continuations of a SASL exchange already allowed; without one,
+            # a "final" message would pass for an authentication.
+            if not self._sasl:
+                return (
+                    _INCOMPLETE
+                    if self._rule is None
+                    else _requirement_failed(self._rule, _INCOMPLETE)
+                )
             if code == wire.AUTH_SASL_FINAL:
                 self._authenticated = True
             return None
@@ -162,6 +171,8 @@ class LoginGuard:
                 f"backend asked for a cleartext password over {how} connection"
                 f' (backend.tls = "{self._mode}"); refusing to send it'
             )
+        if code == wire.AUTH_SASL:
+            self._sasl = True
         if code not in (wire.AUTH_OK, wire.AUTH_SASL):
             # A password answer (or a GSSAPI/SSPI exchange) is the
             # authentication; a SASL one is complete only at its final

@@ -9,7 +9,8 @@ PostgreSQL takes passwords as string literals in a statement's text:
    with a SCRAM verifier);
  - the C{password} option of C{CREATE}/C{ALTER USER MAPPING} and
    C{CREATE}/C{ALTER SERVER}: C{OPTIONS (user 'x', password '...')},
-   C{OPTIONS (SET password '...')}, C{OPTIONS ("password" '...')};
+   C{OPTIONS (SET password '...')}, C{OPTIONS ("password" '...')}, and
+   the same for C{sslpassword} (postgres_fdw's key passphrase);
  - C{CREATE}/C{ALTER SUBSCRIPTION} ... C{CONNECTION '...'}, a libpq
    connection string that often holds C{password=...}.
 
@@ -57,9 +58,9 @@ MARKER = "'***'"
 MAX_DEPTH = 4
 
 #: Words (lower case) whose next literal is a secret; any quoting for C{password}.
-_SECRET_NAMES = frozenset({"password"})
+_SECRET_NAMES = frozenset({"password", "sslpassword"})
 #: Keywords (unquoted only) whose next literal is a secret.
-_SECRET_KEYWORDS = frozenset({"password", "connection"})
+_SECRET_KEYWORDS = frozenset({"password", "sslpassword", "connection"})
 
 
 def redact(sql: str) -> str:

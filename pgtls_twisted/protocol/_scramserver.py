@@ -134,7 +134,8 @@ class ScramServer:
         if authzid:
             raise ScramAuthError("client uses authorization identity, which is not supported")
         (_, clientNonce), _ = _attributes(bare, "nr")
-        if not clientNonce or not clientNonce.isprintable():
+        # RFC 5802: printable ASCII but ",".
+        if not clientNonce or any(not "!" <= c <= "~" or c == "," for c in clientNonce):
             raise ScramAuthError("malformed SCRAM message: invalid nonce")
         self._header = f"{flag},{authzid},"
         self._clientFirstBare = bare

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, Phase, discard
-from pgtls_twisted.proxy._logins import TicketState, TooManyLogins
+from pgtls_twisted.proxy._logins import TicketState, TooManyLogins, address_key
 from pgtls_twisted.proxy._stats import ConnectionStats
 from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, describe_tls
 
@@ -98,7 +98,7 @@ class ClientProtocol(Leg):
         )
         try:
             self._ticket = self.route.logins.arrive(
-                str(getattr(peer, "host", "?")), self.transport.resumeProducing
+                address_key(str(getattr(peer, "host", "?"))), self.transport.resumeProducing
             )
         except TooManyLogins as e:
             self._refuseEarly(str(e))

@@ -30,8 +30,26 @@ L{pgtls_twisted.pool._pool}.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import deque
 from collections.abc import Callable
+
+
+def address_key(host: str) -> str:
+    """
+    What counts as one client address for C{max_logins_per_address}: an
+    IPv4 address (an IPv4-mapped IPv6 one too), or an IPv6 /64 (one
+    subscriber's network: a single host can take any address in it).
+    """
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 class TooManyLogins(Exception):

@@ -215,11 +215,17 @@ class Route:
                     pool.resume()
         if not paused:
             held, self._held = self._held, []
+            draining = self.process is not None and self.process.draining
             for client, startup in held:
-                if client.phase is Phase.AUTHENTICATING:  # not closing, nor gone
-                    client.startLoginClock()
-                    assert self.starter is not None
-                    self.starter.start(self, client, startup)
+                if client.phase is not Phase.AUTHENTICATING:  # closing, or gone
+                    continue
+                if draining:
+                    # Resumed during a shutdown: no new session starts.
+                    client.fail("57P03", "pgtls: the proxy is shutting down")
+                    continue
+                client.startLoginClock()
+                assert self.starter is not None
+                self.starter.start(self, client, startup)
 
     def reloadCertificates(self, force: bool = False) -> bool:
         """Re-read changed certificate files (all of them with C{force})."""

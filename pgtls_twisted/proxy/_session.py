@@ -232,13 +232,15 @@ class Session:
         while self.phase is not SessionPhase.CLOSED and not self._deriving:
             try:
                 msg = reader.next()
+                if msg is None:
+                    return
+                started = self._serverMessage(*msg)
             except wire.ProtocolViolation as e:
+                # A bad length, or a message body that does not parse (a
+                # short Authentication, a bad BackendKeyData).
                 self._abandon("08006", f"backend protocol violation: {e.message}")
                 return
-            if msg is None:
-                return
-            mtype, body = msg
-            if self._serverMessage(mtype, body):
+            if started:
                 self._startPump()
                 return
 
