@@ -97,3 +97,21 @@ def test_database_labels_are_capped_and_freed() -> None:
     # "(other)" itself is never dropped.
     metrics.poolDropped("r", f"db{MAX_DATABASE_LABELS + 5}")
     assert OTHER_DATABASES in metrics.stats["r"].databases
+
+
+def test_a_clock_stepping_back_records_no_negative_duration() -> None:
+    """Durations are wall-clock differences; a step backwards records 0, not less."""
+    from twisted.internet.task import Clock
+
+    from pgtls_twisted.ops._metrics import Metrics
+
+    metrics = Metrics(clock=Clock())
+    figures = metrics.pooled("r", "db")
+    figures.waited(-5.0)
+    figures.queryDone(-1.0)
+    figures.transactionDone(-1.0)
+    metrics.handshakeDone("r", -2.0, "TLSv1.3", "x")
+    metrics.backendConnected("r", -2.0)
+    assert metrics.stats["r"].databases["db"] == [1, 1, 0, 0, 0]
+    text = metrics.text().decode()
+    assert "-" not in "".join(line.split()[-1] for line in text.splitlines() if "_sum{" in line)

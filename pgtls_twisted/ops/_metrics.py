@@ -100,16 +100,22 @@ class PoolFigures:
         self._wait, self._query, self._transaction = wait, query, transaction
 
     def waited(self, seconds: float) -> None:
+        if seconds < 0:
+            seconds = 0.0  # see _clamped
         self.row[4] += int(seconds * 1e6)
         self._wait(seconds)
 
     def queryDone(self, seconds: float) -> None:
+        if seconds < 0:
+            seconds = 0.0
         row = self.row
         row[1] += 1
         row[3] += int(seconds * 1e6)
         self._query(seconds)
 
     def transactionDone(self, seconds: float) -> None:
+        if seconds < 0:
+            seconds = 0.0
         row = self.row
         row[0] += 1
         row[2] += int(seconds * 1e6)
@@ -208,10 +214,10 @@ class Metrics:
 
     def handshakeDone(self, route: str, seconds: float, version: str, cipher: str) -> None:
         self.stats[route].tls[(version, cipher)] += 1
-        self.handshake.labels(route, self.worker).observe(seconds)
+        self.handshake.labels(route, self.worker).observe(_clamped(seconds))
 
     def backendConnected(self, route: str, seconds: float) -> None:
-        self.backendConnect.labels(route, self.worker).observe(seconds)
+        self.backendConnect.labels(route, self.worker).observe(_clamped(seconds))
 
     def backendFailed(self, route: str, message: str) -> None:
         self.stats[route].backendFailures[backend_failure_reason(message)] += 1
@@ -403,6 +409,16 @@ class _Snapshot:
             accepted, active, refused, tls, failures, received, sent, cancels,
             servers, waiting, pooledClients, rss, up,
         ]  # fmt: skip
+
+
+def _clamped(seconds: float) -> float:
+    """
+    A duration as recorded: durations are differences of the injected
+    clock's readings (the reactor's, wall-clock time), and a step of the
+    system clock backwards must not record a negative one (Prometheus
+    sums and C{SHOW STATS} totals would then go down).
+    """
+    return seconds if seconds > 0 else 0.0
 
 
 def pool_states(pool: Any) -> dict[str, int]:
