@@ -23,10 +23,12 @@ L{pgtls_twisted.config}.
 from pgtls_twisted._version import __version__
 from pgtls_twisted.app._service import ProxyService, make_service
 from pgtls_twisted.config import Config, ConfigError, load_config, parse_config
+from pgtls_twisted.ops._logs import LogLevels
 
 __all__ = [
     "Config",
     "ConfigError",
+    "LogLevels",
     "ProxyService",
     "__version__",
     "load_config",
