@@ -280,3 +280,26 @@ def test_scram_iteration_limit(pki: PKI, tmp_path: Path, reactor: MemoryReactorC
         " more than backend.max_scram_iterations = 4096"
     )
     assert scene.events == [("server", "startup"), ("server", "p"), ("server", "close")]
+
+
+def test_a_server_that_stalls_is_given_up_at_the_login_timeout(scene: Scene) -> None:
+    """A server that never answers must not hold the pool's slot for ever."""
+    from pgtls_twisted.pool._serverlogin import LOGIN_TIMEOUT
+
+    login, backend = start(scene)
+    backend.send(md5_request())
+    scene.reactor.advance(LOGIN_TIMEOUT - 1)
+    assert not login.done.called
+    scene.reactor.advance(1)
+    error = failure(login)
+    assert error.sqlstate == "08006"
+    assert error.message == f"backend login did not complete within {LOGIN_TIMEOUT:g}s"
+    assert ("server", "close") in scene.events
+
+
+def test_a_finished_login_leaves_no_timer(scene: Scene) -> None:
+    login, backend = start(scene)
+    backend.send(login_ok())
+    assert login.done.called
+    pending = [getattr(call.func, "__name__", "") for call in scene.reactor.getDelayedCalls()]
+    assert "_expired" not in pending

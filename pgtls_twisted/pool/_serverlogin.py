@@ -57,6 +57,12 @@ def md5_password(user: str, password: str, salt: bytes) -> bytes:
     return b"md5" + hashlib.md5(inner + salt).hexdigest().encode()  # noqa: S324
 
 
+#: How long pgtls's own login may take once the backend leg is ready
+#: (PostgreSQL's default C{authentication_timeout}): a server that stalls
+#: must not hold a pool's opening slot, or the console's check, for ever.
+LOGIN_TIMEOUT = 60.0
+
+
 class _Refused(Exception):
     """The server asked for something L{LoginGuard} does not allow."""
 
@@ -101,6 +107,8 @@ class ServerLogin:
         self._deriving = False
         self._result = LoginResult()
         self.done: defer.Deferred[LoginResult] = defer.Deferred()
+        timer = server.connector.clock.callLater(LOGIN_TIMEOUT, self._expired)
+        self.done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
         startup = {"user": user, "database": database, **parameters}
         server.deliver = self._data
         server.onLost = self._lost
@@ -211,6 +219,9 @@ class ServerLogin:
             self._server.onLost = None
             self._server.close()
             self.done.errback(ServerLoginError(sqlstate, message, fields))
+
+    def _expired(self) -> None:
+        self._fail("08006", f"backend login did not complete within {LOGIN_TIMEOUT:g}s")
 
     def _lost(self, reason: Any) -> None:
         if not self.done.called:
