@@ -308,9 +308,9 @@ class ProxyService(MultiService):
                     [f"metrics: cannot listen on {config.metrics.bind_address}: {e}"]
                 ) from None
         notes = []
-        handedOver = {id(g): name for name, g in successors.items()}
+        handedOver = set(plan.takeOver.values())
         for name, group in removed.items():
-            if id(group) in handedOver:
+            if name in handedOver:
                 continue
             self._removeGroup(group)
             notes.append(f'route "{name}" removed: stopped listening, its sessions go on')
@@ -326,9 +326,10 @@ class ProxyService(MultiService):
                 if group is not None:
                     self._removeGroup(group, successor=route)
                 self._addGroup(route, bound[name])
-            if group is None and predecessor is not None:
+            renamedFrom = plan.renamedFrom(name)
+            if renamedFrom is not None:
                 notes.append(
-                    f'route "{predecessor.route.name}" renamed "{name}": sessions go on,'
+                    f'route "{renamedFrom}" renamed "{name}": sessions go on,'
                     " new connections use the new settings"
                 )
             elif group is None:

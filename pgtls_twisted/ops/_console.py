@@ -51,7 +51,7 @@ from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._redact import redact
 from pgtls_twisted.protocol._scramserver import ScramAuthError, ScramServer, Verifier
 from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
-from pgtls_twisted.tls._contexts import channel_binding_data
+from pgtls_twisted.tls._contexts import common_name, own_binding
 
 if TYPE_CHECKING:
     from pgtls_twisted.config import AdminConfig
@@ -136,8 +136,8 @@ class AdminSession:
             problem = "no client certificate"
         elif self.client.verifyError is not None:
             problem = f"client certificate refused: {self.client.verifyError}"
-        elif _common_name(cert) != user:
-            problem = f"certificate CN {_common_name(cert)!r} is not the user name"
+        elif common_name(cert) != user:
+            problem = f"certificate CN {common_name(cert)!r} is not the user name"
         elif self.role is None:
             problem = "not in admin.users or admin.stats_users"
         if problem is not None:
@@ -150,18 +150,9 @@ class AdminSession:
     # SCRAM, with pgtls as the server.
 
     def _offerScram(self) -> None:
-        self._scram = ScramServer(self._verifier(), self._ownBinding())
+        self._scram = ScramServer(self._verifier(), own_binding(self.client.tls.getHandle()))
         self._expect = self._scramFirst
         self.client.out.write(wire.authentication_sasl(self._scram.mechanisms))
-
-    def _ownBinding(self) -> bytes | None:
-        """C{tls-server-end-point} of the certificate pgtls showed this client."""
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        own = self.client.tls.getHandle().get_certificate()
-        if own is None:
-            return None
-        return channel_binding_data(own.to_cryptography().public_bytes(Encoding.DER))
 
     def _verifier(self) -> Verifier:
         """
@@ -465,13 +456,3 @@ def _encode(result: Result) -> bytes:
     else:
         parts.append(wire.command_complete(result.tag))
     return b"".join(parts)
-
-
-def _common_name(cert: Any) -> str | None:
-    if cert is None:
-        return None
-    from cryptography.x509.oid import NameOID
-
-    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    value = cns[0].value if cns else None
-    return value if isinstance(value, str) else None

@@ -32,7 +32,7 @@ from pgtls_twisted.protocol._scram import (
     ScramLoginError,
 )
 from pgtls_twisted.proxy._backend import BackendError
-from pgtls_twisted.tls._contexts import channel_binding_data
+from pgtls_twisted.tls._contexts import peer_binding
 
 
 @dataclass
@@ -206,12 +206,7 @@ class ServerLogin:
     def _binding(self, body: bytes) -> bytes | None:
         if self._server.tls is None or SCRAM_SHA_256_PLUS not in wire.sasl_mechanisms(body):
             return None
-        cert = self._server.tls.getHandle().get_peer_certificate(as_cryptography=True)
-        if cert is None:
-            return None
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        return channel_binding_data(cert.public_bytes(Encoding.DER))
+        return peer_binding(self._server.tls.getHandle())
 
     def _fail(self, sqlstate: str, message: str, fields: dict[str, str] | None = None) -> None:
         self._password = None

@@ -30,7 +30,7 @@ from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, Phase, discard
 from pgtls_twisted.proxy._logins import TicketState, TooManyLogins, address_key
 from pgtls_twisted.proxy._stats import ConnectionStats
-from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, describe_tls
+from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, common_name, describe_tls
 
 if TYPE_CHECKING:
     from pgtls_twisted.proxy._interfaces import SessionHost
@@ -451,12 +451,9 @@ class ClientProtocol(Leg):
         if self.verifyError is not None:
             return f"pgtls: client certificate refused: {self.verifyError}"
         if listener.cert_user_match:
-            from cryptography.x509.oid import NameOID
-
-            cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-            cn = cns[0].value if cns else None
+            cn = common_name(cert)
             role = _role_name(user)
-            if role is None or not isinstance(cn, str) or cn.encode("utf-8") != role:
+            if role is None or cn is None or cn.encode("utf-8") != role:
                 shown = user.decode("utf-8", "replace")
                 return f'pgtls: certificate authentication failed for user "{shown}": certificate CN is "{cn}"'
         return None

@@ -40,7 +40,7 @@ from pgtls_twisted.protocol._scram import (
 from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._pump import Pump
-from pgtls_twisted.tls._contexts import channel_binding_data
+from pgtls_twisted.tls._contexts import peer_binding
 
 if TYPE_CHECKING:
     from pgtls_twisted.proxy._frontend import ClientProtocol
@@ -311,11 +311,7 @@ class Session:
         assert self.server is not None
         binding = None
         if SCRAM_SHA_256_PLUS in offered:
-            der = self.server.tls.getHandle().get_peer_certificate(as_cryptography=True)
-            if der is not None:
-                from cryptography.hazmat.primitives.serialization import Encoding
-
-                binding = channel_binding_data(der.public_bytes(Encoding.DER))
+            binding = peer_binding(self.server.tls.getHandle())
         backend = self.route.config.backend
         try:
             self.scram = ScramLogin(

@@ -24,7 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from service_identity import CertificateError, VerificationError
 from service_identity.pyopenssl import verify_hostname, verify_ip_address
@@ -441,8 +444,6 @@ class BackendTLS(_ReloadableContext):
 
 def certificate_names(cert: object) -> list[str]:
     """DNS and IP subjectAltNames of a C{cryptography} certificate."""
-    from cryptography import x509
-
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value  # type: ignore[attr-defined]
     except x509.ExtensionNotFound:
@@ -459,9 +460,6 @@ def channel_binding_data(der: bytes) -> bytes | None:
     SHA-256 in place of MD5 or SHA-1. C{None} for certificates without a
     single hash algorithm (Ed25519/Ed448), where binding is undefined.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-
     cert = x509.load_der_x509_certificate(der)
     algorithm = cert.signature_hash_algorithm
     if algorithm is None:
@@ -471,6 +469,29 @@ def channel_binding_data(der: bytes) -> bytes | None:
     digest = hashes.Hash(algorithm)
     digest.update(der)
     return digest.finalize()
+
+
+def peer_binding(conn: SSL.Connection) -> bytes | None:
+    """The C{tls-server-end-point} binding of the certificate the peer showed."""
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    return None if cert is None else channel_binding_data(cert.public_bytes(Encoding.DER))
+
+
+def own_binding(conn: SSL.Connection) -> bytes | None:
+    """The C{tls-server-end-point} binding of the certificate pgtls showed."""
+    cert = conn.get_certificate()
+    if cert is None:
+        return None
+    return channel_binding_data(cert.to_cryptography().public_bytes(Encoding.DER))
+
+
+def common_name(cert: x509.Certificate | None) -> str | None:
+    """A certificate's (first) CN, or C{None}."""
+    if cert is None:
+        return None
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    value = cns[0].value if cns else None
+    return value if isinstance(value, str) else None
 
 
 def describe_tls(conn: SSL.Connection | None) -> dict[str, str | None]:
