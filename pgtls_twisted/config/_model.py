@@ -27,6 +27,7 @@ __all__ = [
     "LOG_LEVELS",
     "MAX_WORKERS",
     "MIN_MAX_SCRAM_ITERATIONS",
+    "PINNING_MODES",
     "POOL_MODES",
     "TLS_VERSIONS",
     "AdminConfig",
@@ -187,6 +188,8 @@ class BackendConfig:
 
 
 POOL_MODES = ("session", "transaction")
+#: What a transaction pool does with a client that creates session state.
+PINNING_MODES = ("pin", "refuse")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,8 @@ class PoolConfig:
     max_lifetime: float = 3600.0
     reset_query: str = "DISCARD ALL"
     log_queries: bool = False
+    max_prepared_statements: int = 200
+    pinning: str = "pin"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pgtls_twisted.config._model import (
     BACKEND_TLS_MODES,
     LISTENER_TLS_MODES,
     LOG_FORMATS,
+    PINNING_MODES,
     POOL_MODES,
     TLS_VERSIONS,
     AdminConfig,
@@ -208,6 +209,8 @@ _POOL: dict[str, _Key] = _defaults_from(
         "max_lifetime": _Key(_duration),
         "reset_query": _Key(_any_string),
         "log_queries": _Key(_boolean),
+        "max_prepared_statements": _Key(_non_negative_int),
+        "pinning": _Key(_choice(PINNING_MODES)),
     },
 )
 

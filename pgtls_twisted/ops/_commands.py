@@ -259,6 +259,7 @@ class AdminCommands:
             ("application_name", TEXT),
             ("id", INT),
             ("route", TEXT),
+            ("pinned", TEXT),
         ]
         rows = []
         now = self.process.reactor.seconds()
@@ -284,6 +285,7 @@ class AdminCommands:
                         startup.parameters.get("application_name", "") if startup else "",
                         client.connId,
                         route.name,
+                        client_pin(client),
                     ]
                 )
         return Result("SHOW", columns, rows)
@@ -386,6 +388,12 @@ class AdminCommands:
 
 
 # -- helpers ---------------------------------------------------------------------
+
+
+def client_pin(client: Any) -> str:
+    """Why a transaction-pooled client keeps its server connection, or C{""}."""
+    stmts = getattr(client.session, "stmts", None)
+    return (stmts.pinned or "") if stmts is not None else ""
 
 
 def client_state(client: Any) -> tuple[str, float | None]:

@@ -92,12 +92,19 @@ def backend_failure_reason(message: str) -> str:
 class PoolFigures:
     """What a pooled session records, bound to its (route, database) once."""
 
-    __slots__ = ("row", "_wait", "_query", "_transaction")
+    __slots__ = ("row", "_wait", "_query", "_transaction", "_pins")
 
-    def __init__(self, row: list[int], wait: Any, query: Any, transaction: Any) -> None:
+    def __init__(
+        self, row: list[int], wait: Any, query: Any, transaction: Any, pins: dict[str, int]
+    ) -> None:
         #: [xact_count, query_count, xact_us, query_us, wait_us], shared with SHOW STATS
         self.row = row
         self._wait, self._query, self._transaction = wait, query, transaction
+        self._pins = pins
+
+    def pinned(self, kind: str) -> None:
+        """A client was pinned to its server connection, for this kind of reason."""
+        self._pins[kind] += 1
 
     def waited(self, seconds: float) -> None:
         if seconds < 0:
@@ -139,6 +146,8 @@ class RouteStats:
         self.closedBytes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         #: per database: [xact_count, query_count, xact_us, query_us, wait_us]
         self.databases: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        #: per database: clients pinned, by kind of reason
+        self.pins: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
 
 class Metrics:
@@ -264,6 +273,7 @@ class Metrics:
                 self.poolWait.labels(*labels).observe,
                 self.query.labels(*labels).observe,
                 self.transaction.labels(*labels).observe,
+                self.stats[route].pins[database],
             )
         return figures
 
@@ -280,6 +290,7 @@ class Metrics:
         stats = self.stats[route]
         stats.databases.pop(database, None)
         stats.closedBytes.pop(database, None)
+        stats.pins.pop(database, None)
         for histogram in (self.poolWait, self.query, self.transaction):
             try:
                 histogram.remove(route, database, self.worker)
@@ -377,6 +388,11 @@ class _Snapshot:
         pooledClients = gauge(
             "pgtls_pool_clients", "Logged-in clients of a pool", ["route", "database"]
         )
+        pinned = counter(
+            "pgtls_pool_pinned_clients",
+            "Transaction-pool clients pinned to their server connection, by reason",
+            ["route", "database", "reason"],
+        )
         for name in names:
             s = m.stats[name]
             accepted.add_metric([name, w], s.accepted)
@@ -392,6 +408,9 @@ class _Snapshot:
             sent.add_metric([name, w], out)
             for outcome, count in sorted(s.cancels.items()):
                 cancels.add_metric([name, outcome, w], count)
+            for database, kinds in sorted(s.pins.items()):
+                for kind, count in sorted(kinds.items()):
+                    pinned.add_metric([name, database, kind, w], count)
         for route in routes:
             if route.pools is None:
                 continue
@@ -407,7 +426,7 @@ class _Snapshot:
         up.add_metric([w], m.started)
         return [
             accepted, active, refused, tls, failures, received, sent, cancels,
-            servers, waiting, pooledClients, rss, up,
+            servers, waiting, pooledClients, pinned, rss, up,
         ]  # fmt: skip
 
 

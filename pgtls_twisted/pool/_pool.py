@@ -21,6 +21,8 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pgtls_twisted.protocol._prepared import ServerStatements
+
 #: After a failed attempt to open a connection, how long before the next
 #: one for the clients still waiting.
 RETRY_DELAY = 0.5
@@ -43,6 +45,8 @@ class PooledServer:
         query (PgBouncer's cancel race).
     @ivar dirty: it must not be reused (its state is unknown): closed when
         released.
+    @ivar statements: the named prepared statements pgtls made on it
+        (transaction mode).
     """
 
     leg: Any
@@ -54,6 +58,7 @@ class PooledServer:
     dirty: bool = False
     holder: Any = None
     uses: int = 0
+    statements: ServerStatements = field(default_factory=ServerStatements)
 
     def close(self) -> None:
         self.leg.close()

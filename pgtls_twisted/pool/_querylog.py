@@ -63,6 +63,9 @@ class QueryLog:
         self._held = 0
 
     def clientMessage(self, mtype: int, length: int, peek: bytes) -> None:
+        # The splitter may peek further than this log shows (a transaction
+        # pool inspects whole statements).
+        peek = peek[:PEEK]
         if mtype == _QUERY:
             whole = length - 4 <= len(peek)
             text = _text(peek.rstrip(b"\0"), not whole)

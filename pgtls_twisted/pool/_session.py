@@ -37,8 +37,10 @@ from twisted.python.failure import Failure
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLoginError
+from pgtls_twisted.pool._statements import CLIENT_PEEK, RELAY_WATCH, StatementGuard, pinKind
 from pgtls_twisted.protocol import _wire as wire
-from pgtls_twisted.protocol._framing import MessageSplitter
+from pgtls_twisted.protocol._framing import Event, MessageSplitter
+from pgtls_twisted.protocol._prepared import StatementRelay
 from pgtls_twisted.protocol._txstate import (
     CLIENT_WATCH,
     SERVER_PEEK,
@@ -59,6 +61,8 @@ _TERMINATE = ord("X")
 _READY = ord("Z")
 _PARAMETER_STATUS = ord("S")
 _ERROR = ord("E")
+_PARSE_COMPLETE = ord("1")
+_CLOSE_COMPLETE = ord("3")
 #: Client bytes held while it waits for a server connection, before pgtls
 #: stops reading from it.
 _MAX_HELD = 256 * 1024
@@ -72,8 +76,12 @@ _LOGGED_IN = frozenset(
 )
 
 
-def _serverSplitter() -> MessageSplitter:
-    return MessageSplitter(SERVER_WATCH, peek={**SERVER_PEEK, b"E": _ERROR_PEEK})
+_SERVER_PEEK = {**SERVER_PEEK, b"E": _ERROR_PEEK}
+_RELAY_WATCH = SERVER_WATCH | RELAY_WATCH
+
+
+def _serverSplitter(relay: bool = False) -> MessageSplitter:
+    return MessageSplitter(_RELAY_WATCH if relay else SERVER_WATCH, peek=_SERVER_PEEK)
 
 
 @dataclass(eq=False)
@@ -90,12 +98,26 @@ class Attachment:
     @ivar splitter: frames what the server sends.
     @ivar saidFatal: the server sent a FATAL ErrorResponse: its closing the
         connection next is the end of the client's session, not a failure.
+    @ivar relay: the renaming of the client's prepared statements for this
+        server (transaction mode), or C{None}.
     """
 
     server: PooledServer
     tracker: TransactionTracker = field(default_factory=TransactionTracker)
     splitter: MessageSplitter = field(default_factory=_serverSplitter)
     saidFatal: bool = False
+    relay: StatementRelay | None = None
+
+
+def _cut(out: bytes, offsets: list[int]) -> bytes:
+    """C{out} without the 5-byte messages at C{offsets}."""
+    pieces = []
+    pos = 0
+    for offset in offsets:
+        pieces.append(out[pos:offset])
+        pos = offset + 5
+    pieces.append(out[pos:])
+    return b"".join(pieces)
 
 
 class PooledSession(Session):
@@ -120,6 +142,10 @@ class PooledSession(Session):
         self.params = ParameterTracker(startup.parameters)
         self.attachment: Attachment | None = None
         self.queryLog: QueryLog | None = None
+        #: What the client's statements do to its server (transaction mode).
+        #: (Not C{guard}: that is the login's L{LoginGuard}.)
+        self.stmts: StatementGuard | None = None
+        peek: dict[bytes, int] = {}
         if route.config.pool.log_queries:
             self.queryLog = QueryLog(
                 route.clock,
@@ -129,14 +155,16 @@ class PooledSession(Session):
                 route=route.name,
                 database=startup.database,
             )
-            self._clientSplitter = MessageSplitter(CLIENT_WATCH, peek={b"Q": PEEK, b"P": PEEK})
-        else:
-            self._clientSplitter = MessageSplitter(CLIENT_WATCH)
+            peek = {b"Q": PEEK, b"P": PEEK}
+        if self.transactionMode:
+            self.stmts = StatementGuard(route.config.pool, self._pinned)
+            peek = CLIENT_PEEK
+        self._clientSplitter = MessageSplitter(CLIENT_WATCH, peek=peek or None)
         #: The pool's answer, while WAITING.
         self._waiting: defer.Deferred[PooledServer] | None = None
-        self._held: list[bytes] = []
+        #: Client chunks (and their messages) held while no server is attached.
+        self._held: list[tuple[bytes, list[Event]]] = []
         self._heldBytes = 0
-        self._heldTypes: list[int] = []
         #: The proxy is shutting down: in transaction mode the client goes
         #: at its next transaction boundary. Not a phase: a draining session
         #: may be in any of them, and goes on through them until then.
@@ -203,37 +231,31 @@ class PooledSession(Session):
         except wire.ProtocolViolation as e:
             self._abandon("08P01", e.message)
             return
-        types = [event[1] for event in events]
         if self.queryLog is not None:
             for _, mtype, length, peek in events:
                 self.queryLog.clientMessage(mtype, length, peek)
-        if _TERMINATE in types:
-            # Never forwarded: the server connection outlives this client.
-            cut = events[types.index(_TERMINATE)][0]
-            out, types = out[:cut], types[: types.index(_TERMINATE)]
-            self._send(out, types)
-            self._finish("client terminated")
-            return
-        self._send(out, types)
+        for i, event in enumerate(events):
+            if event[1] == _TERMINATE:
+                # Never forwarded: the server connection outlives this client.
+                self._send(out[: event[0]], events[:i])
+                self._finish("client terminated")
+                return
+        self._send(out, events)
 
-    def _send(self, out: bytes, types: list[int]) -> None:
+    def _send(self, out: bytes, events: list[Event]) -> None:
         self.client.stats.bytes_in += len(out)
-        if types and self._queryStarted is None:
+        if events and self._queryStarted is None:
             self._queryStarted = self.client.lastRequest = now = self.route.clock.seconds()
             if self._transactionStarted is None:
                 self._transactionStarted = now
         if self.phase is SessionPhase.ATTACHED:
             attachment = self.attachment
             assert attachment is not None
-            for t in types:
-                attachment.tracker.clientMessage(t)
-            if out:
-                attachment.server.leg.out.write(out)
+            self._forward(attachment, out, events)
             return
         if not out:
             return
-        self._held.append(out)
-        self._heldTypes.extend(types)
+        self._held.append((out, events))
         self._heldBytes += len(out)
         if self._heldBytes > _MAX_HELD:
             # Enough held for a client without a server: read no more. (Not
@@ -245,6 +267,33 @@ class PooledSession(Session):
             self.waitingSince = self.route.clock.seconds()
             self._waiting = self.pool.acquire()
             self._waiting.addCallbacks(self._acquired, self._notAcquired)
+
+    def _forward(self, attachment: Attachment, out: bytes, events: list[Event]) -> None:
+        """Send the server one chunk of the client's stream, its messages counted first."""
+        stmts = self.stmts
+        if stmts is None:
+            tracker = attachment.tracker
+            for event in events:
+                tracker.clientMessage(event[1])
+        else:
+            try:
+                out = stmts.forward(out, events, attachment.tracker, attachment.relay)
+            except wire.ProtocolViolation as e:
+                self._abandon("08P01", e.message)
+                return
+        if out:
+            attachment.server.leg.out.write(out)
+
+    def _pinned(self, reason: str) -> None:
+        """The client created session state: it keeps its server connection until it leaves."""
+        self._log.info(
+            "conn={conn} pool={pool}: client pinned to its server connection: {reason}",
+            conn=self.client.connId,
+            pool=self.pool.name if self.pool is not None else self.startup.database,
+            reason=reason,
+        )
+        if self._figures is not None:
+            self._figures.pinned(pinKind(reason))
 
     def _acquired(self, server: PooledServer) -> None:
         assert self.waitingSince is not None
@@ -272,15 +321,25 @@ class PooledSession(Session):
     # -- attaching and detaching ----------------------------------------------------
 
     def _attach(self, server: PooledServer) -> None:
-        self.attachment = Attachment(server)
+        stmts = self.stmts
+        relay = None if stmts is None else stmts.relayFor(server)
+        self.attachment = Attachment(server, splitter=_serverSplitter(relay is not None))
+        self.attachment.relay = relay
         server.holder = self
         leg = server.leg
         leg.onLost = self._attachedLost
         join(self.client, leg)
+        statements = []
         diff = self.params.differences(server.parameters)
         if diff:
+            statements.append(ParameterTracker.applySQL(diff))
+        if relay is not None:
+            # The least recently used statements beyond the limit go now,
+            # while nothing of this client's can be using them.
+            statements.extend(f"{sql};" for sql in stmts.evictions(server))
+        if statements:
             self.phase = SessionPhase.RESTORING
-            self._internal(server, ParameterTracker.applySQL(diff), self._flushHeld)
+            self._internal(server, " ".join(statements), self._flushHeld)
         else:
             self._flushHeld()
 
@@ -290,12 +349,11 @@ class PooledSession(Session):
         self.phase = SessionPhase.ATTACHED
         leg = attachment.server.leg
         leg.deliver = self._fromServer
-        held, types = b"".join(self._held), self._heldTypes
-        self._held, self._heldTypes, self._heldBytes = [], [], 0
-        for t in types:
-            attachment.tracker.clientMessage(t)
-        if held:
-            leg.out.write(held)
+        held, self._held, self._heldBytes = self._held, [], 0
+        for out, events in held:
+            self._forward(attachment, out, events)
+            if self.attachment is not attachment:
+                return  # abandoned on a malformed message
         self.client.transport.resumeProducing()
 
     def _detach(self) -> PooledServer:
@@ -324,7 +382,9 @@ class PooledSession(Session):
             attachment.server.dirty = True
             self._abandon("08006", f"backend protocol violation: {e.message}")
             return
-        for _, mtype, length, peek in events:
+        relay = attachment.relay
+        swallowed: list[int] | None = None
+        for offset, mtype, length, peek in events:
             if mtype == _PARAMETER_STATUS:
                 param = parameterStatusFromPeek(length, peek)
                 if param is not None:
@@ -333,16 +393,32 @@ class PooledSession(Session):
             elif mtype == _ERROR:
                 if b"SFATAL\0" in peek:
                     attachment.saidFatal = True
+                if relay is not None:
+                    relay.error(tracker.answered)
                 tracker.serverMessage(mtype)
+            elif mtype == _PARSE_COMPLETE or mtype == _CLOSE_COMPLETE:
+                assert relay is not None
+                if relay.parseComplete() if mtype == _PARSE_COMPLETE else relay.closeComplete():
+                    # The answer to pgtls's own Parse or Close: a bodyless
+                    # message, whole in this chunk (the splitter keeps back
+                    # an incomplete header).
+                    if swallowed is None:
+                        swallowed = []
+                    swallowed.append(offset)
             else:
                 tracker.serverMessage(mtype, peek or None)
                 if mtype == _READY:
+                    if relay is not None:
+                        relay.ready(tracker.answered)
                     self._ready(tracker)
+        if swallowed is not None:
+            out = _cut(out, swallowed)
         self.client.stats.bytes_out += len(out)
         self.client.out.write(out)
         if (
             self.transactionMode
             and tracker.idle
+            and self.stmts.pinned is None
             and splitter.atBoundary
             and self._clientSplitter.atBoundary
         ):
@@ -481,15 +557,35 @@ class PooledSession(Session):
             server.dirty = True
             self.pool.release(server)
             return
-        if self.transactionMode and tracker.transactionStatus == "I":
+        pinned = self.stmts is not None and self.stmts.pinned is not None
+        if self.transactionMode and tracker.transactionStatus == "I" and not pinned:
             self.pool.release(server)
             return
         statements = []
         if tracker.transactionStatus != "I":
             statements.append("ROLLBACK")
-        if not self.transactionMode and self.route.config.pool.reset_query:
-            statements.append(self.route.config.pool.reset_query)
+        if not self.transactionMode or pinned:
+            statements.extend(self._resetStatements(server, pinned))
         self._internalEach(statements, server, lambda: self._resetDone(server))
+
+    def _resetStatements(self, server: PooledServer, pinned: bool) -> list[str]:
+        """
+        What makes C{server} clean again after a session-mode client, or a
+        pinned transaction-mode one: C{reset_query}, and for a pinned client
+        the removal of every prepared statement, which pgtls then forgets
+        (C{DISCARD ALL} does both). A pinned client's connection with no
+        C{reset_query} to clean it is closed instead.
+        """
+        reset = self.route.config.pool.reset_query
+        if not pinned:
+            return [reset] if reset else []
+        if not reset:
+            server.dirty = True
+            return []
+        server.statements.clear()
+        if "discard all" in " ".join(reset.lower().split()):
+            return [reset]
+        return [reset, "DEALLOCATE ALL"]
 
     def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
         """

@@ -149,10 +149,15 @@ class TransactionTracker:
     @ivar terminated: the client sent Terminate.
     @ivar pinned: C{None}, or why this server connection can no longer be
         given back: it must stay with this client and be closed afterwards.
+    @ivar answered: how many ReadyForQuery have arrived: with
+        L{pendingSyncs}, the index of each request in the stream, which
+        L{pgtls_twisted.protocol._prepared.StatementRelay} tags its entries
+        with.
     """
 
     __slots__ = (
         "transactionStatus",
+        "answered",
         "terminated",
         "pinned",
         "_expected",
@@ -166,6 +171,7 @@ class TransactionTracker:
     def __init__(self) -> None:
         """Start from a server connection that has just said ReadyForQuery('I')."""
         self.transactionStatus = "I"
+        self.answered = 0
         self.terminated = False
         self.pinned: str | None = None
         # One entry (Q, S or F) per request still owed a ReadyForQuery.
@@ -301,6 +307,7 @@ class TransactionTracker:
         if value is None:
             raise ProtocolViolation(f"invalid ReadyForQuery status {status!r}")
         self.transactionStatus = value
+        self.answered += 1
         if self._serverCopying:
             self._pin("ReadyForQuery during COPY")
             self._serverCopying = False

@@ -32,6 +32,8 @@ class PoolFigures(Protocol):
 
     def transactionDone(self, seconds: float) -> None: ...
 
+    def pinned(self, kind: str) -> None: ...
+
 
 class MetricsRecorder(Protocol):
     """
