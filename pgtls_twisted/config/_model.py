@@ -199,6 +199,8 @@ class PoolConfig:
         C{service_password_file}, C{service_password_env} or
         C{service_password}; never shown in reprs or logs.
     @ivar password_source: C{"file"}, C{"env"}, C{"literal"} or C{None}.
+    @ivar client_idle_timeout: seconds; 0 is off, as are the other two
+        timeouts (see L{pgtls_twisted.pool._timeouts}).
     """
 
     service_user: str
@@ -212,6 +214,9 @@ class PoolConfig:
     max_lifetime: float = 3600.0
     reset_query: str = "DISCARD ALL"
     log_queries: bool = False
+    client_idle_timeout: float = 0.0
+    idle_transaction_timeout: float = 0.0
+    query_timeout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,10 @@ _POOL: dict[str, _Key] = _defaults_from(
         "max_lifetime": _Key(_duration),
         "reset_query": _Key(_any_string),
         "log_queries": _Key(_boolean),
+        # PgBouncer's keys of the same names; 0 is off.
+        "client_idle_timeout": _Key(_duration_or_zero),
+        "idle_transaction_timeout": _Key(_duration_or_zero),
+        "query_timeout": _Key(_duration_or_zero),
     },
 )
 

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLoginError
+from pgtls_twisted.pool._timeouts import SessionTimeouts
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._framing import MessageSplitter
 from pgtls_twisted.protocol._txstate import (
@@ -106,6 +107,8 @@ class PooledSession(Session):
     """
 
     _log = Logger()
+    #: The pool's client timeouts, once logged in; C{None} when all are off.
+    timeouts: SessionTimeouts | None = None
 
     def __init__(
         self, route: SessionHost, client: ClientProtocol, startup: wire.StartupMessage
@@ -164,6 +167,7 @@ class PooledSession(Session):
         temp.close()
         self.pool = self.pools.poolFor(self.startup.database)
         self._figures = self.route.metrics.pooled(self.route.name, self.startup.database)
+        self.timeouts = SessionTimeouts.create(self, self._figures)
         # A logged-in client may come back for a server any time: its pool
         # must not be dropped meanwhile (PoolManager.reap).
         self.pool.sessions += 1
@@ -218,6 +222,8 @@ class PooledSession(Session):
 
     def _send(self, out: bytes, types: list[int]) -> None:
         self.client.stats.bytes_in += len(out)
+        if self.timeouts is not None:
+            self.timeouts.sent(types)
         if types and self._queryStarted is None:
             self._queryStarted = self.client.lastRequest = now = self.route.clock.seconds()
             if self._transactionStarted is None:
@@ -296,6 +302,8 @@ class PooledSession(Session):
             attachment.tracker.clientMessage(t)
         if held:
             leg.out.write(held)
+        if self.timeouts is not None:
+            self.timeouts.attached()
         self.client.transport.resumeProducing()
 
     def _detach(self) -> PooledServer:
@@ -354,6 +362,8 @@ class PooledSession(Session):
         """A ReadyForQuery: a query (and maybe a transaction) is over."""
         if self.queryLog is not None:
             self.queryLog.readyForQuery()
+        if self.timeouts is not None:
+            self.timeouts.ready(tracker)
         now = self.route.clock.seconds()
         if self._queryStarted is not None:
             self._figures.queryDone(now - self._queryStarted)
@@ -384,6 +394,22 @@ class PooledSession(Session):
         if attachment is None or attachment.splitter.atBoundary:
             self.client.fail("57P01", "terminating connection due to administrator command")
         self._finish("pgtls shutdown")
+
+    def endForTimeout(self, sqlstate: str, text: str, dirty: bool) -> None:
+        """
+        A pool timeout fired (L{pgtls_twisted.pool._timeouts}): FATAL where a
+        message boundary allows, and close. The server connection goes back
+        as for any client that leaves (rolled back if quiet), or, if
+        C{dirty}, is closed.
+        """
+        attachment = self.attachment
+        if attachment is not None and dirty:
+            attachment.server.dirty = True
+        if attachment is None or attachment.splitter.atBoundary:
+            # Not client.fail: the timeout logged its own line.
+            self.client.out.write(wire.error_response(sqlstate, text))
+        self.client.stats.reason = f"{sqlstate} {text}"
+        self._finish(text)
 
     def _closeForShutdown(self) -> None:
         self.client.fail("57P01", "terminating connection due to administrator command")
@@ -453,6 +479,8 @@ class PooledSession(Session):
             return
         if self.phase in _LOGGED_IN:
             self.pool.sessions -= 1
+        if self.timeouts is not None:
+            self.timeouts.stop()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()

@@ -32,6 +32,9 @@ class PoolFigures(Protocol):
 
     def transactionDone(self, seconds: float) -> None: ...
 
+    def timedOut(self, timeout: str) -> None:
+        """A pool timeout fired: C{timeout} is the name of its key (C{"query_timeout"})."""
+
 
 class MetricsRecorder(Protocol):
     """
