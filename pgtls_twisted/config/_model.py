@@ -202,6 +202,8 @@ class PoolConfig:
         C{service_password_file}, C{service_password_env} or
         C{service_password}; never shown in reprs or logs.
     @ivar password_source: C{"file"}, C{"env"}, C{"literal"} or C{None}.
+    @ivar client_idle_timeout: seconds; 0 is off, as are the other two
+        timeouts (see L{pgtls_twisted.pool._timeouts}).
     """
 
     service_user: str
@@ -217,6 +219,9 @@ class PoolConfig:
     log_queries: bool = False
     max_prepared_statements: int = 200
     pinning: str = "pin"
+    client_idle_timeout: float = 0.0
+    idle_transaction_timeout: float = 0.0
+    query_timeout: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -211,6 +211,10 @@ _POOL: dict[str, _Key] = _defaults_from(
         "log_queries": _Key(_boolean),
         "max_prepared_statements": _Key(_non_negative_int),
         "pinning": _Key(_choice(PINNING_MODES)),
+        # PgBouncer's keys of the same names; 0 is off.
+        "client_idle_timeout": _Key(_duration_or_zero),
+        "idle_transaction_timeout": _Key(_duration_or_zero),
+        "query_timeout": _Key(_duration_or_zero),
     },
 )
 

@@ -66,6 +66,9 @@ MAX_DATABASE_LABELS = 100
 #: The label of databases beyond L{MAX_DATABASE_LABELS}.
 OTHER_DATABASES = "(other)"
 
+#: The pool timeouts, by the label they carry (L{pgtls_twisted.pool._timeouts}).
+POOL_TIMEOUTS = ("client_idle_timeout", "idle_transaction_timeout", "query_timeout")
+
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _DURATION_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300)
 
@@ -92,13 +95,21 @@ def backend_failure_reason(message: str) -> str:
 class PoolFigures:
     """What a pooled session records, bound to its (route, database) once."""
 
-    __slots__ = ("row", "_wait", "_query", "_transaction", "_pins")
+    __slots__ = ("row", "timeouts", "_wait", "_query", "_transaction", "_pins")
 
     def __init__(
-        self, row: list[int], wait: Any, query: Any, transaction: Any, pins: dict[str, int]
+        self,
+        row: list[int],
+        wait: Any,
+        query: Any,
+        transaction: Any,
+        timeouts: dict[str, int],
+        pins: dict[str, int],
     ) -> None:
         #: [xact_count, query_count, xact_us, query_us, wait_us], shared with SHOW STATS
         self.row = row
+        #: pool timeouts fired, by L{POOL_TIMEOUTS} label
+        self.timeouts = timeouts
         self._wait, self._query, self._transaction = wait, query, transaction
         self._pins = pins
 
@@ -128,6 +139,9 @@ class PoolFigures:
         row[2] += int(seconds * 1e6)
         self._transaction(seconds)
 
+    def timedOut(self, timeout: str) -> None:
+        self.timeouts[timeout] += 1
+
 
 class RouteStats:
     """
@@ -146,6 +160,10 @@ class RouteStats:
         self.closedBytes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         #: per database: [xact_count, query_count, xact_us, query_us, wait_us]
         self.databases: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0, 0])
+        #: per database: pool timeouts fired, by L{POOL_TIMEOUTS} label
+        self.timeouts: dict[str, dict[str, int]] = defaultdict(
+            lambda: dict.fromkeys(POOL_TIMEOUTS, 0)
+        )
         #: per database: clients pinned, by kind of reason
         self.pins: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
@@ -273,6 +291,7 @@ class Metrics:
                 self.poolWait.labels(*labels).observe,
                 self.query.labels(*labels).observe,
                 self.transaction.labels(*labels).observe,
+                self.stats[route].timeouts[database],
                 self.stats[route].pins[database],
             )
         return figures
@@ -290,6 +309,7 @@ class Metrics:
         stats = self.stats[route]
         stats.databases.pop(database, None)
         stats.closedBytes.pop(database, None)
+        stats.timeouts.pop(database, None)
         stats.pins.pop(database, None)
         for histogram in (self.poolWait, self.query, self.transaction):
             try:
@@ -388,6 +408,11 @@ class _Snapshot:
         pooledClients = gauge(
             "pgtls_pool_clients", "Logged-in clients of a pool", ["route", "database"]
         )
+        timeouts = counter(
+            "pgtls_pool_timeouts",
+            "Pool timeouts fired, by timeout (a query_timeout once, at its cancel)",
+            ["route", "database", "timeout"],
+        )
         pinned = counter(
             "pgtls_pool_pinned_clients",
             "Transaction-pool clients pinned to their server connection, by reason",
@@ -408,6 +433,9 @@ class _Snapshot:
             sent.add_metric([name, w], out)
             for outcome, count in sorted(s.cancels.items()):
                 cancels.add_metric([name, outcome, w], count)
+            for database, fired in sorted(s.timeouts.items()):
+                for timeout, count in fired.items():
+                    timeouts.add_metric([name, database, timeout, w], count)
             for database, kinds in sorted(s.pins.items()):
                 for kind, count in sorted(kinds.items()):
                     pinned.add_metric([name, database, kind, w], count)
@@ -426,7 +454,7 @@ class _Snapshot:
         up.add_metric([w], m.started)
         return [
             accepted, active, refused, tls, failures, received, sent, cancels,
-            servers, waiting, pooledClients, pinned, rss, up,
+            servers, waiting, pooledClients, timeouts, pinned, rss, up,
         ]  # fmt: skip
 
 

@@ -38,6 +38,7 @@ from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLoginError
 from pgtls_twisted.pool._statements import CLIENT_PEEK, RELAY_WATCH, StatementGuard, pinKind
+from pgtls_twisted.pool._timeouts import SessionTimeouts
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._framing import Event, MessageSplitter
 from pgtls_twisted.protocol._prepared import StatementRelay
@@ -128,6 +129,8 @@ class PooledSession(Session):
     """
 
     _log = Logger()
+    #: The pool's client timeouts, once logged in; C{None} when all are off.
+    timeouts: SessionTimeouts | None = None
 
     def __init__(
         self, route: SessionHost, client: ClientProtocol, startup: wire.StartupMessage
@@ -192,6 +195,7 @@ class PooledSession(Session):
         temp.close()
         self.pool = self.pools.poolFor(self.startup.database)
         self._figures = self.route.metrics.pooled(self.route.name, self.startup.database)
+        self.timeouts = SessionTimeouts.create(self, self._figures)
         # A logged-in client may come back for a server any time: its pool
         # must not be dropped meanwhile (PoolManager.reap).
         self.pool.sessions += 1
@@ -244,6 +248,8 @@ class PooledSession(Session):
 
     def _send(self, out: bytes, events: list[Event]) -> None:
         self.client.stats.bytes_in += len(out)
+        if self.timeouts is not None:
+            self.timeouts.sent(events)
         if events and self._queryStarted is None:
             self._queryStarted = self.client.lastRequest = now = self.route.clock.seconds()
             if self._transactionStarted is None:
@@ -354,6 +360,8 @@ class PooledSession(Session):
             self._forward(attachment, out, events)
             if self.attachment is not attachment:
                 return  # abandoned on a malformed message
+        if self.timeouts is not None:
+            self.timeouts.attached()
         self.client.transport.resumeProducing()
 
     def _detach(self) -> PooledServer:
@@ -430,6 +438,8 @@ class PooledSession(Session):
         """A ReadyForQuery: a query (and maybe a transaction) is over."""
         if self.queryLog is not None:
             self.queryLog.readyForQuery()
+        if self.timeouts is not None:
+            self.timeouts.ready(tracker)
         now = self.route.clock.seconds()
         if self._queryStarted is not None:
             self._figures.queryDone(now - self._queryStarted)
@@ -460,6 +470,22 @@ class PooledSession(Session):
         if attachment is None or attachment.splitter.atBoundary:
             self.client.fail("57P01", "terminating connection due to administrator command")
         self._finish("pgtls shutdown")
+
+    def endForTimeout(self, sqlstate: str, text: str, dirty: bool) -> None:
+        """
+        A pool timeout fired (L{pgtls_twisted.pool._timeouts}): FATAL where a
+        message boundary allows, and close. The server connection goes back
+        as for any client that leaves (rolled back if quiet), or, if
+        C{dirty}, is closed.
+        """
+        attachment = self.attachment
+        if attachment is not None and dirty:
+            attachment.server.dirty = True
+        if attachment is None or attachment.splitter.atBoundary:
+            # Not client.fail: the timeout logged its own line.
+            self.client.out.write(wire.error_response(sqlstate, text))
+        self.client.stats.reason = f"{sqlstate} {text}"
+        self._finish(text)
 
     def _closeForShutdown(self) -> None:
         self.client.fail("57P01", "terminating connection due to administrator command")
@@ -529,6 +555,8 @@ class PooledSession(Session):
             return
         if self.phase in _LOGGED_IN:
             self.pool.sessions -= 1
+        if self.timeouts is not None:
+            self.timeouts.stop()
         if self._waiting is not None:
             waiting, self._waiting = self._waiting, None
             waiting.cancel()

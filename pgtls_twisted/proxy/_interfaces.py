@@ -34,6 +34,9 @@ class PoolFigures(Protocol):
 
     def pinned(self, kind: str) -> None: ...
 
+    def timedOut(self, timeout: str) -> None:
+        """A pool timeout fired: C{timeout} is the name of its key (C{"query_timeout"})."""
+
 
 class MetricsRecorder(Protocol):
     """
