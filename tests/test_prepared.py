@@ -118,7 +118,7 @@ async def test_pipeline_with_errors_stays_in_sync(pki, pg_tls, tmp_path):
             # name is not registered, and the next try prepares it again.
             for _ in range(7):
                 try:
-                    conn.execute("SELECT * FROM no_such_table_%s" % "x")
+                    conn.execute("SELECT * FROM no_such_table_x")
                 except psycopg.errors.UndefinedTable:
                     pass
             seen.append(conn.execute("SELECT %s::int", (9,)).fetchone()[0])

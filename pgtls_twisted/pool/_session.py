@@ -34,6 +34,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pgtls_twisted.pool._internal import resetStatements, runEach, runInternal
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLoginError
@@ -494,59 +495,31 @@ class PooledSession(Session):
     # -- the proxy's own statements ----------------------------------------------------
 
     def _internal(self, server: PooledServer, sql: str, then: Any) -> None:
-        """
-        Run C{sql} on C{server} (the attached one, or one being given back),
-        swallowing its answers, then call C{then}. A failure is logged and
-        marks the connection dirty (closed on release); the client goes on
-        (a parameter that could not be restored is the one thing it may
-        then see differ).
-        """
-        reader = wire.MessageReader()
-        failed: list[str] = []
+        """L{runInternal} for this session: see there."""
+        runInternal(
+            server, sql, then, lambda message: self._internalBroke(then, message), self._label()
+        )
 
-        def answer(data: bytes) -> None:
-            reader.feed(data)
-            while True:
-                try:
-                    msg = reader.next()
-                except wire.ProtocolViolation as e:
-                    server.dirty = True
-                    server.leg.deliver = discard
-                    if self.phase is SessionPhase.CLOSED:
-                        # A reset after the client left: give it back
-                        # (dirty, so it is closed, not kept busy for ever).
-                        then()
-                    else:
-                        self._abandon("08006", f"backend protocol violation: {e.message}")
-                    return
-                if msg is None:
-                    return
-                mtype, body = msg
-                if mtype == b"E":
-                    failed.append(wire.parse_error_fields(body).get("M", "error"))
-                elif mtype == b"S":
-                    name, value = wire.parse_parameter_status(body)
-                    server.parameters[name] = value
-                elif mtype == b"Z":
-                    server.leg.deliver = discard
-                    if failed:
-                        server.dirty = True
-                        self._log.warn(
-                            "conn={conn} pool={pool}: {sql!r} failed: {error}",
-                            conn=self.client.connId,
-                            pool=self.pool.name,
-                            sql=sql,
-                            error=failed[0],
-                        )
-                    then()
-                    rest = reader.drain()
-                    if rest:
-                        # Asynchronous messages right behind our answer.
-                        server.leg.deliver(rest)
-                    return
+    def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
+        """L{runEach} for this session: see there."""
+        runEach(
+            statements,
+            server,
+            then,
+            lambda message: self._internalBroke(then, message),
+            self._label(),
+        )
 
-        server.leg.deliver = answer
-        server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
+    def _internalBroke(self, then: Any, message: str) -> None:
+        if self.phase is SessionPhase.CLOSED:
+            # A reset after the client left: give it back (dirty, so it is
+            # closed, not kept busy for ever).
+            then()
+        else:
+            self._abandon("08006", f"backend protocol violation: {message}")
+
+    def _label(self) -> dict[str, object]:
+        return {"conn": self.client.connId, "pool": self.pool.name}
 
     # -- ending ----------------------------------------------------------------------
 
@@ -593,42 +566,8 @@ class PooledSession(Session):
         if tracker.transactionStatus != "I":
             statements.append("ROLLBACK")
         if not self.transactionMode or pinned:
-            statements.extend(self._resetStatements(server, pinned))
+            statements.extend(resetStatements(self.route.config.pool.reset_query, server, pinned))
         self._internalEach(statements, server, lambda: self._resetDone(server))
-
-    def _resetStatements(self, server: PooledServer, pinned: bool) -> list[str]:
-        """
-        What makes C{server} clean again after a session-mode client, or a
-        pinned transaction-mode one: C{reset_query}, and for a pinned client
-        the removal of every prepared statement, which pgtls then forgets
-        (C{DISCARD ALL} does both). A pinned client's connection with no
-        C{reset_query} to clean it is closed instead.
-        """
-        reset = self.route.config.pool.reset_query
-        if not pinned:
-            return [reset] if reset else []
-        if not reset:
-            server.dirty = True
-            return []
-        server.statements.clear()
-        if "discard all" in " ".join(reset.lower().split()):
-            return [reset]
-        return [reset, "DEALLOCATE ALL"]
-
-    def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
-        """
-        Run C{statements} one Query each, then call C{then}. Not joined into
-        one: a Query of several statements is one implicit transaction, in
-        which C{DISCARD ALL} (and any other statement that refuses a
-        transaction block) always fails, so the connection would be closed
-        instead of reset. After a failure (the connection is then dirty and
-        will be closed) the rest are skipped.
-        """
-        if not statements or server.dirty:
-            then()
-            return
-        first, rest = statements[0], statements[1:]
-        self._internal(server, first, lambda: self._internalEach(rest, server, then))
 
     def _resetDone(self, server: PooledServer) -> None:
         server.leg.deliver = discard

@@ -82,9 +82,7 @@ def _refusedParse(body: bytes, sql: str) -> bytes:
     _, _, types = rest.partition(b"\0")
     count = struct.unpack_from("!H", types)[0] if len(types) >= 2 else 0
     oids = [_OID.unpack_from(types, 2 + 4 * i)[0] for i in range(count)]
-    packed = struct.pack("!H", count) + b"".join(
-        _OID.pack(oid or _TEXT_OID) for oid in oids
-    )
+    packed = struct.pack("!H", count) + b"".join(_OID.pack(oid or _TEXT_OID) for oid in oids)
     return name + b"\0" + sql.encode() + b"\0" + packed
 
 
@@ -208,7 +206,6 @@ class StatementGuard:
         if rewritten is None:
             return replaced
         return rewritten[0], len(peek)
-
 
 
 #: Reasons whose words after the first name what was set (a parameter):

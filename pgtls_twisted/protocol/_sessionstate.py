@@ -1,4 +1,5 @@
 """TEMPORARY stand-in until the classifier branch lands."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
