@@ -226,3 +226,12 @@ def test_forget_all() -> None:
 
 def test_close_statement_message() -> None:
     assert closeStatement(b"x") == message(b"C", b"Sx\0")
+
+
+def test_malformed_describe_and_close_pass_unchanged() -> None:
+    """The server, not pgtls, answers a name without its terminator."""
+    r = relay()
+    r.parse(parse_body(b"ab", b"SELECT 1"), 0)
+    assert r.describe(b"Sabc", 0) is None
+    assert r.close(b"Sabc", 0) is None
+    assert b"ab" in r.client

@@ -139,3 +139,10 @@ def test_evictions_are_quoted_statements() -> None:
     h.send(parse(b"a", b"SELECT 1") + parse(b"b", b"SELECT 2") + SYNC)
     (sql,) = h.guard.evictions(h.server)
     assert sql.startswith('DEALLOCATE "pgtls_') and sql.endswith('"')
+
+
+def test_refused_parse_with_lying_type_count() -> None:
+    """A hostile parameter count is a protocol violation, not a crash."""
+    h = Harness(pinning="refuse")
+    with pytest.raises(ProtocolViolation):
+        h.send(msg(b"P", b"\0LISTEN x\0\x00\x05\0\0\0\x17"))

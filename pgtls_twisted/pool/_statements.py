@@ -77,10 +77,14 @@ def _refusedParse(body: bytes, sql: str) -> bytes:
     C{body}'s Parse with C{sql} as its text, its parameter types kept
     except unspecified ones made C{text}: the refusal names no parameter,
     and an unspecified type nothing refers to is an error of its own.
+
+    @raise ProtocolViolation: the parameter types do not fill the body.
     """
     name, _, rest = body.partition(b"\0")
     _, _, types = rest.partition(b"\0")
     count = struct.unpack_from("!H", types)[0] if len(types) >= 2 else 0
+    if len(types) != 2 + 4 * count:
+        raise ProtocolViolation("malformed Parse message")
     oids = [_OID.unpack_from(types, 2 + 4 * i)[0] for i in range(count)]
     packed = struct.pack("!H", count) + b"".join(_OID.pack(oid or _TEXT_OID) for oid in oids)
     return name + b"\0" + sql.encode() + b"\0" + packed

@@ -298,7 +298,7 @@ class StatementRelay:
 
     def describe(self, body: bytes, tag: int) -> tuple[bytes, int] | None:
         """A client's Describe body: a statement's name is replaced."""
-        if body[:1] != b"S":
+        if body[:1] != b"S" or body[-1:] != b"\0":
             return None
         stmt = self.client.get(body[1:-1])
         if stmt is None:
@@ -314,7 +314,7 @@ class StatementRelay:
         keeps the statement) and the server closes L{NOOP} instead, which
         answers CloseComplete in the right place.
         """
-        if body[:1] != b"S":
+        if body[:1] != b"S" or body[-1:] != b"\0":
             return None
         name = body[1:-1]
         stmt = self.client.pop(name, None)

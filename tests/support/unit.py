@@ -296,6 +296,12 @@ class _Figures:
     def transactionDone(self, seconds: float) -> None:
         self._metrics.calls.append(("transactionDone",))
 
+    def pinned(self, kind: str) -> None:
+        self._metrics.calls.append(("pinned", kind))
+
+    def timedOut(self, timeout: str) -> None:
+        self._metrics.calls.append(("timedOut", timeout))
+
 
 class Starter:
     """
