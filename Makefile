@@ -17,6 +17,11 @@ DEPS_STAMP := $(VENV)/.deps-installed
 # cryptography than pyOpenSSL needs, so it gets a virtualenv of its own.
 SSLYZE := $(ROOT)/.venv-sslyze/bin/sslyze
 
+# The Node.js drivers of the driver matrix (tests/test_drivers.py), from the
+# committed package-lock.json; again only when it or package.json changes.
+NODE_DRIVERS := tests/drivers/node
+NODE_STAMP := $(NODE_DRIVERS)/node_modules/.installed
+
 .PHONY: venv install test lint demo clean
 
 venv: $(BIN)/python
@@ -46,7 +51,11 @@ $(SSLYZE):
 	.venv-sslyze/bin/pip install -q --upgrade pip
 	.venv-sslyze/bin/pip install -q "sslyze>=6,<7"
 
-test: install $(SSLYZE)
+$(NODE_STAMP): $(NODE_DRIVERS)/package.json $(NODE_DRIVERS)/package-lock.json
+	cd $(NODE_DRIVERS) && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: install $(SSLYZE) $(NODE_STAMP)
 	env -u PYTHONPATH PGTLS_EXPECT_INSTALLED=1 PGTLS_SSLYZE=$(SSLYZE) $(BIN)/pytest -p no:cacheprovider $(PYTEST_ARGS) tests
 
 # ruff, and the import contracts of pyproject.toml (import-linter): the
@@ -61,5 +70,6 @@ demo: install
 
 clean:
 	rm -rf $(VENV) .venv-sslyze build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(NODE_DRIVERS)/node_modules
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name dropin.cache -type f -delete
