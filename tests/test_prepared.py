@@ -8,11 +8,12 @@ in every client).
 from __future__ import annotations
 
 import threading
+import time
 
 import psycopg
 import pytest_twisted
 from support.dsn import app_dsn
-from support.pooling import pooled_route, scalar, server_baseline
+from support.pooling import admin, pooled_pids, pooled_route, scalar, server_baseline, the_pool
 from support.proxy import start_proxy
 from support.waiting import in_thread
 from twisted.internet import defer
@@ -170,5 +171,50 @@ async def test_feature_off_pins_named_statements(pki, pg_tls, tmp_path, events):
 
     try:
         assert await in_thread(run, timeout=60) == list(range(8))
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_injected_parse_error_is_the_clients_error(pki, pg_tls, tmp_path):
+    """
+    A statement prepared on one server connection is injected on the next;
+    if its Parse fails there (the table went away), the client gets that
+    error for its own statement, and goes on.
+    """
+    proxy = start_proxy([pooled_route(pki, pg_tls, max_size=1)], tmp_path)
+    dsn = app_dsn(proxy, pki)
+
+    def run():
+        with admin(pg_tls, APP_DB) as su:
+            su.execute("CREATE TABLE IF NOT EXISTS inj (x int)")
+            su.execute("GRANT ALL ON inj TO PUBLIC")
+        out = []
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(6):  # prepared by name from the fifth
+                conn.execute("SELECT count(*) FROM inj WHERE x > %s", (0,))
+            # Its server connection goes; the next one lacks the statement.
+            with admin(pg_tls, APP_DB) as su:
+                pids = pooled_pids(pg_tls)
+                for pid in pids:
+                    su.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                su.execute("DROP TABLE inj")
+            # pgtls notices the idle connection closing and drops it.
+            deadline = time.monotonic() + 10
+            while the_pool(proxy).size and time.monotonic() < deadline:
+                time.sleep(0.05)
+            try:
+                conn.execute("SELECT count(*) FROM inj WHERE x > %s", (0,))
+            except psycopg.errors.UndefinedTable as e:
+                out.append(e.sqlstate)
+            with admin(pg_tls, APP_DB) as su:
+                su.execute("CREATE TABLE inj (x int)")
+                su.execute("GRANT ALL ON inj TO PUBLIC")
+            out.append(conn.execute("SELECT count(*) FROM inj WHERE x > %s", (0,)).fetchone()[0])
+            out.append(conn.execute("SELECT 1").fetchone()[0])
+        return out
+
+    try:
+        assert await in_thread(run, timeout=60) == ["42P01", 0, 1]
     finally:
         await proxy.stop()
