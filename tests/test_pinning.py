@@ -224,3 +224,22 @@ async def test_pinned_connection_without_reset_query_is_closed(pki, pg_tls, tmp_
         await until(lambda: the_pool(proxy).size <= 1)
     finally:
         await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_standard_conforming_strings_off_pins(pki, pg_tls, tmp_path):
+    """
+    With it off, a backslash escapes a quote in a plain literal, which
+    pgtls's lexer does not follow: such a client keeps its connection.
+    """
+    proxy = start_proxy([pooled_route(pki, pg_tls, max_size=1)], tmp_path)
+
+    def run():
+        with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as a:
+            a.execute("SET standard_conforming_strings = off")
+            return [client_pin(c) for c in proxy.route().clients if c.session is not None]
+
+    try:
+        assert await in_thread(run, timeout=60) == ["standard_conforming_strings = off"]
+    finally:
+        await proxy.stop()

@@ -146,3 +146,10 @@ def test_refused_parse_with_lying_type_count() -> None:
     h = Harness(pinning="refuse")
     with pytest.raises(ProtocolViolation):
         h.send(msg(b"P", b"\0LISTEN x\0\x00\x05\0\0\0\x17"))
+
+
+def test_deallocate_of_a_pgtls_statement_pins() -> None:
+    """Other clients share it: the connection is reset before anyone else has it."""
+    h = Harness()
+    h.send(query(b"DEALLOCATE pgtls_0123"))
+    assert h.guard.pinned == "DEALLOCATE of a statement pgtls prepared"

@@ -27,26 +27,23 @@ with what is known of that connection's stream, is one L{Attachment}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pgtls_twisted.pool._attachment import Attachment, cut, serverSplitter
 from pgtls_twisted.pool._internal import resetStatements, runEach, runInternal
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLoginError
-from pgtls_twisted.pool._statements import CLIENT_PEEK, RELAY_WATCH, StatementGuard, pinKind
+from pgtls_twisted.pool._statements import CLIENT_PEEK, StatementGuard, pinKind
 from pgtls_twisted.pool._timeouts import SessionTimeouts
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._framing import Event, MessageSplitter
-from pgtls_twisted.protocol._prepared import StatementRelay
 from pgtls_twisted.protocol._txstate import (
     CLIENT_WATCH,
-    SERVER_PEEK,
-    SERVER_WATCH,
     ParameterTracker,
     TransactionTracker,
     parameterStatusFromPeek,
@@ -68,58 +65,11 @@ _CLOSE_COMPLETE = ord("3")
 #: Client bytes held while it waits for a server connection, before pgtls
 #: stops reading from it.
 _MAX_HELD = 256 * 1024
-#: Enough of an ErrorResponse to see a FATAL severity field.
-_ERROR_PEEK = 16
-
 #: The phases of a session that has logged in and not finished: it counts
 #: in its pool's C{sessions}.
 _LOGGED_IN = frozenset(
     {SessionPhase.IDLE, SessionPhase.WAITING, SessionPhase.RESTORING, SessionPhase.ATTACHED}
 )
-
-
-_SERVER_PEEK = {**SERVER_PEEK, b"E": _ERROR_PEEK}
-_RELAY_WATCH = SERVER_WATCH | RELAY_WATCH
-
-
-def _serverSplitter(relay: bool = False) -> MessageSplitter:
-    return MessageSplitter(_RELAY_WATCH if relay else SERVER_WATCH, peek=_SERVER_PEEK)
-
-
-@dataclass(eq=False)
-class Attachment:
-    """
-    The server connection attached to a session now, and what is known of
-    its stream since: created when the pool hands the connection over,
-    dropped when it goes back (or is lost), so nothing of one connection's
-    stream can be mistaken for the next one's.
-
-    @ivar server: the pooled server connection.
-    @ivar tracker: its transaction state, fed the messages of both
-        directions since it was attached.
-    @ivar splitter: frames what the server sends.
-    @ivar saidFatal: the server sent a FATAL ErrorResponse: its closing the
-        connection next is the end of the client's session, not a failure.
-    @ivar relay: the renaming of the client's prepared statements for this
-        server (transaction mode), or C{None}.
-    """
-
-    server: PooledServer
-    tracker: TransactionTracker = field(default_factory=TransactionTracker)
-    splitter: MessageSplitter = field(default_factory=_serverSplitter)
-    saidFatal: bool = False
-    relay: StatementRelay | None = None
-
-
-def _cut(out: bytes, offsets: list[int]) -> bytes:
-    """C{out} without the 5-byte messages at C{offsets}."""
-    pieces = []
-    pos = 0
-    for offset in offsets:
-        pieces.append(out[pos:offset])
-        pos = offset + 5
-    pieces.append(out[pos:])
-    return b"".join(pieces)
 
 
 class PooledSession(Session):
@@ -207,6 +157,7 @@ class PooledSession(Session):
         )
         client.deliver = self._fromClient
         client.onLost = self._clientLost
+        self._checkQuoting()
         early = self._clientReader.drain()
         if early:
             self._fromClient(early)
@@ -302,6 +253,20 @@ class PooledSession(Session):
         if self._figures is not None:
             self._figures.pinned(pinKind(reason))
 
+    def _checkQuoting(self) -> None:
+        """
+        Pin a client that turned C{standard_conforming_strings} off: its
+        backslashes then escape quotes in plain literals, which pgtls's
+        lexer does not follow, so a statement could hide from it.
+        """
+        stmts = self.stmts
+        if (
+            stmts is not None
+            and stmts.pinned is None
+            and self.params.values.get("standard_conforming_strings") == "off"
+        ):
+            stmts.pin("standard_conforming_strings = off")
+
     def _acquired(self, server: PooledServer) -> None:
         assert self.waitingSince is not None
         self._figures.waited(self.route.clock.seconds() - self.waitingSince)
@@ -330,7 +295,7 @@ class PooledSession(Session):
     def _attach(self, server: PooledServer) -> None:
         stmts = self.stmts
         relay = None if stmts is None else stmts.relayFor(server)
-        self.attachment = Attachment(server, splitter=_serverSplitter(relay is not None))
+        self.attachment = Attachment(server, splitter=serverSplitter(relay is not None))
         self.attachment.relay = relay
         server.holder = self
         leg = server.leg
@@ -399,6 +364,7 @@ class PooledSession(Session):
                 if param is not None:
                     attachment.server.parameters[param[0]] = param[1]
                     self.params.serverReported(*param)
+                    self._checkQuoting()
             elif mtype == _ERROR:
                 if b"SFATAL\0" in peek:
                     attachment.saidFatal = True
@@ -421,7 +387,7 @@ class PooledSession(Session):
                         relay.ready(tracker.answered)
                     self._ready(tracker)
         if swallowed is not None:
-            out = _cut(out, swallowed)
+            out = cut(out, swallowed)
         self.client.stats.bytes_out += len(out)
         self.client.out.write(out)
         if (

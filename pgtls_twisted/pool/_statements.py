@@ -33,7 +33,8 @@ from pgtls_twisted.protocol._prepared import (
     ClientStatements,
     StatementRelay,
 )
-from pgtls_twisted.protocol._sessionstate import classify, refusal
+from pgtls_twisted.protocol._refusal import refusal
+from pgtls_twisted.protocol._sessionstate import classify
 from pgtls_twisted.protocol._wire import ProtocolViolation
 
 if TYPE_CHECKING:
@@ -184,12 +185,18 @@ class StatementGuard:
             text, sep2, _ = rest.partition(b"\0")
             if not sep or not sep2:
                 raise ProtocolViolation("malformed Parse message")
-        verdict = classify(text.decode("latin-1"))
+        sql = text.decode("latin-1")
+        verdict = classify(sql)
         body = peek
         replaced: tuple[bytes, int] | None = None
+        if relay is not None and b"pgtls_" in text and b"deallocate" in text.lower():
+            # Closes a statement pgtls made, which other clients use too:
+            # the connection is reset (and pgtls's list of its statements
+            # cleared) before anyone else has it.
+            self.pin("DEALLOCATE of a statement pgtls prepared")
         if verdict.pin is not None and self.pinned is None:
             if self.refuse:
-                sql = refusal(verdict.pin)
+                sql = refusal(verdict.pin, sql)
                 if mtype == _QUERY:
                     return _header(b"Q", sql.encode() + b"\0"), len(peek)
                 body = _refusedParse(peek, sql)
