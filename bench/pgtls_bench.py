@@ -89,18 +89,27 @@ class Case:
     description: str = ""
 
 
+#: pgbench's cases. C{-M prepared} (named prepared statements, issue 12) runs
+#: at -c 1 and -c 16 only, and is compared with the same target's unnamed
+#: statements (-M extended, -M simple) at the same client count.
 CASES = [
     Case(
         f"S-{mode}-c{c}", c, ("-S", "-M", mode), workers=c >= 16, description=f"-S -M {mode} -c {c}"
     )
-    for mode in ("simple", "extended")
+    for mode in ("simple", "extended", "prepared")
     for c in (1, 16, 64)
+    if mode != "prepared" or c <= 16
 ] + [
     Case("tpcb-c16", 16, (), description="TPC-B-like (default script) -c 16"),
     Case("connect-S-c8", 8, ("-C", "-S"), description="-C -S -c 8 (new TLS connection per tx)"),
 ]
 
-SMOKE_CASES = ("S-simple-c1", "S-extended-c16", "tpcb-c16", "connect-S-c8")
+SMOKE_CASES = ("S-simple-c1", "S-extended-c16", "S-prepared-c16", "tpcb-c16", "connect-S-c8")
+
+#: What PostgreSQL says when a client's named statement went to another
+#: server connection than the one it was prepared on: a pooler without
+#: prepared-statement support in transaction mode.
+NAMED_STATEMENT_ERROR = re.compile(r'prepared statement "[^"]*" (?:already exists|does not exist)')
 
 
 @dataclass
@@ -113,6 +122,9 @@ class Target:
     #: The PgBouncer target this one is compared with.
     baseline: str | None
     workers: bool = False
+    #: Keeps a client's named prepared statements (C{-M prepared}); a
+    #: target without them fails that case, and the cell says unsupported.
+    prepared: bool = True
 
 
 @dataclass
@@ -129,6 +141,8 @@ class Run:
     transactions: int | None = None
     failed: int = 0
     error: str | None = None
+    #: The run failed because the target has no named prepared statements.
+    unsupported: bool = False
 
 
 @dataclass
@@ -150,6 +164,8 @@ class Bench:
     ports2: dict[str, int] = field(default_factory=dict)
     portsBase: dict[str, int] = field(default_factory=dict)
     bouncerPort: int = 0
+    #: PgBouncer's version, as (major, minor).
+    bouncerVersion: tuple[int, int] = (0, 0)
 
 
 # -- small helpers ----------------------------------------------------------------
@@ -253,6 +269,16 @@ def ensure_pgbouncer() -> str:
         subprocess.run(["apt-get", "install", "-y", "-q", "pgbouncer"], check=True)
         exe = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
     return exe
+
+
+def pgbouncer_version(exe: str) -> tuple[int, int]:
+    """
+    PgBouncer's (major, minor): 1.21 is the first with named prepared
+    statements in transaction mode (C{max_prepared_statements}), and
+    Debian 12 has 1.18.
+    """
+    m = re.search(r"PgBouncer (\d+)\.(\d+)", command_output([exe, "--version"]))
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
 
 
 def setup_cluster(b: Bench) -> None:
@@ -431,6 +457,10 @@ client_tls_key_file = {d}/server.key
 server_tls_sslmode = verify-full
 server_tls_ca_file = {d}/ca.crt
 """
+    if b.bouncerVersion >= (1, 21):
+        # As pgtls's default pool.max_prepared_statements (PgBouncer's own
+        # default from 1.24; before, 0: off).
+        ini += "max_prepared_statements = 200\n"
     (d / "pgbouncer.ini").write_text(ini)
     give(d / "pgbouncer.ini")
     as_user: dict[str, Any] = {}
@@ -501,7 +531,14 @@ def make_targets(b: Bench) -> list[Target]:
     targets = [
         Target("direct", b.cluster.port, APP_DB, None, None),
         Target("pgbouncer-session", bp, APP_DB, "pgbouncer", "pgbouncer-session"),
-        Target("pgbouncer-tx", bp, APP_DB + "_tx", "pgbouncer", "pgbouncer-tx"),
+        Target(
+            "pgbouncer-tx",
+            bp,
+            APP_DB + "_tx",
+            "pgbouncer",
+            "pgbouncer-tx",
+            prepared=b.bouncerVersion >= (1, 21),
+        ),
         Target("pgtls-pass", ports["pass"], APP_DB, "pgtls", "pgbouncer-session"),
         Target("pgtls-session", ports["session"], APP_DB, "pgtls", "pgbouncer-session"),
         Target("pgtls-tx", ports["tx"], APP_DB, "pgtls", "pgbouncer-tx"),
@@ -617,6 +654,13 @@ def run_pgbench(b: Bench, case: Case, target: Target, rnd: int) -> Run:
         run.error = (lines[0] if lines else output.strip().splitlines()[-1:] or ["?"])[0][:300]
         if code != 0 and run.tps is not None:
             run.error = f"exit {code}: {run.error}"
+        prepares = "prepared" in case.args
+        found = NAMED_STATEMENT_ERROR.search(output)
+        if prepares and not target.prepared and found:
+            run.unsupported = True
+            start = output.rfind("\n", 0, found.start()) + 1
+            end = output.find("\n", found.end())
+            run.error = output[start : end if end >= 0 else None].strip()[:300]
     return run
 
 
@@ -678,6 +722,8 @@ def run_rounds(b: Bench, cases: list[Case], targets: list[Target]) -> None:
                     else ""
                 )
                 err = f"  ERROR {run.error}" if run.error else ""
+                if run.unsupported:
+                    err = f"  UNSUPPORTED {run.error}"
                 log(
                     f"r{rnd} {case.name:16} {target.name:18}{shown}{lat}{p99}{cpu}{err}"
                     f"  [{done}/{total}, ~{left / 60:.0f} min left]"
@@ -810,20 +856,22 @@ def run_resources(b: Bench, which: set[str]) -> None:
     stop_all(b)
     start_all(b)
     counts = [100, 300] if b.args.smoke else [1000, 5000]
-    ports, bp = b.ports, b.bouncerPort
     if "idle" in which:
         log(f"idle clients: pgtls transaction-pool route, {counts}")
-        b.resources["idle_pgtls"] = idle_clients(b, "pgtls", ports["tx"], APP_DB, counts)
+        b.resources["idle_pgtls"] = idle_clients(b, "pgtls", b.ports["tx"], APP_DB, counts)
         log(f"idle clients: pgbouncer transaction mode, {counts}")
-        b.resources["idle_pgbouncer"] = idle_clients(b, "pgbouncer", bp, APP_DB + "_tx", counts)
+        b.resources["idle_pgbouncer"] = idle_clients(
+            b, "pgbouncer", b.bouncerPort, APP_DB + "_tx", counts
+        )
     if "slowread" in which:
         if "idle" in which:
             # Fresh again: memory freed by the idle clients stays in the
-            # process and would absorb (hide) any growth.
+            # process and would absorb (hide) any growth. (start_all picks
+            # new ports: read them only after it.)
             stop_all(b)
             start_all(b)
-        b.resources["slow_pgtls"] = slow_reader(b, "pgtls", ports["pass"], APP_DB)
-        b.resources["slow_pgbouncer"] = slow_reader(b, "pgbouncer", bp, APP_DB)
+        b.resources["slow_pgtls"] = slow_reader(b, "pgtls", b.ports["pass"], APP_DB)
+        b.resources["slow_pgbouncer"] = slow_reader(b, "pgbouncer", b.bouncerPort, APP_DB)
 
 
 # -- profiling --------------------------------------------------------------------
@@ -964,6 +1012,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
+def unnamed_cases(case: Case) -> list[tuple[str, str]]:
+    """
+    For a C{-M prepared} case, the same target's unnamed-statement cases at
+    the same client count that its tps is compared with: (label, case name).
+    """
+    if "prepared" not in case.args:
+        return []
+    return [(f"× own -M {m}", f"S-{m}-c{case.clients}") for m in ("extended", "simple")]
+
+
+def unsupported_runs(b: Bench, case: str, target: str) -> list[Run]:
+    return [r for r in b.runs if r.case == case and r.target == target and r.unsupported]
+
+
 def results_table(b: Bench, med: dict[str, Any]) -> str:
     targets = {t.name: t for t in b.targets}
     lines = []
@@ -972,12 +1034,16 @@ def results_table(b: Bench, med: dict[str, Any]) -> str:
             continue
         rows = med[case.name]
         direct = rows.get("direct", {})
+        own = unnamed_cases(case)
         lines += [
             f"**{case.description}** (`{case.name}`)",
             "",
-            "| target | tps | × PgBouncer | × direct | avg ms | p99 ms | +avg ms vs direct | proxy CPU % (sys) | proxy CPU µs/tx |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| target | tps | × PgBouncer | × direct "
+            + "".join(f"| {label} " for label, _ in own)
+            + "| avg ms | p99 ms | +avg ms vs direct | proxy CPU % (sys) | proxy CPU µs/tx |",
+            "|---|---:|---:|---:|" + "---:|" * len(own) + "---:|---:|---:|---:|---:|",
         ]
+        footnotes = []
         for name, t in targets.items():
             if name not in rows:
                 continue
@@ -988,19 +1054,42 @@ def results_table(b: Bench, med: dict[str, Any]) -> str:
                 if cell.get("lat_avg_ms") is not None and direct.get("lat_avg_ms") is not None
                 else None
             )
-            errors = [
-                r.error for r in b.runs if r.case == case.name and r.target == name and r.error
-            ]
+            runs = [r for r in b.runs if r.case == case.name and r.target == name and r.round]
+            unsupported = unsupported_runs(b, case.name, name)
+            errors = [r.error for r in runs if r.error and not r.unsupported]
             err = f" ({len(errors)} failed runs)" if errors else ""
+            tps = fmt(cell["tps"], ".0f")
+            if unsupported:
+                tps = "unsupported" if cell["tps"] is None else tps + " (unsupported)"
+                err += f" ({len(unsupported)} of {len(runs)} runs unsupported)"
+                footnotes.append(f"- {name}: unsupported: `{unsupported[0].error}`")
+            elif own and not t.prepared and cell["tps"] is not None:
+                tps += " (no support)"
+                footnotes.append(
+                    f"- {name}: passed without named prepared statements: each client kept "
+                    "finding its statement on the server connection it was given (luck: one "
+                    "client, or an idle pool that hands back the same connection)"
+                )
+            if base.get("tps") is None and unsupported_runs(b, case.name, t.baseline or ""):
+                vsBase = "unsupported"
+            else:
+                vsBase = fmt(ratio(cell["tps"], base.get("tps")), ".2f") if t.baseline else "–"
+            vsOwn = "".join(
+                f"| {fmt(ratio(cell['tps'], med.get(other, {}).get(name, {}).get('tps')), '.2f')} "
+                for _, other in own
+            )
             lines.append(
-                f"| {name}{err} | {fmt(cell['tps'], '.0f')} "
-                f"| {fmt(ratio(cell['tps'], base.get('tps')), '.2f') if t.baseline else '–'} "
+                f"| {name}{err} | {tps} "
+                f"| {vsBase} "
                 f"| {fmt(ratio(cell['tps'], direct.get('tps')), '.2f')} "
+                f"{vsOwn}"
                 f"| {fmt(cell['lat_avg_ms'], '.3f')} | {fmt(cell['lat_p99_ms'], '.3f')} "
                 f"| {fmt(added, '+.3f') if name != 'direct' else '–'} "
                 f"| {fmt(cell['proxy_cpu_pct'], '.0f')} ({fmt(cell['proxy_sys_pct'], '.0f')}) "
                 f"| {fmt(cell['proxy_us_per_tx'], '.0f')} |"
             )
+        if footnotes:
+            lines += ["", *footnotes]
         lines.append("")
     return "\n".join(lines)
 
@@ -1134,6 +1223,32 @@ def resources_table(b: Bench) -> str:
     return "\n".join(lines)
 
 
+def prepared_note(b: Bench) -> str:
+    """What the C{-M prepared} tables mean, and why PgBouncer's cell may be empty."""
+    version = ".".join(map(str, b.bouncerVersion))
+    if b.bouncerVersion >= (1, 21):
+        bouncer = (
+            f"PgBouncer {version} runs with `max_prepared_statements = 200`, as pgtls's "
+            "default `pool.max_prepared_statements`."
+        )
+    else:
+        bouncer = (
+            f"PgBouncer {version} has no prepared-statement support in transaction mode "
+            "(1.21 added `max_prepared_statements`, on by default from 1.24): a client's "
+            "named statement reaches whichever server connection is free, and pgbench "
+            "`-M prepared` through it fails with `prepared statement ... already exists` or "
+            "`... does not exist`. Such a cell is `unsupported` (with pgbench's first error "
+            "line under the table) and has no figures; one that happened to pass (one client "
+            "kept getting the server connection it prepared on) is luck, not support."
+        )
+    return (
+        "`-M prepared`: pgbench prepares its statement by name once per connection and "
+        "then only binds and executes it. `× own -M extended` and `× own -M simple` divide "
+        "a target's `-M prepared` tps by its own tps with unnamed statements at the same "
+        "client count, in the same run. " + bouncer
+    )
+
+
 def write_report(b: Bench, info: dict[str, str], started: float) -> Path:
     med = summary(b)
     minutes = (time.monotonic() - started) / 60
@@ -1159,6 +1274,8 @@ def write_report(b: Bench, info: dict[str, str], started: float) -> Path:
         "process's CPU time over the run's wall time (100 = one core).",
         "",
     ]
+    if any(c.startswith("S-prepared-") for c in med):
+        lines += [prepared_note(b), ""]
     if b.notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in b.notes] + [""]
     checks = target_checks(b, med)
@@ -1226,7 +1343,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="PATTERNS",
-        help="comma-separated glob patterns of cases (S-simple-c16, tpcb-c16, connect-S-c8, ...), "
+        help="comma-separated glob patterns of cases (S-simple-c16, S-prepared-c16, tpcb-c16, "
+        "connect-S-c8, ...), "
         "targets (direct, pgbouncer-session, pgbouncer-tx, pgtls-pass, pgtls-session, pgtls-tx) "
         "and resource tests (idle, slowread); only what matches runs",
     )
@@ -1289,6 +1407,7 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)  # the postgres OS user must reach the cluster inside
     b = Bench(args, base, out)
     b.pgbouncer = ensure_pgbouncer()
+    b.bouncerVersion = pgbouncer_version(b.pgbouncer)
 
     def terminate(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
