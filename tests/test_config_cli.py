@@ -203,3 +203,18 @@ def test_sample_first_route_is_all_defaults(tmp_path: Path) -> None:
             if key in ("bind_address", "server_cert", "server_key", "address"):
                 continue
             assert getattr(parsed, key) == defaults[key], f"{section}.{key}"
+
+
+def test_describe_transaction_pool(certs: Path) -> None:
+    doc = minimal_doc()
+    doc["proxy"][0]["pool"] = {
+        "service_user": "svc",
+        "pinning": "refuse",
+        "max_prepared_statements": 50,
+        "query_timeout": "30s",
+    }
+    text = describe_config(parse(doc, certs))
+    assert "session state: refuse; up to 50 prepared statements per connection" in text
+    assert "timeouts: query 30s" in text
+    doc["proxy"][0]["pool"]["max_prepared_statements"] = 0
+    assert "named prepared statements pin" in describe_config(parse(doc, certs))

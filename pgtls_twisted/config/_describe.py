@@ -77,6 +77,24 @@ def _describe_route(route: RouteConfig) -> list[str]:
             f" {pool.min_size}..{pool.max_size} connections per database,"
             f" wait {format_duration(pool.acquire_timeout)}"
         )
+        if pool.mode == "transaction":
+            prepared = (
+                f"up to {pool.max_prepared_statements} prepared statements per connection"
+                if pool.max_prepared_statements
+                else "named prepared statements pin"
+            )
+            lines.append(f"             session state: {pool.pinning}; {prepared}")
+        timeouts = [
+            f"{key} {format_duration(value)}"
+            for key, value in (
+                ("client_idle", pool.client_idle_timeout),
+                ("idle_transaction", pool.idle_transaction_timeout),
+                ("query", pool.query_timeout),
+            )
+            if value
+        ]
+        if timeouts:
+            lines.append(f"             timeouts: {', '.join(timeouts)}")
     return lines
 
 
