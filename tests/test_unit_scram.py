@@ -22,8 +22,8 @@ from pgtls_twisted.protocol._scram import (
     ScramLogin,
     ScramLoginError,
     ScramPolicyError,
+    derive_keys,
     prepare_password,
-    salted_password,
 )
 
 BINDING = b"\x42" * 32
@@ -131,7 +131,7 @@ def test_the_derivation_gets_the_prepared_password() -> None:
     # U+00AD (soft hyphen) is mapped to nothing by SASLprep, as the server does.
     first = server.first(client_first(login, "I\u00adX"))
     login.finish(server.final(client_final(login, first, run)))
-    assert run.calls == [(salted_password, 4096)]
+    assert run.calls == [(derive_keys, 4096)]
     assert login.done
 
 
@@ -221,7 +221,7 @@ def test_iteration_limit_itself_is_allowed() -> None:
     login, nonce = started(maxIterations=10_000)
     run = Runner()
     client_final(login, f"r={nonce}x,s=c2FsdA==,i=10000".encode(), run)
-    assert run.calls == [(salted_password, 10_000)]
+    assert run.calls == [(derive_keys, 10_000)]
 
 
 def test_messages_out_of_order() -> None:

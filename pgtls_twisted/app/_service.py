@@ -343,6 +343,9 @@ class ProxyService(MultiService):
                 group.route.reloadCertificates(force=True)
         self._applyTopLevel(config, notes, metrics)
         self.config = config
+        forgotten = self.forgetLogins(None)
+        if forgotten:
+            notes.append(f"{forgotten} cached logins forgotten")
         for note in notes or ["no route changed; certificates re-read"]:
             self._log.info("reload: {note}", note=note)
         return notes or ["no route changed; certificates re-read"]
@@ -441,6 +444,25 @@ class ProxyService(MultiService):
     def requestPause(self, name: str | None, paused: bool) -> list[str]:
         """Admin C{PAUSE}/C{RESUME} (with workers, of every worker)."""
         return self.setPaused(name, paused)
+
+    def forgetLogins(self, user: str | None) -> int:
+        """
+        Forget the logins pools keep (C{identity = "client"}) of C{user},
+        or of everyone: their next logins go to the server again.
+
+        @return: how many there were.
+        """
+        count = 0
+        for route in self.liveRoutes():
+            if route.pools is not None:
+                logins = route.pools.logins
+                count += logins.clear() if user is None else logins.evict(user)
+        return count
+
+    def requestForget(self, user: str | None) -> list[str]:
+        """Admin C{FORGET user | ALL} (with workers, in every worker)."""
+        count = self.forgetLogins(user)
+        return [f"{count} cached logins forgotten"]
 
     def complete(self, results: list[Any]) -> Any:
         """Admin results are complete in one process (see L{WorkerProxy.complete})."""

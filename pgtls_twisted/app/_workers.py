@@ -181,6 +181,16 @@ class WorkerProxy(ProxyService):
 
         return defer.gatherResults([gather(r) for r in shows]).addCallback(lambda _: results)
 
+    def requestForget(self, user: str | None) -> list[str]:
+        notes = super().requestForget(user)
+        # The name as hex: a role name may hold any character but NUL.
+        argument = "*" if user is None else user.encode().hex()
+        for worker in self._siblings():
+            control_request(
+                self.reactor, control_path(self.runDir, worker), f"forget {argument}"
+            ).addErrback(lambda f: None)
+        return [f"{notes[0]} in this worker; asked the {len(self._siblings())} others"]
+
     def requestPause(self, name: str | None, paused: bool) -> list[str]:
         names = self.setPaused(name, paused)
         verb = "pause" if paused else "resume"
@@ -210,6 +220,12 @@ class _Control(LineOnlyReceiver):
             via = group.route if group is not None else None
             if parsed is not None and isinstance(parsed[0], wire.CancelRequest):
                 proxy.cancels.cancel(parsed[0], 0, via, relayed=True)
+        elif command == "forget":
+            try:
+                user = None if argument == "*" else bytes.fromhex(argument).decode()
+            except (ValueError, UnicodeDecodeError):
+                return
+            proxy.forgetLogins(user)
         elif command == "show":
             if argument in PER_WORKER:
                 result = AdminCommands(proxy).one(f"SHOW {argument}")

@@ -71,9 +71,13 @@ def _describe_route(route: RouteConfig) -> list[str]:
     if pool is None:
         lines.append("  pooling    none (1:1 pass-through)")
     else:
-        source = pool.password_source or "no password"
+        if pool.identity == "service":
+            who = f"as {pool.service_user} ({pool.password_source or 'no password'})"
+        else:
+            ttl = format_duration(pool.auth_cache_ttl) if pool.auth_cache_ttl else "off"
+            who = f"as each client's own role (login cache {ttl})"
         lines.append(
-            f"  pooling    {pool.mode} mode as {pool.service_user} ({source}),"
+            f"  pooling    {pool.mode} mode {who},"
             f" {pool.min_size}..{pool.max_size} connections per database,"
             f" wait {format_duration(pool.acquire_timeout)}"
         )

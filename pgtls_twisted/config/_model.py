@@ -28,6 +28,7 @@ __all__ = [
     "MAX_WORKERS",
     "MIN_MAX_SCRAM_ITERATIONS",
     "PINNING_MODES",
+    "POOL_IDENTITIES",
     "POOL_MODES",
     "TLS_VERSIONS",
     "AdminConfig",
@@ -190,14 +191,22 @@ class BackendConfig:
 POOL_MODES = ("session", "transaction")
 #: What a transaction pool does with a client that creates session state.
 PINNING_MODES = ("pin", "refuse")
+#: Whose role pooled server connections log in as.
+POOL_IDENTITIES = ("service", "client")
 
 
 @dataclass(frozen=True)
 class PoolConfig:
     """
-    C{[proxy.pool]}: pooled server connections that log in as a service
-    user (absent: 1:1 pass-through).
+    C{[proxy.pool]}: pooled server connections (absent: 1:1 pass-through),
+    logged in as a service user (C{identity = "service"}, the pooling
+    seed's design) or as each client's own role (C{"client"}).
 
+    @ivar identity: C{"service"} or C{"client"}; when the file does not
+        say, C{"service"} if C{service_user} is set, else C{"client"}.
+    @ivar auth_cache_ttl: seconds a client's login is answered from the
+        keys cached at its last login checked by the server (C{identity =
+        "client"}); 0: the server checks every login.
     @ivar service_password: resolved at load time from
         C{service_password_file}, C{service_password_env} or
         C{service_password}; never shown in reprs or logs.
@@ -206,7 +215,11 @@ class PoolConfig:
         timeouts (see L{pgtls_twisted.pool._timeouts}).
     """
 
-    service_user: str
+    service_user: str | None = None
+    #: Always C{"service"} or C{"client"} once loaded (None only in the
+    #: schema: "not given").
+    identity: str | None = None
+    auth_cache_ttl: float = 600.0
     mode: str = "transaction"
     service_password: str | None = field(default=None, repr=False)
     password_source: str | None = None

@@ -31,6 +31,7 @@ from pgtls_twisted.config._model import (
     LISTENER_TLS_MODES,
     LOG_FORMATS,
     PINNING_MODES,
+    POOL_IDENTITIES,
     POOL_MODES,
     TLS_VERSIONS,
     AdminConfig,
@@ -197,7 +198,10 @@ _POOL: dict[str, _Key] = _defaults_from(
     PoolConfig,
     {
         "mode": _Key(_choice(POOL_MODES)),
-        "service_user": _Key(_string, _REQUIRED),
+        "service_user": _Key(_string),
+        # Resolved from service_user when absent (see PoolConfig.identity).
+        "identity": _Key(_choice(POOL_IDENTITIES)),
+        "auth_cache_ttl": _Key(_duration_or_zero),
         # The three password sources fill one field, service_password.
         "service_password_file": _Key(_secret_file, None),
         "service_password_env": _Key(_string, None),
@@ -310,12 +314,22 @@ def _build_backend(values: dict[str, Any]) -> BackendConfig:
 
 
 def _check_pool(values: dict[str, Any], where: str, report: _Report) -> None:
-    """One password source at most; min_size within max_size; the env variable set."""
+    """
+    A service user exactly with C{identity = "service"}; one password
+    source at most; min_size within max_size; the env variable set.
+    """
     sources = [
         k
         for k in ("service_password_file", "service_password_env", "service_password")
         if values[k] is not None
     ]
+    identity, user = values["identity"], values["service_user"]
+    if identity == "service" and user is None:
+        report.add(f"{where}service_user", 'required when identity = "service"')
+    elif identity == "client":
+        for key in ("service_user", *sources):
+            if values[key] is not None:
+                report.add(f"{where}{key}", 'only used with identity = "service"')
     if len(sources) > 1:
         report.add(f"{where}{sources[1]}", f"conflicts with {sources[0]}: give one password source")
     env = values["service_password_env"]
@@ -337,6 +351,8 @@ def _build_pool(values: dict[str, Any]) -> PoolConfig:
     path = values.pop("service_password_file")
     env = values.pop("service_password_env")
     literal = values.pop("service_password")
+    if values["identity"] is None:
+        values["identity"] = "service" if values["service_user"] is not None else "client"
     password, source = None, None
     if path is not None:
         password, source = _first_line(path), "file"

@@ -12,9 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from pgtls_twisted.pool._logincache import LoginCache
 from pgtls_twisted.pool._pool import Pool, PooledServer
-from pgtls_twisted.pool._serverlogin import ServerLogin
+from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
 from pgtls_twisted.proxy._leg import discard
 
 if TYPE_CHECKING:
@@ -33,14 +35,22 @@ class PoolManager:
         self.route = route
         self.config = route.config.pool
         self.pools: dict[str, Pool] = {}
+        #: What the server accepted of each client's password
+        #: (C{identity = "client"}).
+        self.logins = LoginCache(route.clock, self.config.auth_cache_ttl)
 
-    def poolFor(self, database: str) -> Pool:
-        pool = self.pools.get(database)
+    def poolFor(self, database: str, user: str | None = None) -> Pool:
+        """
+        The pool of C{database}: the service user's, or (C{identity =
+        "client"}) C{user}'s own.
+        """
+        key = database if user is None else f"{user}/{database}"
+        pool = self.pools.get(key)
         if pool is None:
             config = self.config
             pool = Pool(
-                f"{config.service_user}/{database}",
-                lambda: self._open(database),
+                f"{config.service_user if user is None else user}/{database}",
+                lambda: self._open(database, user),
                 self.route.clock,
                 maxSize=config.max_size,
                 minSize=config.min_size,
@@ -49,44 +59,71 @@ class PoolManager:
                 maxLifetime=config.max_lifetime,
             )
             pool.paused = self.route.paused
-            self.pools[database] = pool
+            self.pools[key] = pool
         return pool
 
-    def _open(self, database: str) -> defer.Deferred[PooledServer]:
-        """A new server connection, logged in as the service user."""
+    def _open(self, database: str, user: str | None) -> defer.Deferred[PooledServer]:
+        """A new server connection, logged in as the service user or as C{user}."""
         config = self.config
         clock = self.route.clock
+        key = database if user is None else f"{user}/{database}"
+        if user is None:
+            role, secret = config.service_user, config.service_password
+        else:
+            role, secret = user, self.logins.secret(user, database)
 
         def login(leg: Any) -> defer.Deferred[PooledServer]:
-            attempt = ServerLogin(
-                leg,
-                config.service_user,
-                database,
-                config.service_password,
-                {"application_name": "pgtls"},
-            )
+            attempt = ServerLogin(leg, role, database, secret, {"application_name": "pgtls"})
 
             def ready(result: Any) -> PooledServer:
                 now = clock.seconds()
                 server = PooledServer(leg, now, dict(result.parameters), result.backendKey, now)
                 # Until a client holds it, the pool watches it: one that
                 # dies while idle must leave the pool, not be handed out.
-                pool = self.pools.get(database)
+                pool = self.pools.get(key)
                 leg.deliver = discard
                 leg.onLost = (lambda reason: pool.lost(server)) if pool is not None else None
                 return server
 
             return attempt.done.addCallback(ready)
 
-        return self.route.backend.connect().addCallback(login)
+        opened = self.route.backend.connect().addCallback(login)
+        if user is not None:
+            opened.addErrback(self._refused, user)
+        return opened
+
+    def _refused(self, failure: Failure, user: str) -> Failure:
+        """
+        The server refused what pgtls kept of C{user}'s password (it
+        changed, or the role went): forget it, so the next login of the
+        user goes to the server again, and tell the waiting client so.
+        """
+        error = failure.value
+        if isinstance(error, ServerLoginError) and error.sqlstate.startswith("28"):
+            if self.logins.evict(user):
+                self._log.info(
+                    "pool {user}: the server refused the cached login; keys forgotten", user=user
+                )
+            return Failure(
+                ServerLoginError(
+                    "28P01",
+                    f"{error.message} (the server refused the login pgtls kept for user"
+                    f' "{user}"; log in again)',
+                    error.fields,
+                )
+            )
+        return failure
 
     def reap(self) -> None:
         """Close idle and over-age connections; forget pools nobody uses."""
-        for database, pool in list(self.pools.items()):
+        for key, pool in list(self.pools.items()):
             pool.reap()
             if pool.size == 0 and pool.unused:
-                del self.pools[database]
-                if not self.route.retired:
+                del self.pools[key]
+                database = key.rpartition("/")[2]
+                if not self.route.retired and not any(
+                    k.rpartition("/")[2] == database for k in self.pools
+                ):
                     # (A retired route's successor of the same name may
                     # still be using these series.)
                     self.route.metrics.poolDropped(self.route.name, database)

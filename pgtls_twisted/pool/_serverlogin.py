@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_security_scram_derivation,tests.test_pooling -*-
 """
 pgtls logging in to the backend under its own name (the pool's service
-user), on a backend leg that L{pgtls_twisted.proxy._backend.BackendConnector}
+user), or as a client's role with what L{pgtls_twisted.pool._logincache}
+kept of its password, on a backend leg that L{pgtls_twisted.proxy._backend.BackendConnector}
 has made ready.
 
 This is the client side of PostgreSQL's startup: send a StartupMessage,
@@ -24,10 +25,13 @@ from typing import Any
 
 from twisted.internet import defer
 
+from pgtls_twisted.pool._logincache import Secret
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._authpolicy import REFUSED, LoginGuard
+from pgtls_twisted.protocol._md5 import Md5Secret
 from pgtls_twisted.protocol._scram import (
     SCRAM_SHA_256_PLUS,
+    ScramKeys,
     ScramLogin,
     ScramLoginError,
 )
@@ -81,11 +85,13 @@ class ServerLogin:
         server: Any,
         user: str,
         database: str,
-        password: str | None,
+        password: str | Secret | None,
         parameters: dict[str, str],
         passwordRequired: bool = False,
     ) -> None:
         """
+        @param password: the password, or what a login cache kept of one
+            (SCRAM keys, an MD5 hash), or C{None} (the server must not ask).
         @param passwordRequired: the login must prove the password: a
             server that lets the user in without asking for one (C{trust})
             fails it. For the admin console's C{backend} authentication,
@@ -144,22 +150,33 @@ class ServerLogin:
                         "server accepted the login without proving it knows the password"
                     )
             elif code == wire.AUTH_CLEARTEXT_PASSWORD:
-                out.write(wire.message(b"p", self._secret().encode() + b"\0"))
+                out.write(wire.message(b"p", self._cleartext().encode() + b"\0"))
             elif code == wire.AUTH_MD5_PASSWORD:
-                out.write(
-                    wire.message(b"p", md5_password(self._user, self._secret(), body[4:8]) + b"\0")
-                )
+                secret = self._secret()
+                if isinstance(secret, Md5Secret):
+                    answer = secret.response(body[4:8])
+                elif isinstance(secret, str):
+                    answer = md5_password(self._user, secret, body[4:8])
+                else:
+                    raise ScramLoginError("the server asks for MD5 and pgtls has SCRAM keys")
+                out.write(wire.message(b"p", answer + b"\0"))
             elif code == wire.AUTH_SASL:
+                secret = self._secret()
                 self._scram = ScramLogin(
                     wire.sasl_mechanisms(body),
                     self._binding(body),
                     tls=self._server.tls is not None,
                     maxIterations=self._backend.max_scram_iterations,
                 )
-                out.write(self._scram.start(self._secret()))
+                if isinstance(secret, ScramKeys):
+                    out.write(self._scram.startWithKeys(secret))
+                elif isinstance(secret, str):
+                    out.write(self._scram.start(secret))
+                else:
+                    raise ScramLoginError("the server asks for SCRAM and pgtls has an MD5 hash")
                 self._password = None
             elif code == wire.AUTH_SASL_CONTINUE and self._scram is not None:
-                derivation = self._scram.challenge(body[4:], self._derivations.run)
+                derivation = self._scram.challenge(body[4:], self._run)
                 self._deriving = True
                 derivation.addCallback(self._clientFinal).addErrback(self._derivationFailed)
             elif code == wire.AUTH_SASL_FINAL and self._scram is not None:
@@ -197,11 +214,25 @@ class ServerLogin:
         self._deriving = False
         self._fail("08006", f"backend login failed: {failure.getErrorMessage()}")
 
-    def _secret(self) -> str:
+    def _secret(self) -> str | Secret:
         self._askedPassword = True
         if self._password is None:
             raise ScramLoginError("the server asked for a password and none is configured")
         return self._password
+
+    def _cleartext(self) -> str:
+        secret = self._secret()
+        if not isinstance(secret, str):
+            raise ScramLoginError(
+                "the server asks for a cleartext password, which pgtls does not keep"
+            )
+        return secret
+
+    def _run(self, f: Any, *args: Any) -> defer.Deferred[Any]:
+        """Derive in a thread; keys already derived need no thread."""
+        if not args:
+            return defer.maybeDeferred(f)
+        return self._derivations.run(f, *args)
 
     def _binding(self, body: bytes) -> bytes | None:
         if self._server.tls is None or SCRAM_SHA_256_PLUS not in wire.sasl_mechanisms(body):

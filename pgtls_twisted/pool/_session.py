@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from pgtls_twisted.pool._attachment import Attachment, cut, serverSplitter
 from pgtls_twisted.pool._internal import resetStatements, runEach, runInternal
+from pgtls_twisted.pool._login import PooledLogin
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
 from pgtls_twisted.pool._querylog import PEEK, QueryLog
 from pgtls_twisted.pool._serverlogin import ServerLoginError
@@ -50,7 +51,7 @@ from pgtls_twisted.protocol._txstate import (
 )
 from pgtls_twisted.proxy._leg import discard
 from pgtls_twisted.proxy._pump import join, separate
-from pgtls_twisted.proxy._session import Session, SessionPhase
+from pgtls_twisted.proxy._session import SessionPhase
 
 if TYPE_CHECKING:
     from pgtls_twisted.proxy._frontend import ClientProtocol
@@ -72,7 +73,7 @@ _LOGGED_IN = frozenset(
 )
 
 
-class PooledSession(Session):
+class PooledSession(PooledLogin):
     """
     @ivar attachment: the server connection serving the client now, or
         C{None}.
@@ -132,19 +133,10 @@ class PooledSession(Session):
 
     # -- the end of login ----------------------------------------------------------
 
-    def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
-        if mtype == b"S":
-            name, value = wire.parse_parameter_status(body)
-            self.params.serverReported(name, value)
-        return super()._serverMessage(mtype, body)
-
-    def _startPump(self) -> None:
-        """The temporary connection said ReadyForQuery: the login is done."""
-        temp, self.server = self.server, None
-        assert temp is not None
-        temp.onLost = None
-        temp.close()
-        self.pool = self.pools.poolFor(self.startup.database)
+    def _loggedIn(self, how: str = "") -> None:
+        """The client is logged in: from now on it is served by pooled connections."""
+        user = self.startup.user if self.identityClient else None
+        self.pool = self.pools.poolFor(self.startup.database, user)
         self._figures = self.route.metrics.pooled(self.route.name, self.startup.database)
         self.timeouts = SessionTimeouts.create(self, self._figures)
         # A logged-in client may come back for a server any time: its pool
@@ -153,7 +145,7 @@ class PooledSession(Session):
         self.phase = SessionPhase.IDLE
         client = self.client
         self._started(
-            " pool={pool} mode={mode}", pool=self.pool.name, mode=self.route.config.pool.mode
+            " pool={pool} mode={mode}" + how, pool=self.pool.name, mode=self.route.config.pool.mode
         )
         client.deliver = self._fromClient
         client.onLost = self._clientLost

@@ -36,6 +36,7 @@ import hashlib
 import hmac
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from scramp import ScramException, ScramMechanism
@@ -116,6 +117,40 @@ def _attribute(part: str, name: str, message: str) -> str:
     return part[2:]
 
 
+@dataclass(frozen=True)
+class ScramKeys:
+    """
+    What a password comes to for one SCRAM verifier (RFC 5802): enough to
+    log in (C{client_key}, C{server_key}, for that C{salt} and iteration
+    count) and to check a client's proof (L{stored_key}), but not the
+    password itself, which cannot be recovered from them.
+    """
+
+    salt: bytes
+    iterations: int
+    client_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+    @property
+    def stored_key(self) -> bytes:
+        return hashlib.sha256(self.client_key).digest()
+
+
+def derive_keys(password: bytes, salt: bytes, iterations: int) -> ScramKeys:
+    """The costly step: PBKDF2 of the (SASLprep'd) password, then two HMACs."""
+    salted = salted_password(password, salt, iterations)
+    return ScramKeys(salt, iterations, _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key"))
+
+
+class ScramKeysStale(ScramLoginError):
+    """
+    The server's salt or iteration count is not the cached keys': the
+    password was changed (or the role re-created) since they were derived.
+    """
+
+    sqlstate = "28P01"
+
+
 class ScramLogin:
     """
     The client side of one SCRAM exchange, as a small state machine fed the
@@ -154,12 +189,28 @@ class ScramLogin:
         self._nonce = _b64(secrets.token_bytes(_NONCE_BYTES))
         self._clientFirstBare = f"n=,r={self._nonce}"
         self._password: bytes | None = None
+        self._keys: ScramKeys | None = None
         self._serverSignature: bytes | None = None
+        #: The keys the exchange used, once derived (or given): what a
+        #: login cache keeps instead of the password.
+        self.keys: ScramKeys | None = None
         self.done = False
 
     def start(self, password: bytes | str) -> bytes:
         """@return: the SASLInitialResponse message carrying client-first."""
         self._password = prepare_password(password)
+        return self._first()
+
+    def startWithKeys(self, keys: ScramKeys) -> bytes:
+        """
+        Like L{start}, with keys derived at an earlier login instead of a
+        password: no PBKDF2, and the server's salt and iteration count must
+        be the keys' (L{ScramKeysStale} otherwise).
+        """
+        self._keys = keys
+        return self._first()
+
+    def _first(self) -> bytes:
         first = self.gs2Header + self._clientFirstBare.encode("ascii")
         return wire.sasl_initial_response(self.mechanism, first)
 
@@ -173,15 +224,20 @@ class ScramLogin:
         @return: a Deferred firing with the SASLResponse message carrying
             client-final.
         """
-        if self._password is None or self._serverSignature is not None:
+        if (self._password is None and self._keys is None) or self._serverSignature is not None:
             raise ScramLoginError("unexpected SASL continue message")
         try:
             text = serverFirst.decode("ascii")
         except UnicodeDecodeError:
             raise ScramLoginError("malformed SCRAM message (not ASCII)") from None
         nonce, salt, iterations = self._parseServerFirst(text)
+        keys, self._keys = self._keys, None
+        if keys is not None:
+            if keys.salt != salt or keys.iterations != iterations:
+                raise ScramKeysStale("the password changed since pgtls cached this user's keys")
+            return run(lambda: keys).addCallback(self._clientFinal, text, nonce)
         password, self._password = self._password, None
-        d = run(salted_password, password, salt, iterations)
+        d = run(derive_keys, password, salt, iterations)
         return d.addCallback(self._clientFinal, text, nonce)
 
     def _parseServerFirst(self, text: str) -> tuple[str, bytes, int]:
@@ -206,14 +262,13 @@ class ScramLogin:
             )
         return nonce, salt, iterations
 
-    def _clientFinal(self, salted: bytes, serverFirst: str, nonce: str) -> bytes:
+    def _clientFinal(self, keys: ScramKeys, serverFirst: str, nonce: str) -> bytes:
+        self.keys = keys
         withoutProof = f"c={_b64(self._cbindInput)},r={nonce}"
         authMessage = f"{self._clientFirstBare},{serverFirst},{withoutProof}".encode("ascii")
-        clientKey = _hmac(salted, b"Client Key")
-        storedKey = hashlib.sha256(clientKey).digest()
-        signature = _hmac(storedKey, authMessage)
-        proof = bytes(a ^ b for a, b in zip(clientKey, signature, strict=True))
-        self._serverSignature = _hmac(_hmac(salted, b"Server Key"), authMessage)
+        signature = _hmac(keys.stored_key, authMessage)
+        proof = bytes(a ^ b for a, b in zip(keys.client_key, signature, strict=True))
+        self._serverSignature = _hmac(keys.server_key, authMessage)
         return wire.sasl_response(f"{withoutProof},p={_b64(proof)}".encode("ascii"))
 
     def finish(self, serverFinal: bytes) -> None:

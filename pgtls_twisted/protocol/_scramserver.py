@@ -96,6 +96,10 @@ class ScramServer:
         self._clientFirstBare = ""
         self._serverFirst = ""
         self._nonce = ""
+        #: The client's ClientKey, recovered from its proof once it is
+        #: verified: with the verifier's ServerKey, what pgtls needs to log
+        #: in to the server as that user (the password itself is not).
+        self.clientKey: bytes | None = None
 
     @property
     def mechanisms(self) -> list[str]:
@@ -175,6 +179,7 @@ class ScramServer:
         clientKey = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if not hmac.compare_digest(hashlib.sha256(clientKey).digest(), v.stored_key):
             raise ScramAuthError("wrong password")
+        self.clientKey = clientKey
         serverSignature = hmac.new(v.server_key, authMessage, hashlib.sha256).digest()
         return f"v={_b64(serverSignature)}".encode("ascii")
 

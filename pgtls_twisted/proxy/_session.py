@@ -24,6 +24,7 @@ Where a session is, is its L{SessionPhase}.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -31,6 +32,7 @@ from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._authpolicy import REFUSED, LoginGuard
+from pgtls_twisted.protocol._md5 import Md5Secret
 from pgtls_twisted.protocol._scram import (
     SCRAM_SHA_256_PLUS,
     ScramLogin,
@@ -92,9 +94,16 @@ class Session:
     @ivar server: the backend leg, once connected.
     @ivar scram: the proxy's own SCRAM exchange, when it runs one.
     @ivar guard: what the backend may ask for during login.
+    @ivar capture: pgtls must learn what the client's password comes to (a
+        pool that logs in as the client's own role): a TLS client is then
+        asked for its password whenever the backend wants SCRAM or MD5,
+        and pgtls answers the backend itself, keeping the SCRAM keys
+        (L{scram}) or the MD5 hash (L{md5Secret}), never the password.
+    @ivar md5Secret: with C{capture}, the client's MD5 hash once known.
     """
 
     _log = Logger()
+    capture = False
 
     def __init__(
         self, route: SessionHost, client: ClientProtocol, startup: wire.StartupMessage
@@ -106,7 +115,10 @@ class Session:
         self.server: ServerProtocol | None = None
         self.scram: ScramLogin | None = None
         self.guard: LoginGuard | None = None
+        self.md5Secret: Md5Secret | None = None
         self._awaitingPassword = False
+        #: What to do with the password the client was asked for.
+        self._onPassword: Callable[[bytes], None] | None = None
         #: The SCRAM keys are being derived in a thread: the server's
         #: messages wait in their reader until client-final is sent (the
         #: client's wait anyway, see L{_clientHeld}).
@@ -216,10 +228,11 @@ class Session:
             except wire.ProtocolViolation as e:
                 self._abandon("08P01", e.message)
                 return
-            assert self.scram is not None
+            onPassword, self._onPassword = self._onPassword, None
+            assert onPassword is not None
             # The bytes as sent: PostgreSQL hashes those when they are not
             # valid UTF-8, and so must we.
-            self.server.out.write(self.scram.start(body[:-1]))
+            onPassword(body[:-1])
             return
         if mtype == b"X":
             self._finish("client terminated during startup")
@@ -292,6 +305,13 @@ class Session:
             except ScramLoginError as e:
                 self._scramFailed(e)
             return
+        if self.capture and self.client.tls is not None:
+            if code == wire.AUTH_SASL:
+                self._startScram(wire.sasl_mechanisms(body))
+                return
+            if code == wire.AUTH_MD5_PASSWORD:
+                self._askPassword(lambda password: self._md5(password, body[4:8]))
+                return
         if code == wire.AUTH_SASL and self.server.tls is not None:
             offered = wire.sasl_mechanisms(body)
             if self.client.tls is not None:
@@ -309,19 +329,31 @@ class Session:
 
     def _startScram(self, offered: list[str]) -> None:
         assert self.server is not None
+        tls = self.server.tls
         binding = None
-        if SCRAM_SHA_256_PLUS in offered:
-            binding = peer_binding(self.server.tls.getHandle())
+        if SCRAM_SHA_256_PLUS in offered and tls is not None:
+            binding = peer_binding(tls.getHandle())
         backend = self.route.config.backend
         try:
-            self.scram = ScramLogin(
-                offered, binding, tls=True, maxIterations=backend.max_scram_iterations
+            scram = self.scram = ScramLogin(
+                offered, binding, tls=tls is not None, maxIterations=backend.max_scram_iterations
             )
         except ScramLoginError as e:
             self._abandon("28000", str(e))
             return
+        self._askPassword(lambda password: self.server.out.write(scram.start(password)))
+
+    def _askPassword(self, then: Callable[[bytes], None]) -> None:
+        """Ask the client for its password (only ever inside its TLS session)."""
         self._awaitingPassword = True
+        self._onPassword = then
         self.client.out.write(wire.AUTHENTICATION_CLEARTEXT_PASSWORD)
+
+    def _md5(self, password: bytes, salt: bytes) -> None:
+        """Answer the backend's MD5 challenge with the client's password, keeping the hash."""
+        assert self.server is not None
+        secret = self.md5Secret = Md5Secret.fromPassword(password, self.startup.user)
+        self.server.out.write(wire.message(b"p", secret.response(salt) + b"\0"))
 
     def _scramContinue(self, serverFirst: bytes) -> None:
         """

@@ -1,0 +1,144 @@
+# -*- test-case-name: tests.test_identity,tests.test_pooling -*-
+"""
+How a pooled session logs in: L{pgtls_twisted.proxy._session.Session}'s
+startup over a temporary connection (the server checks the client's
+credentials, and for C{identity = "client"} pgtls keeps what the password
+comes to, L{pgtls_twisted.pool._logincache}), or, when that cache is warm,
+pgtls answering the login itself (L{pgtls_twisted.pool._warmlogin}).
+Either way the session then goes on in
+L{pgtls_twisted.pool._session.PooledSession._loggedIn}.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pgtls_twisted.pool._logincache import CachedLogin
+from pgtls_twisted.pool._warmlogin import WarmLogin, reportedParameters, startupAnswer
+from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._session import Session, SessionPhase
+from pgtls_twisted.tls._contexts import own_binding
+
+if TYPE_CHECKING:
+    from pgtls_twisted.proxy._frontend import ClientProtocol
+    from pgtls_twisted.proxy._interfaces import SessionHost
+
+
+class PooledLogin(Session):
+    """
+    The login half of a pooled session.
+
+    @ivar identityClient: the pool logs in as the client's own role.
+    """
+
+    def __init__(
+        self, route: SessionHost, client: ClientProtocol, startup: wire.StartupMessage
+    ) -> None:
+        super().__init__(route, client, startup)
+        self.pools = route.pools
+        #: The pool logs in as the client's own role (C{identity = "client"}).
+        self.identityClient = route.config.pool.identity == "client"
+        self.capture = self.identityClient
+        #: The server's ParameterStatus messages during login, in order,
+        #: and the protocol minor version it speaks: what a login cache
+        #: keeps to answer the next login of this user itself.
+        self._loginParameters: list[tuple[str, str]] = []
+        self._serverMinor = startup.version & 0xFFFF
+        #: pgtls answering the client's login itself, while it does.
+        self._warm: WarmLogin | None = None
+
+    def _loggedIn(self, how: str = "") -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        """
+        Log in: over a temporary connection, or (C{identity = "client"},
+        the server accepted this user's password within C{auth_cache_ttl})
+        answered by pgtls from what it kept then.
+        """
+        cached = None
+        if self.identityClient:
+            cached = self.pools.logins.fresh(self.startup.user, self.startup.database)
+        if cached is None:
+            super().start()
+            return
+        self.phase = SessionPhase.LOGGING_IN
+        client = self.client
+        client.onLost = self._clientLost
+        tls = client.tls
+        self._warm = WarmLogin(
+            client.out,
+            self.startup.user,
+            cached,
+            None if tls is None else own_binding(tls.getHandle()),
+            lambda secret: self._warmDone(cached),
+            self._warmFailed,
+        )
+        client.deliver = self._warmData
+        pending = bytes(client.pending)
+        client.pending = bytearray()
+        client.transport.resumeProducing()
+        if pending:
+            self._warmData(pending)
+
+    def _warmData(self, data: bytes) -> None:
+        reader = self._clientReader
+        reader.feed(data)
+        while self._warm is not None:
+            try:
+                msg = reader.next()
+            except wire.ProtocolViolation as e:
+                self._abandon("08P01", e.message)
+                return
+            if msg is None:
+                return
+            self._warm.message(*msg)
+
+    def _warmFailed(self, sqlstate: str, text: str, why: str) -> None:
+        self._warm = None
+        self._log.info(
+            "conn={conn} login refused by pgtls (cached keys) user={user}: {why}",
+            conn=self.client.connId,
+            user=self.startup.user,
+            why=why or text,
+        )
+        self._abandon(sqlstate, text)
+
+    def _warmDone(self, cached: CachedLogin) -> None:
+        self._warm = None
+        minor = min(self.startup.version & 0xFFFF, cached.minor)
+        self._mintedPid, key = self.route.cancels.mint(self, 32 if minor >= 2 else 4)
+        reported = reportedParameters(cached, self.startup)
+        for name, value in reported:
+            self.params.serverReported(name, value)
+        self.client.out.write(startupAnswer(cached, self.startup, reported, (self._mintedPid, key)))
+        self._loggedIn(" login=cached")
+
+    def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
+        if mtype == b"S":
+            name, value = wire.parse_parameter_status(body)
+            self.params.serverReported(name, value)
+            self._loginParameters.append((name, value))
+        elif mtype == b"v" and len(body) >= 4:
+            self._serverMinor = int.from_bytes(body[:4], "big")
+        return super()._serverMessage(mtype, body)
+
+    def _startPump(self) -> None:
+        """The temporary connection said ReadyForQuery: the login is done."""
+        temp, self.server = self.server, None
+        assert temp is not None
+        temp.onLost = None
+        temp.close()
+        if self.identityClient:
+            secret = self.md5Secret
+            if self.scram is not None and self.scram.done:
+                secret = self.scram.keys
+            if secret is not None:
+                self.pools.logins.remember(
+                    self.startup.user,
+                    self.startup.database,
+                    secret,
+                    self._loginParameters,
+                    self._serverMinor,
+                )
+        self._loggedIn()
