@@ -535,3 +535,33 @@ def test_load_config_messages_name_file_as_given(certs: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value).startswith(f'{path}: [[proxy]] #1 "app": listener.tls: ')
+
+
+# ---------------------------------------------------------------------------
+# [proxy.pool] identity
+# ---------------------------------------------------------------------------
+
+
+def _pooled(pool: dict) -> dict:
+    doc = minimal_doc()
+    doc["proxy"][0]["pool"] = pool
+    return doc
+
+
+def test_identity_follows_service_user(certs: Path) -> None:
+    assert parse(_pooled({"service_user": "svc"}), certs).routes[0].pool.identity == "service"
+    own = parse(_pooled({}), certs).routes[0].pool
+    assert (own.identity, own.service_user, own.auth_cache_ttl) == ("client", None, 600.0)
+    assert parse(_pooled({"auth_cache_ttl": "0s"}), certs).routes[0].pool.auth_cache_ttl == 0
+
+
+def test_identity_errors(certs: Path) -> None:
+    assert errors_of(_pooled({"identity": "service"}), certs) == [
+        'routes.toml: [[proxy]] #1: pool.service_user: required when identity = "service"'
+    ]
+    assert errors_of(
+        _pooled({"identity": "client", "service_user": "svc", "service_password": "x"}), certs
+    ) == [
+        'routes.toml: [[proxy]] #1: pool.service_user: only used with identity = "service"',
+        'routes.toml: [[proxy]] #1: pool.service_password: only used with identity = "service"',
+    ]
