@@ -233,3 +233,15 @@ def test_startup_answer() -> None:
 
 def test_scram_keys_equality_is_by_value() -> None:
     assert KEYS == ScramKeys(KEYS.salt, KEYS.iterations, KEYS.client_key, KEYS.server_key)
+
+
+def test_prune_keeps_what_a_pool_may_need() -> None:
+    clock = Clock()
+    cache = LoginCache(clock, ttl=10)
+    cache.remember("u", "db", KEYS, PARAMS, 0)
+    cache.remember("v", "db", KEYS, PARAMS, 0)
+    cache.prune(set())
+    assert len(cache) == 2  # still fresh
+    clock.advance(11)
+    cache.prune({("u", "db")})
+    assert cache.secret("u", "db") is KEYS and cache.secret("v", "db") is None

@@ -104,6 +104,16 @@ class LoginCache:
             del self._logins[key]
         return len(keys)
 
+    def prune(self, inUse: set[tuple[str, str]]) -> None:
+        """
+        Drop the logins too old to answer one and whose pool is gone: no
+        pooled connection will log in with them, so nothing needs them.
+        """
+        now = self._clock.seconds()
+        for key, login in list(self._logins.items()):
+            if key not in inUse and not 0 <= now - login.verifiedAt < self.ttl:
+                del self._logins[key]
+
     def clear(self) -> int:
         """Forget everything (a reload, C{FORGET ALL}); how many there were."""
         count = len(self._logins)

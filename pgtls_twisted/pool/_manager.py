@@ -34,7 +34,9 @@ class PoolManager:
     def __init__(self, route: SessionHost) -> None:
         self.route = route
         self.config = route.config.pool
-        self.pools: dict[str, Pool] = {}
+        #: By database (the service user's) or by (user, database): never
+        #: a joined string, which two different pairs could spell alike.
+        self.pools: dict[str | tuple[str, str], Pool] = {}
         #: What the server accepted of each client's password
         #: (C{identity = "client"}).
         self.logins = LoginCache(route.clock, self.config.auth_cache_ttl)
@@ -44,7 +46,7 @@ class PoolManager:
         The pool of C{database}: the service user's, or (C{identity =
         "client"}) C{user}'s own.
         """
-        key = database if user is None else f"{user}/{database}"
+        key: str | tuple[str, str] = database if user is None else (user, database)
         pool = self.pools.get(key)
         if pool is None:
             config = self.config
@@ -66,7 +68,7 @@ class PoolManager:
         """A new server connection, logged in as the service user or as C{user}."""
         config = self.config
         clock = self.route.clock
-        key = database if user is None else f"{user}/{database}"
+        key: str | tuple[str, str] = database if user is None else (user, database)
         if user is None:
             role, secret = config.service_user, config.service_password
         else:
@@ -116,13 +118,14 @@ class PoolManager:
 
     def reap(self) -> None:
         """Close idle and over-age connections; forget pools nobody uses."""
+        self.logins.prune({key for key in self.pools if isinstance(key, tuple)})
         for key, pool in list(self.pools.items()):
             pool.reap()
             if pool.size == 0 and pool.unused:
                 del self.pools[key]
-                database = key.rpartition("/")[2]
+                database = key if isinstance(key, str) else key[1]
                 if not self.route.retired and not any(
-                    k.rpartition("/")[2] == database for k in self.pools
+                    (k if isinstance(k, str) else k[1]) == database for k in self.pools
                 ):
                     # (A retired route's successor of the same name may
                     # still be using these series.)

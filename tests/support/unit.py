@@ -376,7 +376,7 @@ class FakePools:
         self.pool = pool
         self.pools: dict[str, Any] = {}
 
-    def poolFor(self, database: str) -> Any:
+    def poolFor(self, database: str, user: str | None = None) -> Any:
         if database not in self.pools:
             self.pools[database] = self.pool or FakePool(f"svc/{database}", self.events)
         return self.pools[database]
