@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 import pytest_twisted
+from support.admin import scrape
 from support.dsn import app_dsn
 from support.pooling import admin
 from support.proxy import route, start_proxy
@@ -26,6 +27,8 @@ from pgtls_twisted.testing.cluster import (
     SCRAM_PASSWORD,
     SCRAM_USER,
 )
+
+METRICS = {"bind_address": "127.0.0.1:0"}
 
 
 def identity_route(pki: Any, cluster: Any, **pool: Any) -> dict[str, Any]:
@@ -62,7 +65,7 @@ def who(dsn: str, **kwargs: Any) -> tuple[str, str]:
 
 @pytest_twisted.ensureDeferred
 async def test_queries_run_as_the_client(pki, pg_tls, tmp_path, logged_connections):
-    proxy = start_proxy([identity_route(pki, pg_tls)], tmp_path)
+    proxy = start_proxy([identity_route(pki, pg_tls)], tmp_path, metrics=METRICS)
     dsn = app_dsn(proxy, pki)
     try:
         assert await in_thread(who, dsn) == (SCRAM_USER, SCRAM_USER)
@@ -88,6 +91,9 @@ async def test_queries_run_as_the_client(pki, pg_tls, tmp_path, logged_connectio
                 ).fetchall()
 
         assert await in_thread(roles) == [(MD5_USER, 1), (SCRAM_USER, 1)]
+        page = await scrape(proxy)
+        for answer, count in (("server", 2), ("cache", 2), ("cache_refused", 0)):
+            assert page.value("pgtls_pool_logins_total", route="own", answer=answer) == count
     finally:
         await proxy.stop()
 

@@ -233,13 +233,13 @@ class AdminCommands:
         for route in self.process.liveRoutes():
             if route.pools is None:
                 continue
-            for database, pool in sorted(route.pools.pools.items()):
+            for user, database, pool in route.pools.each():
                 states = pool_states(pool)
                 wait = pool.longestWait()
                 rows.append(
                     [
                         database,
-                        route.config.pool.service_user,
+                        user,
                         max(0, pool.sessions - len(pool.waiters)),
                         len(pool.waiters),
                         states["active"],
@@ -416,8 +416,7 @@ def client_state(client: Any) -> tuple[str, float | None]:
 def _servers(route: Any) -> Iterable[tuple[str, str, str, Any, int | None, int | None]]:
     """(user, database, state, leg, backend pid, client id) of each server connection."""
     if route.pools is not None:
-        user = route.config.pool.service_user
-        for database, pool in sorted(route.pools.pools.items()):
+        for user, database, pool in route.pools.each():
             for server in pool.busy:
                 link = server.holder.client.connId if server.holder is not None else None
                 pid = server.backendKey[0] if server.backendKey else None

@@ -96,6 +96,7 @@ class PooledLogin(Session):
 
     def _warmFailed(self, sqlstate: str, text: str, why: str) -> None:
         self._warm = None
+        self.route.metrics.pooledLogin(self.route.name, "cache_refused")
         self._log.info(
             "conn={conn} login refused by pgtls (cached keys) user={user}: {why}",
             conn=self.client.connId,
@@ -112,6 +113,7 @@ class PooledLogin(Session):
         for name, value in reported:
             self.params.serverReported(name, value)
         self.client.out.write(startupAnswer(cached, self.startup, reported, (self._mintedPid, key)))
+        self.route.metrics.pooledLogin(self.route.name, "cache")
         self._loggedIn(" login=cached")
 
     def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
@@ -129,6 +131,7 @@ class PooledLogin(Session):
         assert temp is not None
         temp.onLost = None
         temp.close()
+        self.route.metrics.pooledLogin(self.route.name, "server")
         if self.identityClient:
             secret = self.md5Secret
             if self.scram is not None and self.scram.done:

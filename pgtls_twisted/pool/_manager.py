@@ -64,6 +64,16 @@ class PoolManager:
             self.pools[key] = pool
         return pool
 
+    def each(self) -> list[tuple[str, str, Pool]]:
+        """C{(user, database, pool)} for every pool, sorted: what SHOW and metrics list."""
+        rows = []
+        for key, pool in self.pools.items():
+            if isinstance(key, tuple):
+                rows.append((key[0], key[1], pool))
+            else:
+                rows.append((self.config.service_user or "", key, pool))
+        return sorted(rows, key=lambda row: (row[1], row[0]))
+
     def _open(self, database: str, user: str | None) -> defer.Deferred[PooledServer]:
         """A new server connection, logged in as the service user or as C{user}."""
         config = self.config

@@ -269,6 +269,9 @@ class RecordingMetrics:
     def cancelRequest(self, route: str, outcome: str) -> None:
         self.calls.append(("cancelRequest", route, outcome))
 
+    def pooledLogin(self, route: str, answer: str) -> None:
+        self.calls.append(("pooledLogin", route, answer))
+
     def clientClosed(self, route: str, database: str | None, stats: ConnectionStats) -> None:
         self.calls.append(("clientClosed", route, database))
 
