@@ -203,8 +203,10 @@ async def test_show_commands_have_pgbouncer_columns(pki, pg_tls, tmp_path):
         _, rows = await show(admin_dsn(proxy, pki, POOLED), "VERSION")
         assert rows[0]["version"].startswith("pgtls ")
 
-        # Nothing secret anywhere: no password, no minted cancel key.
-        minted = {str(pooled.info.backend_pid), str(plain.info.backend_pid)}
+        # Nothing secret anywhere: no password, no minted cancel key (the
+        # pooled client's PID is minted; the pass-through client's is the
+        # backend's own, shown as remote_pid, and no secret).
+        minted = {str(pooled.info.backend_pid)}
         for what in ("ROUTES", "POOLS", "CLIENTS", "SERVERS", "STATS", "CONFIG", "VERSION"):
             out, err, code = await psql(dsn, f"SHOW {what}")
             assert code == 0, err
@@ -316,9 +318,9 @@ async def test_show_servers_has_the_backend_pid_the_client_sees(pki, pg_tls, tmp
         _, servers = await show(dsn, "SERVERS")
         _, clients = await show(dsn, "CLIENTS")
         by_pid = {r["remote_pid"]: r for r in servers}
-        # pgtls hands clients a minted cancel PID, never the backend's...
-        assert plain.info.backend_pid != pid
-        # ...but the console shows the real one, as the backend knows it.
+        # A pass-through client is given the backend's own PID (only its
+        # cancel key is pgtls's), and the console shows the same.
+        assert plain.info.backend_pid == pid
         server = by_pid[str(pid)]
         assert (server["user"], server["database"], server["state"], server["route"]) == (
             SCRAM_USER,

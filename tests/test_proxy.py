@@ -288,18 +288,23 @@ async def test_cancel_with_a_wrong_key_does_nothing(pki, pg_tls, tmp_path):
     async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
         conn = await deferToThread(psycopg.connect, client_dsn(proxy, pki))
         [client] = proxy.route().clients
-        minted = client.session._mintedPid
+        # The backend's own PID, which the client is given; and the
+        # backend's own key, which only pgtls knows: honoured is a key
+        # pgtls minted, never the server's.
+        pid, real = client.session._backendKey
+        assert pid == conn.info.backend_pid
 
-        def forged_cancel():
+        def forged_cancel(key):
             import socket
 
             with socket.create_connection(("127.0.0.1", proxy.port()), timeout=5) as s:
-                s.sendall(wire.CancelRequest(minted, b"\0\0\0\0").encode())
+                s.sendall(wire.CancelRequest(pid, key).encode())
                 return s.recv(10)
 
         query = deferToThread(lambda: conn.execute("SELECT pg_sleep(1.5), 'finished'").fetchone())
         await sleep(0.3)
-        assert await deferToThread(forged_cancel) == b""
+        assert await deferToThread(forged_cancel, b"\0\0\0\0") == b""
+        assert await deferToThread(forged_cancel, real) == b""
         assert (await query)[1] == "finished"
         await deferToThread(conn.close)
 

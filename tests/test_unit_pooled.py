@@ -369,6 +369,9 @@ def test_cancel_goes_to_the_attached_server(scene: Scene) -> None:
     client = scene.start("alice")
     scene.backends.accept("login").send(login_ok(pid=1111, key=b"temp"))
     cancel = client.cancel_request()
+    # A minted PID: the temporary login connection's is no server the
+    # client's queries run on (pass-through sessions keep the backend's).
+    assert cancel.pid != 1111 and cancel.key != b"temp"
     scene.events.clear()
     pool = the_pool(scene)
     client.send(query("select pg_sleep(10)"))

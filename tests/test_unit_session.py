@@ -81,7 +81,7 @@ def test_bytes_sent_before_the_backend_is_ready_follow_the_startup(scene: Scene)
     assert scene.events == [("server", "startup"), ("server", "p"), ("server", "Q")]
 
 
-def test_trust_login_with_a_minted_cancel_key(scene: Scene) -> None:
+def test_trust_login_with_the_backends_pid_and_a_minted_key(scene: Scene) -> None:
     client = scene.start()
     server = scene.backends.accept()
     server.send(login_ok(pid=4242, key=b"real", server_version="17.2"))
@@ -94,8 +94,8 @@ def test_trust_login_with_a_minted_cancel_key(scene: Scene) -> None:
         ("client", "Z:I"),
     ]
     minted = client.cancel_request()
-    # Never the backend's own: a key as long as its, minted by pgtls.
-    assert minted.pid != 4242 and len(minted.key) == 4 and minted.key != b"real"
+    # The backend's own process ID; never its key: one as long, minted by pgtls.
+    assert minted.pid == 4242 and len(minted.key) == 4 and minted.key != b"real"
     assert scene.route.cancels.lookup(minted) is scene.session
 
 
@@ -405,6 +405,38 @@ def test_minted_key_cancels_the_backends_real_key(scene: Scene) -> None:
     assert scene.events == [("canceller", "close"), ("cancel", "cancel")]
     assert cancel.transport.framer.startup() == wire.CancelRequest(4242, b"real")
     assert scene.metrics.named("cancelRequest") == [("cancelRequest", "test", "forwarded")]
+
+
+def test_a_protocol_32_key_is_minted_as_long_and_cancels(scene: Scene) -> None:
+    """A 3.2 backend's 32-byte key: the client gets the PID and 32 bytes of pgtls's."""
+    real = bytes(range(32))
+    client = scene.start()
+    scene.backends.accept().send(login_ok(pid=4242, key=real))
+    scene.events.clear()
+    minted = client.cancel_request()
+    assert minted.pid == 4242 and len(minted.key) == 32 and minted.key != real
+
+    scene.connect("canceller").send(minted.encode())
+    cancel = scene.backends.accept("cancel")
+    assert cancel.transport.framer.startup() == wire.CancelRequest(4242, real)
+
+
+def test_a_second_backend_key_replaces_the_first(scene: Scene) -> None:
+    client = scene.start()
+    server = scene.backends.accept()
+    server.send(
+        wire.AUTHENTICATION_OK
+        + wire.backend_key_data(4242, b"old!")
+        + wire.backend_key_data(4242, b"real")
+        + wire.ready_for_query()
+    )
+    first, second = (
+        wire.CancelRequest(*wire.parse_backend_key_data(body))
+        for body in client.transport.framer.bodies(b"K")
+    )
+    assert scene.route.cancels.lookup(first) is None
+    assert scene.route.cancels.lookup(second) is scene.session
+    assert len(scene.route.cancels) == 1
 
 
 def test_a_finished_session_forgets_its_key(scene: Scene) -> None:

@@ -11,8 +11,7 @@ their own, in test_workers_lifecycle.
 
 pgtls runs as C{twist pgtls --config FILE} (a separate process), so the
 clients here are plain blocking psycopg calls. Which worker serves a
-session is visible from the client: the low byte of the (minted) backend
-PID the client is given is the worker's number (L{support.supervised}).
+session is found from the client's socket (L{support.supervised.worker_of}).
 """
 
 from __future__ import annotations
@@ -213,6 +212,94 @@ def test_sessions_spread_over_both_workers_and_every_cancel_works(shared, pki, p
         assert cancels(route=name, outcome="forwarded") == sum(1 for n, _ in sessions if n == name)
 
 
+# -- the backend's own PID on both workers ------------------------------------------
+
+
+def notify_self(conn: psycopg.Connection) -> int:
+    conn.execute("LISTEN pgtls_pid")
+    conn.execute("NOTIFY pgtls_pid")
+    (notify,) = list(conn.notifies(timeout=5, stop_after=1))
+    return notify.pid
+
+
+def cancel_pg_sleep(conn: psycopg.Connection, look: psycopg.Connection, plaintext: bool) -> None:
+    """A pg_sleep(10) in C{conn}, cancelled (libpq's PQcancel, or PQcancelCreate) once it runs."""
+    result: list[str] = []
+
+    def sleep() -> None:
+        try:
+            conn.execute("SELECT pg_sleep(10)")
+        except psycopg.errors.QueryCanceled as e:
+            result.append(str(e))
+        else:
+            result.append("not cancelled")
+
+    runner = threading.Thread(target=sleep, daemon=True)
+    runner.start()
+    eventually(
+        lambda: look.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND state = 'active'",
+            [conn.info.backend_pid],
+        ).fetchone(),
+        10,
+        "pg_sleep(10) to run",
+    )
+    started = time.monotonic()
+    if plaintext:
+        conn.cancel()
+    else:
+        conn.cancel_safe()
+    runner.join(10)
+    assert result and CANCELED in result[0], result
+    assert time.monotonic() - started < 5
+
+
+def test_pass_through_clients_see_their_backends_pid_and_cancel_across_workers(shared, pki, pg_tls):
+    """
+    On either worker a pass-through client is given its backend's own PID,
+    a NOTIFY to itself carries it, and a cancel of pg_sleep(10) works
+    wherever its new connection lands: rounds of one cancel per worker's
+    session (plaintext PQcancel and PQcancelCreate in turn) until one has
+    had to be passed on to the other worker.
+    """
+    counted = shared.scrape()
+    sessions = [session_on(shared, pki, 0), session_on(shared, pki, 1)]
+
+    def relayed() -> float:
+        name = "pgtls_cancel_requests_total"
+        return shared.scrape().total(name, route="app", outcome="relayed") - counted.total(
+            name, route="app", outcome="relayed"
+        )
+
+    cancelled = 0
+    try:
+        with server(pg_tls) as look:
+            for conn in sessions:
+                (pid,) = conn.execute("SELECT pg_backend_pid()").fetchone()
+                assert conn.info.backend_pid == pid
+                assert notify_self(conn) == pid
+            for n in range(10):
+                for conn in sessions:
+                    cancel_pg_sleep(conn, look, plaintext=bool(n % 2))
+                    cancelled += 1
+                if relayed() >= 1:
+                    break
+            assert relayed() >= 1, "no cancel landed on the other worker in 10 rounds"
+        for conn in sessions:
+            assert conn.execute("SELECT 42").fetchone() == (42,)
+    finally:
+        for conn in sessions:
+            conn.close()
+    scrape = shared.scrape()
+
+    def cancels(**labels: str) -> float:
+        name = "pgtls_cancel_requests_total"
+        return scrape.total(name, **labels) - counted.total(name, **labels)
+
+    assert cancels(route="app", outcome="forwarded") == cancelled
+    assert cancels(route="app", outcome="ignored") == 0
+
+
 # -- one metrics page ------------------------------------------------------------------
 
 
@@ -411,10 +498,14 @@ def test_a_cancel_with_a_wrong_key_is_counted_as_ignored_wherever_it_lands(share
     assert cancels(outcome="ignored") == forged, scrape.find("pgtls_cancel_requests_total")
 
 
-def test_a_cancel_for_a_worker_that_does_not_exist_is_ignored(shared):
+def test_a_cancel_whose_key_no_worker_could_have_minted_is_ignored_where_it_lands(shared):
+    """
+    Keys of 1 to 3 bytes (protocol 3.2 allows them) carry no worker
+    number: not passed on, just ignored, and nothing to warn about.
+    """
     counted, logged = shared.scrape(), len(shared.log())
-    for _ in range(4):
-        send_cancel(shared.ports["app"], (0x1234 << 8) | 7, b"\0\1\2\3")
+    for length in (1, 2, 3, 3):
+        send_cancel(shared.ports["app"], 0x1234, b"\7" * length)
     time.sleep(0.5)
     scrape = shared.scrape()
 

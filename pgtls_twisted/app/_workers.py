@@ -14,7 +14,7 @@ run directory (L{ControlService}), a line protocol for what one process
 cannot do alone:
 
  - C{cancel <hex>}: a CancelRequest that reached a worker other than the
-   one running its session (the minted PID names the worker, see
+   one running its session (the minted secret key names the worker, see
    L{pgtls_twisted.proxy._cancel});
  - C{metrics}: the worker's Prometheus text, which the supervisor merges
    into the one page it serves (each series already has its C{worker}

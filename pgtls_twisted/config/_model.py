@@ -51,8 +51,9 @@ forward secret already).
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
-#: The most worker processes C{workers} may ask for: the worker index is
-#: carried in the low byte of every minted cancel PID (see L{pgtls_twisted.proxy._cancel}).
+#: The most worker processes C{workers} may ask for: every minted cancel key
+#: carries the worker's number, at the cost of log2(workers) of a protocol
+#: 3.0 key's 32 random bits, so at most 6 (see L{pgtls_twisted.proxy._cancel}).
 MAX_WORKERS = 64
 LISTENER_TLS_MODES = ("require", "allow")
 BACKEND_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")

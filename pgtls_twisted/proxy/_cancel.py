@@ -2,27 +2,39 @@
 """
 Query cancellation through the proxy.
 
-Clients never see a backend's real cancel key: every session is given a
-key minted here (in pass-through mode as in pool mode, so one mechanism
-serves both), and a CancelRequest is honoured only for a key this process
-minted. That keeps the proxy from being a way to fire arbitrary cancel
-keys at the backend, and it is what lets a pool point a client's key at
-whichever server connection currently runs its query.
+Clients never see a backend's real secret key: every session is given a
+key minted here, and a CancelRequest is honoured only for a key this
+process minted. That keeps the proxy from being a way to fire arbitrary
+cancel keys at the backend, and it is what lets a pool point a client's
+key at whichever server connection currently runs its query.
 
-Keys are secrets: they are compared in constant time and never logged.
+The process ID that goes with the key is the backend's own in pass-through
+mode: the client's session is that backend's session, and applications
+compare C{backend_pid} with C{pg_backend_pid()}, with a notification's
+sender or with C{pg_stat_activity} (PostgreSQL shows every backend's PID to
+anyone who can log in, so it is no secret). A pooled session has no single
+backend and gets a random one. Either way a request is looked up by its
+process ID, then its key is compared, in constant time, with the key of
+every session of that process ID (sessions on different servers may share
+one).
 
 With C{workers = N}, a CancelRequest arrives on whichever process the
 kernel picks for the new connection (SO_REUSEPORT), not necessarily the
-one running the session. The low byte of every minted PID is the number
-of the worker that minted it, so the receiving worker knows where to pass
-the request on (L{CancelRegistry.relay}, set by
-L{pgtls_twisted.app._workers}); a request is passed on at most once, so a
-forged PID cannot make workers bounce it between them.
+one running the session. The first four bytes of every minted key, read
+as a big-endian number, are the number of the worker that minted it
+modulo N (L{worker_of}), so the receiving worker knows where to pass the
+request on (L{CancelRegistry.relay}, set by L{pgtls_twisted.app._workers});
+a request is passed on at most once, so a forged key cannot make workers
+bounce it between them. That costs log2(N) bits of a 3.0 key's 32
+(L{key_entropy}): nothing with one process, 1 bit with two, 6 with 64.
+
+Keys are secrets: they are compared in constant time and never logged.
 """
 
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -48,21 +60,42 @@ class CancelTarget(Protocol):
         """
 
 
-#: Bits of a minted PID that carry the worker number.
-WORKER_BITS = 8
-_WORKER_MASK = (1 << WORKER_BITS) - 1
+#: The bytes at the head of every minted key that carry the worker number:
+#: as many as a protocol 3.0 key has, so the scheme is one for 3.0 and 3.2.
+HEAD_LENGTH = 4
+_HEAD_SPAN = 1 << (8 * HEAD_LENGTH)
+#: The largest PID pgtls mints (PostgreSQL's PIDs are positive int32s).
+MAX_MINTED_PID = 0x7FFFFFFF
 
 
-def worker_of(pid: int) -> int:
-    """The worker that minted C{pid}."""
-    return pid & _WORKER_MASK
+def worker_of(key: bytes, workers: int) -> int | None:
+    """
+    The worker, of C{workers}, that minted C{key}; C{None} for a key too
+    short to be one pgtls minted (protocol 3.2 lets a client send 1 to 3
+    bytes).
+    """
+    if len(key) < HEAD_LENGTH:
+        return None
+    return int.from_bytes(key[:HEAD_LENGTH], "big") % workers
+
+
+def key_entropy(workers: int, keyLength: int = HEAD_LENGTH) -> float:
+    """
+    The random bits in a minted key of C{keyLength} bytes with C{workers}
+    workers: the head is uniform over the numbers below 2**32 that are the
+    worker's number modulo C{workers}.
+    """
+    return math.log2(_HEAD_SPAN // workers) + 8 * (keyLength - HEAD_LENGTH)
 
 
 class CancelRegistry:
     """
     Minted keys of the live sessions of this process.
 
-    @ivar worker: this process's worker number, carried in every PID.
+    @ivar worker: this process's worker number, carried in every key.
+    @ivar workers: how many workers there are (set once by
+        L{pgtls_twisted.app._workers}, before any session; a reload cannot
+        change it).
     @ivar relay: passes a request to another worker: called with the
         worker number and the request; C{None} without workers.
     """
@@ -70,37 +103,65 @@ class CancelRegistry:
     _log = Logger()
 
     def __init__(self, worker: int = 0) -> None:
-        self._entries: dict[int, tuple[bytes, CancelTarget]] = {}
+        #: Process ID to the (key, target) of every session that has it.
+        self._entries: dict[int, list[tuple[bytes, CancelTarget]]] = {}
         self.worker = worker
         self.workers = 1
         self.relay: Callable[[int, wire.CancelRequest, SessionHost | None], None] | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return sum(len(entries) for entries in self._entries.values())
 
-    def mint(self, target: CancelTarget, keyLength: int) -> tuple[int, bytes]:
+    def mint(
+        self, target: CancelTarget, keyLength: int, pid: int | None = None
+    ) -> tuple[int, bytes]:
         """
-        A fresh (pid, key) for C{target}, with a key as long as the one the
+        A (pid, key) for C{target}, with a key as long as the one the
         backend issued (4 bytes in protocol 3.0; 3.2 allows up to 256).
+
+        @param pid: the process ID the client is to see: the backend's own
+            (pass-through); C{None} mints a random one (a pooled session).
         """
-        keyLength = max(4, min(keyLength, wire.MAX_CANCEL_KEY_LENGTH))
+        if not 0 <= self.worker < self.workers:
+            raise ValueError(f"worker {self.worker} of {self.workers}")
+        keyLength = max(HEAD_LENGTH, min(keyLength, wire.MAX_CANCEL_KEY_LENGTH))
+        if pid is None:
+            pid = secrets.randbelow(MAX_MINTED_PID) + 1
+        entries = self._entries.setdefault(pid, [])
         while True:
-            high = secrets.randbelow((0x7FFFFFFF >> WORKER_BITS) - 1) + 1
-            pid = (high << WORKER_BITS) | self.worker
-            if pid not in self._entries:
+            key = self._secret(keyLength)
+            # Unique per PID, so that a key names one session. (Minting is
+            # not driven by a guesser: no need for constant time here.)
+            if all(key != other for other, _ in entries):
                 break
-        key = secrets.token_bytes(keyLength)
-        self._entries[pid] = (key, target)
+        entries.append((key, target))
         return pid, key
 
-    def forget(self, pid: int) -> None:
-        self._entries.pop(pid, None)
+    def _secret(self, length: int) -> bytes:
+        workers = self.workers
+        head = secrets.randbelow(_HEAD_SPAN // workers) * workers + self.worker
+        return head.to_bytes(HEAD_LENGTH, "big") + secrets.token_bytes(length - HEAD_LENGTH)
+
+    def forget(self, pid: int, target: CancelTarget) -> None:
+        """The session C{target} is over: its key for C{pid} is no more."""
+        entries = self._entries.get(pid)
+        if entries is None:
+            return
+        entries[:] = [entry for entry in entries if entry[1] is not target]
+        if not entries:
+            del self._entries[pid]
 
     def lookup(self, request: wire.CancelRequest) -> CancelTarget | None:
-        entry = self._entries.get(request.pid)
-        if entry is None or not hmac.compare_digest(entry[0], request.key):
-            return None
-        return entry[1]
+        """
+        The session whose (pid, key) C{request} carries. Every key of that
+        PID is compared, all the way, so the time taken tells nothing of
+        how much of a key was right, nor which one.
+        """
+        found = None
+        for key, target in self._entries.get(request.pid, ()):
+            if hmac.compare_digest(key, request.key) and found is None:
+                found = target
+        return found
 
     def cancel(
         self,
@@ -121,11 +182,11 @@ class CancelRegistry:
         where = target.cancelTarget() if target is not None else None
         metrics = via.metrics if via is not None else None
         if where is None:
-            owner = worker_of(request.pid)
+            owner = worker_of(request.key, self.workers)
             if (
                 not relayed
+                and owner is not None
                 and owner != self.worker
-                and owner < self.workers
                 and self.relay is not None
             ):
                 self._log.info(

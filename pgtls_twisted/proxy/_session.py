@@ -12,8 +12,9 @@ there:
    C{-PLUS} from the offer; everything else is relayed unchanged, once
    L{pgtls_twisted.protocol._authpolicy} has allowed it (C{backend.require_auth}, and
    no cleartext password over a backend leg that is not verified TLS);
- - the backend's BackendKeyData is replaced by a key minted in
-   L{pgtls_twisted.proxy._cancel};
+ - the secret key of the backend's BackendKeyData is replaced by one
+   minted in L{pgtls_twisted.proxy._cancel}; its process ID is kept (see
+   L{Session._clientPid});
  - errors and the backend's closing are turned into ErrorResponses.
 
 After ReadyForQuery the session becomes a L{pgtls_twisted.proxy._pump.Pump}.
@@ -128,7 +129,8 @@ class Session:
         self._clientReader = wire.MessageReader()
         self._serverReader = wire.MessageReader()
         self._backendKey: tuple[int, bytes] | None = None
-        self._mintedPid: int | None = None
+        #: The process ID under which the client's key is registered.
+        self._clientKeyPid: int | None = None
         self.pump: Pump | None = None
         client.session = self
 
@@ -265,8 +267,12 @@ class Session:
         elif mtype == b"K":
             pid, key = wire.parse_backend_key_data(body)
             self._backendKey = (pid, key)
-            self._mintedPid, mintedKey = self.route.cancels.mint(self, len(key))
-            out.write(wire.backend_key_data(self._mintedPid, mintedKey))
+            cancels = self.route.cancels
+            if self._clientKeyPid is not None:
+                # PostgreSQL sends one BackendKeyData; of more, the last wins.
+                cancels.forget(self._clientKeyPid, self)
+            self._clientKeyPid, mintedKey = cancels.mint(self, len(key), self._clientPid(pid))
+            out.write(wire.backend_key_data(self._clientKeyPid, mintedKey))
         elif mtype == b"E":
             fields = wire.parse_error_fields(body)
             self.client.stats.reason = f"backend error {fields.get('C')} {fields.get('M')}"
@@ -277,6 +283,17 @@ class Session:
         else:
             out.write(wire.message(mtype, body))
         return False
+
+    def _clientPid(self, serverPid: int) -> int | None:
+        """
+        The process ID the client is given with its minted key: the
+        backend's own, since a pass-through session is that backend's
+        session and applications compare it with C{pg_backend_pid()} and
+        with a NOTIFY's sender (PostgreSQL shows it to every user anyway).
+        A pooled session's login connection is not where its queries run,
+        so there it is C{None}: a random one is minted.
+        """
+        return serverPid if self.route.pools is None else None
 
     def _authentication(self, body: bytes) -> None:
         assert self.server is not None and self.guard is not None
@@ -461,8 +478,8 @@ class Session:
         if self.phase is SessionPhase.CLOSED:
             return
         self.phase = SessionPhase.CLOSED
-        if self._mintedPid is not None:
-            self.route.cancels.forget(self._mintedPid)
+        if self._clientKeyPid is not None:
+            self.route.cancels.forget(self._clientKeyPid, self)
         if self.client.stats.reason is None:
             self.client.stats.reason = reason
         if self.server is not None:

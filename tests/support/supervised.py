@@ -6,8 +6,10 @@ which worker serves them.
 
 The tests that use this are plain blocking tests: the proxy is another
 process, so psycopg can be called directly. Which worker serves a session
-is visible from the client: the low byte of the (minted) backend PID the
-client is given is the worker's number (L{worker_of}).
+is found from the client's socket: the worker process that holds its
+other end (L{worker_of}, through /proc). (The PID a client sees is the
+backend's own in pass-through mode; the worker is in its secret key,
+which libpq does not show.)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -222,9 +225,44 @@ SHUTDOWN_TIMEOUT = 2.0
 CANCELED = "canceling statement due to user request"
 
 
+def _tcp_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The inode of the IPv4 TCP socket from C{local} to C{remote} (/proc/net/tcp)."""
+
+    def encoded(address: tuple[str, int]) -> str:
+        # /proc/net/tcp: the address as a host-order 32-bit number, in hex.
+        ip = socket.inet_aton(address[0])[::-1].hex().upper()
+        return f"{ip}:{address[1]:04X}"
+
+    wanted = (encoded(local), encoded(remote))
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == wanted:
+            return int(fields[9])
+    return None
+
+
 def worker_of(conn: psycopg.Connection) -> int:
-    """The worker serving C{conn}: the low byte of the PID pgtls minted for it."""
-    return conn.info.backend_pid & 0xFF
+    """
+    The worker serving C{conn}: the worker process holding the proxy's end
+    of its connection (found by socket inode in /proc).
+    """
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        mine, theirs = sock.getsockname()[:2], sock.getpeername()[:2]
+    inode = _tcp_inode(theirs, mine)
+    assert inode is not None, f"no socket of pgtls's from {theirs} to {mine}"
+    link = f"socket:[{inode}]"
+    for pid, index in worker_processes().items():
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) == link:
+                    return index
+            except OSError:
+                continue
+    raise AssertionError(f"no worker process holds {link}")
 
 
 def routes_for(pki: Any, cluster: Any, ports: list[int]) -> list[dict[str, Any]]:
