@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pgtls_twisted._version import __version__
 from pgtls_twisted.config import Config, ConfigError, format_duration
-from pgtls_twisted.ops._metrics import pool_states
+from pgtls_twisted.ops._metrics import pool_states, sorted_pools
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import Phase
 
@@ -227,13 +227,13 @@ class AdminCommands:
         for route in self.process.liveRoutes():
             if route.pools is None:
                 continue
-            for database, pool in sorted(route.pools.pools.items()):
+            for pool in sorted_pools(route.pools.pools.values()):
                 states = pool_states(pool)
                 wait = pool.longestWait()
                 rows.append(
                     [
-                        database,
-                        route.config.pool.service_user,
+                        pool.database,
+                        pool.user,
                         max(0, pool.sessions - len(pool.waiters)),
                         len(pool.waiters),
                         states["active"],
@@ -410,8 +410,8 @@ def client_state(client: Any) -> tuple[str, float | None]:
 def _servers(route: Any) -> Iterable[tuple[str, str, str, Any, int | None, int | None]]:
     """(user, database, state, leg, backend pid, client id) of each server connection."""
     if route.pools is not None:
-        user = route.config.pool.service_user
-        for database, pool in sorted(route.pools.pools.items()):
+        for pool in sorted_pools(route.pools.pools.values()):
+            user, database = pool.user, pool.database
             for server in pool.busy:
                 link = server.holder.client.connId if server.holder is not None else None
                 pid = server.backendKey[0] if server.backendKey else None

@@ -27,7 +27,7 @@ its snapshot of live objects in the reactor thread
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -442,12 +442,18 @@ class _Snapshot:
         for route in routes:
             if route.pools is None:
                 continue
-            for database, pool in sorted(route.pools.pools.items()):
-                counts = pool_states(pool)
+            # The series are per database: its users' pools are summed.
+            totals: dict[str, Counter[str]] = {}
+            for pool in route.pools.pools.values():
+                total = totals.setdefault(pool.database, Counter())
+                total.update(pool_states(pool))
+                total["waiting"] += len(pool.waiters)
+                total["sessions"] += pool.sessions
+            for database, counts in sorted(totals.items()):
                 for state in ("active", "idle", "used", "login"):
                     servers.add_metric([route.name, database, state, w], counts[state])
-                waiting.add_metric([route.name, database, w], len(pool.waiters))
-                pooledClients.add_metric([route.name, database, w], pool.sessions)
+                waiting.add_metric([route.name, database, w], counts["waiting"])
+                pooledClients.add_metric([route.name, database, w], counts["sessions"])
         rss = gauge("pgtls_process_resident_memory_bytes", "Resident memory of the process", [])
         rss.add_metric([w], resident_memory())
         up = gauge("pgtls_process_start_time_seconds", "When the process started", [])
@@ -482,6 +488,11 @@ def pool_states(pool: Any) -> dict[str, int]:
         "used": used,
         "login": pool.connecting,
     }
+
+
+def sorted_pools(pools: Iterable[Any]) -> list[Any]:
+    """A route's pools by database, then user (C{SHOW POOLS}, C{SHOW SERVERS})."""
+    return sorted(pools, key=lambda pool: (pool.database, pool.user))
 
 
 def resident_memory() -> int:
