@@ -22,6 +22,7 @@ from pgtls_twisted.config import (
     AdminConfig,
     BackendConfig,
     Config,
+    ConfigError,
     ListenerConfig,
     PoolConfig,
     describe_config,
@@ -218,3 +219,20 @@ def test_describe_transaction_pool(certs: Path) -> None:
     assert "timeouts: query 30s" in text
     doc["proxy"][0]["pool"]["max_prepared_statements"] = 0
     assert "named prepared statements pin" in describe_config(parse(doc, certs))
+
+
+def test_pool_limits_across_pools(certs: Path) -> None:
+    """max_db_connections and max_user_connections: PgBouncer's keys, 0 (no limit) by default."""
+    doc = minimal_doc()
+    doc["proxy"][0]["pool"] = {"service_user": "svc"}
+    pool = parse(doc, certs).routes[0].pool
+    assert pool is not None and (pool.max_db_connections, pool.max_user_connections) == (0, 0)
+    assert "across pools" not in describe_config(parse(doc, certs))
+    doc["proxy"][0]["pool"].update(max_db_connections=20, max_user_connections=4)
+    config = parse(doc, certs)
+    assert "connections across pools: at most 20 per database, 4 per user" in describe_config(
+        config
+    )
+    doc["proxy"][0]["pool"]["max_user_connections"] = -1
+    with pytest.raises(ConfigError, match="pool.max_user_connections: must be 0 or more, got -1"):
+        parse(doc, certs)

@@ -9,48 +9,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from support.poolfakes import Opener
+from support.unit import result
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from pgtls_twisted.pool._pool import Pool, PooledServer, PoolTimeout
-
-
-class FakeLeg:
-    def __init__(self) -> None:
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class Opener:
-    """Connections open only when the test says so."""
-
-    def __init__(self, clock: Clock) -> None:
-        self.clock = clock
-        self.pending: list[defer.Deferred[PooledServer]] = []
-        self.opened: list[PooledServer] = []
-
-    def __call__(self) -> defer.Deferred[PooledServer]:
-        d: defer.Deferred[PooledServer] = defer.Deferred()
-        self.pending.append(d)
-        return d
-
-    def finish(self, n: int = 1) -> None:
-        for _ in range(n):
-            server = PooledServer(FakeLeg(), created=self.clock.seconds())
-            self.opened.append(server)
-            self.pending.pop(0).callback(server)
-
-    def fail(self) -> None:
-        self.pending.pop(0).errback(RuntimeError("refused"))
-
-
-def result(d: defer.Deferred[Any]) -> Any:
-    box: list[Any] = []
-    d.addBoth(box.append)
-    assert box, "Deferred has not fired"
-    return box[0]
 
 
 @pytest.fixture

@@ -81,6 +81,16 @@ def _describe_route(route: RouteConfig) -> list[str]:
             f" {pool.min_size}..{pool.max_size} connections per database,"
             f" wait {format_duration(pool.acquire_timeout)}"
         )
+        shared = [
+            f"{value} per {scope}"
+            for scope, value in (
+                ("database", pool.max_db_connections),
+                ("user", pool.max_user_connections),
+            )
+            if value
+        ]
+        if shared:
+            lines.append(f"             connections across pools: at most {', '.join(shared)}")
         if pool.mode == "transaction":
             prepared = (
                 f"up to {pool.max_prepared_statements} prepared statements per connection"

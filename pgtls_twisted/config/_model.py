@@ -214,6 +214,9 @@ class PoolConfig:
     @ivar password_source: C{"file"}, C{"env"}, C{"literal"} or C{None}.
     @ivar client_idle_timeout: seconds; 0 is off, as are the other two
         timeouts (see L{pgtls_twisted.pool._timeouts}).
+    @ivar max_db_connections: server connections per database across its
+        users' pools, C{max_user_connections} per user across databases
+        (PgBouncer's keys); 0 is no limit (see L{pgtls_twisted.pool._limits}).
     """
 
     service_user: str | None = None
@@ -226,6 +229,8 @@ class PoolConfig:
     password_source: str | None = None
     max_size: int = 5
     min_size: int = 0
+    max_db_connections: int = 0
+    max_user_connections: int = 0
     acquire_timeout: float = 30.0
     idle_timeout: float = 1800.0
     max_lifetime: float = 3600.0

@@ -208,6 +208,9 @@ _POOL: dict[str, _Key] = _defaults_from(
         "service_password": _Key(_any_string),
         "max_size": _Key(_positive_int),
         "min_size": _Key(_non_negative_int),
+        # PgBouncer's keys of the same names; 0 is no limit.
+        "max_db_connections": _Key(_non_negative_int),
+        "max_user_connections": _Key(_non_negative_int),
         "acquire_timeout": _Key(_duration),
         "idle_timeout": _Key(_duration),
         "max_lifetime": _Key(_duration),

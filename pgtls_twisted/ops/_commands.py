@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pgtls_twisted._version import __version__
 from pgtls_twisted.config import Config, ConfigError, format_duration
-from pgtls_twisted.ops._metrics import pool_states
+from pgtls_twisted.ops._metrics import pool_states, sorted_pools
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import Phase
 
@@ -68,8 +68,6 @@ class Process(Protocol):
 
     def requestPause(self, route: str | None, paused: bool) -> list[str]: ...
 
-    def requestForget(self, user: str | None) -> list[str]: ...
-
     def requestShutdown(self) -> None: ...
 
     def complete(self, results: list[Result | AdminError]) -> Any:
@@ -93,7 +91,6 @@ HELP = [
     "SHOW ROUTES | POOLS | CLIENTS | SERVERS | STATS | CONFIG | VERSION | HELP",
     "RELOAD",
     "PAUSE [route]",
-    "FORGET user | ALL",
     "RESUME [route]",
     "SHUTDOWN",
 ]
@@ -148,9 +145,6 @@ class AdminCommands:
         elif verb in ("PAUSE", "RESUME") and len(args) <= 1:
             route = _unquote(args[0]) if args else None
             return self.pause(route, verb == "PAUSE")
-        elif verb == "FORGET" and len(args) == 1:
-            user = None if args[0].upper() == "ALL" else _unquote(args[0])
-            return Result("FORGET", notices=self.process.requestForget(user))
         elif verb == "SHUTDOWN" and not args:
             self.process.requestShutdown()
             return Result("SHUTDOWN")
@@ -233,13 +227,13 @@ class AdminCommands:
         for route in self.process.liveRoutes():
             if route.pools is None:
                 continue
-            for user, database, pool in route.pools.each():
+            for pool in sorted_pools(route.pools.pools.values()):
                 states = pool_states(pool)
                 wait = pool.longestWait()
                 rows.append(
                     [
-                        database,
-                        user,
+                        pool.database,
+                        pool.user,
                         max(0, pool.sessions - len(pool.waiters)),
                         len(pool.waiters),
                         states["active"],
@@ -416,7 +410,8 @@ def client_state(client: Any) -> tuple[str, float | None]:
 def _servers(route: Any) -> Iterable[tuple[str, str, str, Any, int | None, int | None]]:
     """(user, database, state, leg, backend pid, client id) of each server connection."""
     if route.pools is not None:
-        for user, database, pool in route.pools.each():
+        for pool in sorted_pools(route.pools.pools.values()):
+            user, database = pool.user, pool.database
             for server in pool.busy:
                 link = server.holder.client.connId if server.holder is not None else None
                 pid = server.backendKey[0] if server.backendKey else None

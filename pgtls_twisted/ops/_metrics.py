@@ -27,7 +27,7 @@ its snapshot of live objects in the reactor thread
 from __future__ import annotations
 
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -156,7 +156,6 @@ class RouteStats:
         self.tls: dict[tuple[str, str], int] = defaultdict(int)
         self.backendFailures: dict[str, int] = defaultdict(int)
         self.cancels: dict[str, int] = defaultdict(int)
-        self.logins: dict[str, int] = defaultdict(int)
         #: per database: [bytes from clients, bytes to clients] of closed connections
         self.closedBytes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         #: per database: [xact_count, query_count, xact_us, query_us, wait_us]
@@ -252,10 +251,6 @@ class Metrics:
 
     def cancelRequest(self, route: str, outcome: str) -> None:
         self.stats[route].cancels[outcome] += 1
-
-    def pooledLogin(self, route: str, answer: str) -> None:
-        """A pooled client's login was answered by C{"server"}, C{"cache"} or C{"cache_refused"}."""
-        self.stats[route].logins[answer] += 1
 
     def databaseLabel(self, route: str, database: str) -> str:
         """
@@ -397,12 +392,6 @@ class _Snapshot:
             "pgtls_client_received_bytes", "Bytes received from clients (after TLS)", ["route"]
         )
         sent = counter("pgtls_client_sent_bytes", "Bytes sent to clients (before TLS)", ["route"])
-        logins = counter(
-            "pgtls_pool_logins",
-            "Pooled clients' logins, by who answered: the server (over a temporary"
-            " connection), or pgtls from its login cache (identity = client)",
-            ["route", "answer"],
-        )
         cancels = counter(
             "pgtls_cancel_requests", "Cancel requests, by outcome", ["route", "outcome"]
         )
@@ -442,8 +431,6 @@ class _Snapshot:
             into, out = m.traffic(name)
             received.add_metric([name, w], into)
             sent.add_metric([name, w], out)
-            for answer in ("server", "cache", "cache_refused"):
-                logins.add_metric([name, answer, w], s.logins.get(answer, 0))
             for outcome, count in sorted(s.cancels.items()):
                 cancels.add_metric([name, outcome, w], count)
             for database, fired in sorted(s.timeouts.items()):
@@ -455,27 +442,24 @@ class _Snapshot:
         for route in routes:
             if route.pools is None:
                 continue
-            # Summed per database: with identity = "client" a database has
-            # a pool per user, and users are not a label (unbounded).
-            perDatabase: dict[str, list[int]] = {}
-            for _, database, pool in route.pools.each():
-                counts = pool_states(pool)
-                row = perDatabase.setdefault(database, [0] * 6)
-                for i, state in enumerate(("active", "idle", "used", "login")):
-                    row[i] += counts[state]
-                row[4] += len(pool.waiters)
-                row[5] += pool.sessions
-            for database, row in sorted(perDatabase.items()):
-                for i, state in enumerate(("active", "idle", "used", "login")):
-                    servers.add_metric([route.name, database, state, w], row[i])
-                waiting.add_metric([route.name, database, w], row[4])
-                pooledClients.add_metric([route.name, database, w], row[5])
+            # The series are per database: its users' pools are summed.
+            totals: dict[str, Counter[str]] = {}
+            for pool in route.pools.pools.values():
+                total = totals.setdefault(pool.database, Counter())
+                total.update(pool_states(pool))
+                total["waiting"] += len(pool.waiters)
+                total["sessions"] += pool.sessions
+            for database, counts in sorted(totals.items()):
+                for state in ("active", "idle", "used", "login"):
+                    servers.add_metric([route.name, database, state, w], counts[state])
+                waiting.add_metric([route.name, database, w], counts["waiting"])
+                pooledClients.add_metric([route.name, database, w], counts["sessions"])
         rss = gauge("pgtls_process_resident_memory_bytes", "Resident memory of the process", [])
         rss.add_metric([w], resident_memory())
         up = gauge("pgtls_process_start_time_seconds", "When the process started", [])
         up.add_metric([w], m.started)
         return [
-            accepted, active, refused, tls, failures, received, sent, cancels, logins,
+            accepted, active, refused, tls, failures, received, sent, cancels,
             servers, waiting, pooledClients, timeouts, pinned, rss, up,
         ]  # fmt: skip
 
@@ -504,6 +488,11 @@ def pool_states(pool: Any) -> dict[str, int]:
         "used": used,
         "login": pool.connecting,
     }
+
+
+def sorted_pools(pools: Iterable[Any]) -> list[Any]:
+    """A route's pools by database, then user (C{SHOW POOLS}, C{SHOW SERVERS})."""
+    return sorted(pools, key=lambda pool: (pool.database, pool.user))
 
 
 def resident_memory() -> int:

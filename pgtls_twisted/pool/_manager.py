@@ -1,20 +1,23 @@
 # -*- test-case-name: tests.test_pooling,tests.test_security_pools -*-
 """
-The pools of one route: one per database, created when a client of that
-database has logged in, dropped when nobody used it for C{idle_timeout};
-and how a pooled server connection is opened (a backend connection, then
-pgtls's own login as the service user).
+The pools of one route: one per database (as the service user) or one per
+(user, database) (as that user), created when a client of that database has
+logged in, dropped when nobody used it for C{idle_timeout}; the limits they
+share (L{pgtls_twisted.pool._limits}); and how a pooled server connection is
+opened (a backend connection, then pgtls's own login as the pool's user).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pgtls_twisted.pool._logincache import LoginCache
+from pgtls_twisted.pool._limits import Limits
+from pgtls_twisted.pool._logincache import LoginCache, Secret
 from pgtls_twisted.pool._pool import Pool, PooledServer
 from pgtls_twisted.pool._serverlogin import ServerLogin, ServerLoginError
 from pgtls_twisted.proxy._leg import discard
@@ -23,10 +26,42 @@ if TYPE_CHECKING:
     from pgtls_twisted.proxy._interfaces import SessionHost
 
 
+class Credentials(NamedTuple):
+    """
+    What a user's pooled connections log in with, from
+    L{PoolManager.loginFor}: the password, or what the login cache kept of
+    one (L{pgtls_twisted.pool._logincache.Secret}: SCRAM keys or an MD5
+    hash), or C{None} for C{trust} or certificate authentication.
+    """
+
+    password: str | Secret | None
+    keys: Any = None
+
+
+class NoCredentials(ServerLoginError):
+    """pgtls has no way to log in as a pool's user: its client is refused."""
+
+
+#: A user's pool key: (user, database). A service-user pool's is its database.
+PoolKey = str | tuple[str, str]
+
+
 class PoolManager:
     """
-    The pools of one route, one per database (the service user is the
-    route's), created on first use and dropped when empty and idle.
+    The pools of one route, created on first use and dropped when empty and
+    idle: one per database whose connections log in as the route's service
+    user, or one per (user, database) whose connections log in as the user.
+
+    @ivar pools: the pools by key: the database for a service-user pool (as
+        ever), C{(user, database)} for a user's.
+    @ivar limits: C{max_db_connections} and C{max_user_connections}, shared
+        by every pool of the route; C{None} when both are 0 (no limit), so
+        each pool has only its own C{max_size}.
+    @ivar loginFor: how a user's pool logs in, given (user, database):
+        L{Credentials} (or a Deferred firing with them); raising, or failing,
+        refuses the client waiting longest with that error (a
+        L{ServerLoginError}'s SQLSTATE and message reach it). Service-user
+        pools do not use it.
     """
 
     _log = Logger()
@@ -34,24 +69,30 @@ class PoolManager:
     def __init__(self, route: SessionHost) -> None:
         self.route = route
         self.config = route.config.pool
-        #: By database (the service user's) or by (user, database): never
-        #: a joined string, which two different pairs could spell alike.
-        self.pools: dict[str | tuple[str, str], Pool] = {}
+        self.pools: dict[PoolKey, Pool] = {}
+        config = self.config
+        self.limits: Limits | None = None
+        if config.max_db_connections or config.max_user_connections:
+            self.limits = Limits(config.max_db_connections, config.max_user_connections)
+        self.loginFor: Callable[[str, str], Credentials | defer.Deferred[Credentials]] | None = None
         #: What the server accepted of each client's password
-        #: (C{identity = "client"}).
-        self.logins = LoginCache(route.clock, self.config.auth_cache_ttl)
+        #: (C{identity = "client"}): what users' pools log in with.
+        self.logins = LoginCache(route.clock, config.auth_cache_ttl)
+        if config.identity == "client":
+            self.loginFor = self._cached
 
     def poolFor(self, database: str, user: str | None = None) -> Pool:
         """
-        The pool of C{database}: the service user's, or (C{identity =
-        "client"}) C{user}'s own.
+        The pool of C{database} whose connections log in as C{user}, or as
+        the service user when C{user} is C{None}.
         """
-        key: str | tuple[str, str] = database if user is None else (user, database)
+        key: PoolKey = database if user is None else (user, database)
         pool = self.pools.get(key)
         if pool is None:
             config = self.config
+            role = config.service_user if user is None else user
             pool = Pool(
-                f"{config.service_user if user is None else user}/{database}",
+                f"{role}/{database}",
                 lambda: self._open(database, user),
                 self.route.clock,
                 maxSize=config.max_size,
@@ -59,50 +100,18 @@ class PoolManager:
                 acquireTimeout=config.acquire_timeout,
                 idleTimeout=config.idle_timeout,
                 maxLifetime=config.max_lifetime,
+                user=role,
+                database=database,
             )
             pool.paused = self.route.paused
+            if self.limits is not None:
+                self.limits.join(pool, database, role)
             self.pools[key] = pool
         return pool
 
-    def each(self) -> list[tuple[str, str, Pool]]:
-        """C{(user, database, pool)} for every pool, sorted: what SHOW and metrics list."""
-        rows = []
-        for key, pool in self.pools.items():
-            if isinstance(key, tuple):
-                rows.append((key[0], key[1], pool))
-            else:
-                rows.append((self.config.service_user or "", key, pool))
-        return sorted(rows, key=lambda row: (row[1], row[0]))
-
-    def _open(self, database: str, user: str | None) -> defer.Deferred[PooledServer]:
-        """A new server connection, logged in as the service user or as C{user}."""
-        config = self.config
-        clock = self.route.clock
-        key: str | tuple[str, str] = database if user is None else (user, database)
-        if user is None:
-            role, secret = config.service_user, config.service_password
-        else:
-            role, secret = user, self.logins.secret(user, database)
-
-        def login(leg: Any) -> defer.Deferred[PooledServer]:
-            attempt = ServerLogin(leg, role, database, secret, {"application_name": "pgtls"})
-
-            def ready(result: Any) -> PooledServer:
-                now = clock.seconds()
-                server = PooledServer(leg, now, dict(result.parameters), result.backendKey, now)
-                # Until a client holds it, the pool watches it: one that
-                # dies while idle must leave the pool, not be handed out.
-                pool = self.pools.get(key)
-                leg.deliver = discard
-                leg.onLost = (lambda reason: pool.lost(server)) if pool is not None else None
-                return server
-
-            return attempt.done.addCallback(ready)
-
-        opened = self.route.backend.connect().addCallback(login)
-        if user is not None:
-            opened.addErrback(self._refused, user)
-        return opened
+    def _cached(self, user: str, database: str) -> Credentials:
+        """A user's pool logs in with what its last server-checked login left."""
+        return Credentials(self.logins.secret(user, database))
 
     def _refused(self, failure: Failure, user: str) -> Failure:
         """
@@ -111,7 +120,11 @@ class PoolManager:
         user goes to the server again, and tell the waiting client so.
         """
         error = failure.value
-        if isinstance(error, ServerLoginError) and error.sqlstate.startswith("28"):
+        if (
+            isinstance(error, ServerLoginError)
+            and not isinstance(error, NoCredentials)
+            and error.sqlstate.startswith("28")
+        ):
             if self.logins.evict(user):
                 self._log.info(
                     "pool {user}: the server refused the cached login; keys forgotten", user=user
@@ -126,6 +139,62 @@ class PoolManager:
             )
         return failure
 
+    def _open(self, database: str, user: str | None = None) -> defer.Deferred[PooledServer]:
+        """
+        A new server connection of C{database}, logged in as C{user} with
+        what L{loginFor} gives (asked before any backend connection is
+        made), or as the service user when C{user} is C{None}.
+        """
+        config = self.config
+        clock = self.route.clock
+        key: PoolKey = database if user is None else (user, database)
+        if user is None:
+            role = config.service_user
+            credentials: defer.Deferred[Credentials] = defer.succeed(
+                Credentials(config.service_password)
+            )
+        elif self.loginFor is None:
+            return defer.fail(
+                NoCredentials("28000", f'pgtls has no credentials to log in as "{user}"')
+            )
+        else:
+            role = user
+            credentials = defer.maybeDeferred(self.loginFor, user, database)
+
+        def login(leg: Any, given: Credentials) -> defer.Deferred[PooledServer]:
+            def ready(result: Any) -> PooledServer:
+                now = clock.seconds()
+                server = PooledServer(leg, now, dict(result.parameters), result.backendKey, now)
+                # Until a client holds it, the pool watches it: one that
+                # dies while idle must leave the pool, not be handed out.
+                pool = self.pools.get(key)
+                leg.deliver = discard
+                leg.onLost = (lambda reason: pool.lost(server)) if pool is not None else None
+                return server
+
+            return self._serverLogin(leg, role, database, given).done.addCallback(ready)
+
+        def connect(given: tuple[str | None, Any]) -> defer.Deferred[PooledServer]:
+            # (A hook may return a plain (password, keys) pair.)
+            return self.route.backend.connect().addCallback(login, Credentials(*given))
+
+        opened = credentials.addCallback(connect)
+        if user is not None:
+            opened.addErrback(self._refused, user)
+        return opened
+
+    def _serverLogin(
+        self, leg: Any, user: str, database: str, credentials: Credentials
+    ) -> ServerLogin:
+        """pgtls's login on the ready backend C{leg}, as C{user} with C{credentials}."""
+        return ServerLogin(
+            leg,
+            user,
+            database,
+            credentials.password,
+            {"application_name": "pgtls"},
+        )
+
     def reap(self) -> None:
         """Close idle and over-age connections; forget pools nobody uses."""
         self.logins.prune({key for key in self.pools if isinstance(key, tuple)})
@@ -133,12 +202,15 @@ class PoolManager:
             pool.reap()
             if pool.size == 0 and pool.unused:
                 del self.pools[key]
-                database = key if isinstance(key, str) else key[1]
-                if not self.route.retired and not any(
-                    (k if isinstance(k, str) else k[1]) == database for k in self.pools
+                if self.limits is not None:
+                    self.limits.leave(pool)
+                database = pool.database
+                if not self.route.retired and all(
+                    other.database != database for other in self.pools.values()
                 ):
                     # (A retired route's successor of the same name may
-                    # still be using these series.)
+                    # still be using these series; a database's series
+                    # stay while another user's pool of it is left.)
                     self.route.metrics.poolDropped(self.route.name, database)
 
     def close(self) -> None:

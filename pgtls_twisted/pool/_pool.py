@@ -1,31 +1,42 @@
 # -*- test-case-name: tests.test_pool -*-
 """
 Pools of server connections, one per (service user, database), as in the
-pooling seed: a client's queries run on connections that logged in as the
-service user, shared by every client of the route and database.
+pooling seed (a client's queries run on connections that logged in as the
+service user, shared by every client of the route and database), or one per
+(user, database) whose connections log in as that user.
 
 This module is the bookkeeping only (no protocol): who holds which
 connection, who waits (fairly, in order, with a deadline), and which idle
 or over-age connection to close. Opening a connection is a callable it is
 given, so its rules can be tested with a L{twisted.internet.task.Clock}
-and fake connections.
+and fake connections. Limits shared by several pools (per database, per
+user) are L{pgtls_twisted.pool._limits}'s: a pool that has joined them asks
+them, instead of deciding alone, when it may open a connection.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtls_twisted.protocol._prepared import ServerStatements
 
+if TYPE_CHECKING:
+    from pgtls_twisted.pool._limits import Limit, Limits
+
 #: After a failed attempt to open a connection, how long before the next
 #: one for the clients still waiting.
 RETRY_DELAY = 0.5
+
+#: Numbers the waiting clients of every pool of the process in the order
+#: they started waiting: shared limits serve them in that order.
+_ARRIVALS = itertools.count()
 
 
 class PoolTimeout(Exception):
@@ -69,6 +80,8 @@ class _Waiter:
     deferred: defer.Deferred[PooledServer]
     timer: Any = None
     since: float = 0.0
+    #: Its place in the queue of all pools (see L{_ARRIVALS}).
+    seq: int = field(default_factory=lambda: next(_ARRIVALS))
 
 
 class Pool:
@@ -76,6 +89,11 @@ class Pool:
     @ivar idle: connections nobody holds, most recently used last (reused
         first, so the rest can age out).
     @ivar busy: connections held by a client.
+    @ivar user: the role its connections log in as (C{SHOW POOLS}).
+    @ivar database: their database.
+    @ivar limits: the shared limits it counts against (set by
+        L{Limits.join}); none, and C{group} C{None}, for a pool that only
+        has its own C{maxSize}.
     """
 
     _log = Logger()
@@ -91,8 +109,12 @@ class Pool:
         acquireTimeout: float = 30.0,
         idleTimeout: float = 1800.0,
         maxLifetime: float = 3600.0,
+        user: str = "",
+        database: str = "",
     ) -> None:
         self.name = name
+        self.user = user
+        self.database = database
         self._connect = connect
         self._clock = clock
         self.maxSize = maxSize
@@ -112,6 +134,11 @@ class Pool:
         self._retry: Any = None
         #: Logged-in client sessions using this pool (holding a server or not).
         self.sessions = 0
+        self.limits: tuple[Limit, ...] = ()
+        self.group: Limits | None = None
+        #: After a failed open, shared limits give it no slot until then
+        #: (its waiters are retried by C{_retry}).
+        self.quietUntil = 0.0
 
     @property
     def size(self) -> int:
@@ -165,6 +192,12 @@ class Pool:
         if server.dirty or self.closed or now - server.created >= self.maxLifetime:
             self._drop(server)
             self._grow()
+            return
+        if self.group is not None and not self.paused and self.group.owedElsewhere(self):
+            # A client of another pool has waited longer for the slot this
+            # connection holds: the slot goes to it (see _limits).
+            self._drop(server)
+            self.group.settle()
             return
         self._offer(server)
 
@@ -223,6 +256,38 @@ class Pool:
             waiter.timer.cancel()
             waiter.deferred.errback(PoolTimeout(f'pool "{self.name}" is closing'))
 
+    # -- for shared limits (L{pgtls_twisted.pool._limits}) --------------------------
+
+    def firstInLine(self) -> _Waiter | None:
+        """
+        The longest-waiting client no connection being opened is for (the
+        first C{connecting} waiters get those), if the pool may open one for
+        it now as far as its own state goes (not closed, paused, backing off
+        after a failure, or at C{maxSize}).
+        """
+        if len(self.waiters) <= self.connecting or not self.mayOpen():
+            return None
+        return self.waiters[self.connecting]
+
+    def mayOpen(self) -> bool:
+        """Its own state lets it open a connection (the shared limits aside)."""
+        return (
+            not self.closed
+            and not self.paused
+            and self.size < self.maxSize
+            and self._clock.seconds() >= self.quietUntil
+        )
+
+    def openOne(self) -> None:
+        """Open a connection (the caller has checked every limit)."""
+        self.connecting += 1
+        self._connect().addCallbacks(self._opened, self._openFailed)
+
+    def evict(self, server: PooledServer) -> None:
+        """Close the idle C{server}, whose slot another pool needs."""
+        self.idle.remove(server)
+        self._drop(server)
+
     # -- internals ---------------------------------------------------------------
 
     def _take(self, server: PooledServer) -> PooledServer:
@@ -237,6 +302,9 @@ class Pool:
             waiter.deferred.callback(self._take(server))
         else:
             self.idle.append(server)
+            if self.group is not None and self.group.blocked:
+                # Another pool may need this slot: idle connections go first.
+                self.group.settle()
 
     def _drop(self, server: PooledServer) -> None:
         self.busy.discard(server)
@@ -246,21 +314,26 @@ class Pool:
         """Open connections for waiters (and up to C{minSize}) within C{maxSize}."""
         if self.closed:
             return
+        if self.group is not None:
+            self.group.settle()
+            return
         wanted = max(len(self.waiters) - self.connecting, self.minSize - self.size)
         while wanted > 0 and self.size < self.maxSize:
             wanted -= 1
-            self.connecting += 1
-            self._connect().addCallbacks(self._opened, self._openFailed)
+            self.openOne()
 
     def _opened(self, server: PooledServer) -> None:
         self.connecting -= 1
         if self.closed:
             server.close()
+            if self.group is not None:
+                self.group.settle()
             return
         self._offer(server)
 
     def _openFailed(self, failure: Any) -> None:
         self.connecting -= 1
+        self.quietUntil = self._clock.seconds() + RETRY_DELAY
         self._log.warn(
             "pool {pool}: could not open a server connection: {error}",
             pool=self.name,
@@ -276,6 +349,9 @@ class Pool:
             waiter.deferred.errback(failure)
         if self.waiters and self._retry is None:
             self._retry = self._clock.callLater(RETRY_DELAY, self._retryGrow)
+        if self.group is not None:
+            # The slot it held may serve another pool meanwhile.
+            self.group.settle()
 
     def _retryGrow(self) -> None:
         self._retry = None
@@ -284,9 +360,11 @@ class Pool:
     def _expire(self, waiter: _Waiter) -> None:
         if waiter in self.waiters:
             self.waiters.remove(waiter)
+            full = "".join(f"; {limit} reached" for limit in self.limits if limit.full)
             waiter.deferred.errback(
                 PoolTimeout(
-                    f'no server connection available in pool "{self.name}" within {self.acquireTimeout:g}s'
+                    f'no server connection available in pool "{self.name}"'
+                    f" within {self.acquireTimeout:g}s{full}"
                 )
             )
 
