@@ -68,6 +68,8 @@ class Process(Protocol):
 
     def requestPause(self, route: str | None, paused: bool) -> list[str]: ...
 
+    def requestForget(self, user: str | None) -> list[str]: ...
+
     def requestShutdown(self) -> None: ...
 
     def complete(self, results: list[Result | AdminError]) -> Any:
@@ -91,6 +93,7 @@ HELP = [
     "SHOW ROUTES | POOLS | CLIENTS | SERVERS | STATS | CONFIG | VERSION | HELP",
     "RELOAD",
     "PAUSE [route]",
+    "FORGET user | ALL",
     "RESUME [route]",
     "SHUTDOWN",
 ]
@@ -145,6 +148,9 @@ class AdminCommands:
         elif verb in ("PAUSE", "RESUME") and len(args) <= 1:
             route = _unquote(args[0]) if args else None
             return self.pause(route, verb == "PAUSE")
+        elif verb == "FORGET" and len(args) == 1:
+            user = None if args[0].upper() == "ALL" else _unquote(args[0])
+            return Result("FORGET", notices=self.process.requestForget(user))
         elif verb == "SHUTDOWN" and not args:
             self.process.requestShutdown()
             return Result("SHUTDOWN")

@@ -156,6 +156,7 @@ class RouteStats:
         self.tls: dict[tuple[str, str], int] = defaultdict(int)
         self.backendFailures: dict[str, int] = defaultdict(int)
         self.cancels: dict[str, int] = defaultdict(int)
+        self.logins: dict[str, int] = defaultdict(int)
         #: per database: [bytes from clients, bytes to clients] of closed connections
         self.closedBytes: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         #: per database: [xact_count, query_count, xact_us, query_us, wait_us]
@@ -251,6 +252,10 @@ class Metrics:
 
     def cancelRequest(self, route: str, outcome: str) -> None:
         self.stats[route].cancels[outcome] += 1
+
+    def pooledLogin(self, route: str, answer: str) -> None:
+        """A pooled client's login was answered by C{"server"}, C{"cache"} or C{"cache_refused"}."""
+        self.stats[route].logins[answer] += 1
 
     def databaseLabel(self, route: str, database: str) -> str:
         """
@@ -392,6 +397,12 @@ class _Snapshot:
             "pgtls_client_received_bytes", "Bytes received from clients (after TLS)", ["route"]
         )
         sent = counter("pgtls_client_sent_bytes", "Bytes sent to clients (before TLS)", ["route"])
+        logins = counter(
+            "pgtls_pool_logins",
+            "Pooled clients' logins, by who answered: the server (over a temporary"
+            " connection), or pgtls from its login cache (identity = client)",
+            ["route", "answer"],
+        )
         cancels = counter(
             "pgtls_cancel_requests", "Cancel requests, by outcome", ["route", "outcome"]
         )
@@ -431,6 +442,8 @@ class _Snapshot:
             into, out = m.traffic(name)
             received.add_metric([name, w], into)
             sent.add_metric([name, w], out)
+            for answer in ("server", "cache", "cache_refused"):
+                logins.add_metric([name, answer, w], s.logins.get(answer, 0))
             for outcome, count in sorted(s.cancels.items()):
                 cancels.add_metric([name, outcome, w], count)
             for database, fired in sorted(s.timeouts.items()):
@@ -459,7 +472,7 @@ class _Snapshot:
         up = gauge("pgtls_process_start_time_seconds", "When the process started", [])
         up.add_metric([w], m.started)
         return [
-            accepted, active, refused, tls, failures, received, sent, cancels,
+            accepted, active, refused, tls, failures, received, sent, cancels, logins,
             servers, waiting, pooledClients, timeouts, pinned, rss, up,
         ]  # fmt: skip
 
