@@ -185,6 +185,42 @@ async def test_cancel_of_pg_sleep_with_the_servers_pid(pki, pg_tls, tmp_path):
             await in_thread(conn.close)
 
 
+@pytest.mark.parametrize("identity", ["service", "client"])
+@pytest_twisted.ensureDeferred
+async def test_a_session_pool_gives_its_servers_pid(pki, pg_tls, tmp_path, identity):
+    """
+    Session mode: the client keeps one server connection for its whole
+    life, so it is told that server's process ID (cold and warm logins),
+    and its cancels and NOTIFYs line up with it.
+    """
+    table = pooled_route(pki, pg_tls, mode="session")
+    if identity == "client":
+        for key in ("service_user", "service_password"):
+            del table["pool"][key]
+        table["pool"]["identity"] = "client"
+    async with running(tmp_path, [table]) as proxy:
+        dsn = app_dsn(proxy, pki)
+        for _ in range(2):  # the second login is answered from the cache
+            sender, mine, server_says, payload = await in_thread(notify_self, dsn)
+            assert sender == mine == server_says and payload == "hello"
+        conn = await in_thread(psycopg.connect, dsn, autocommit=True)
+        try:
+
+            def sleep_query() -> BaseException | None:
+                try:
+                    conn.execute("SELECT pg_sleep(10)")
+                except psycopg.errors.QueryCanceled as e:
+                    return e
+                return None
+
+            query = in_thread(sleep_query)
+            await sleep(0.5)
+            await in_thread(conn.cancel_safe)
+            assert await query is not None
+        finally:
+            await in_thread(conn.close)
+
+
 # -- the protocol 3.2 key format ------------------------------------------------------
 
 #: What the scripted 3.2 server issues: its PID and a 32-byte key (PostgreSQL 18's length).

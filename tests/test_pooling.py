@@ -230,11 +230,12 @@ async def test_acquire_timeout_names_the_pool(pki, pg_tls, tmp_path):
         await deferToThread(holder.execute, "SELECT 1")
 
         def second():
-            with psycopg.connect(app_dsn(proxy, pki), autocommit=True) as conn:
-                try:
-                    conn.execute("SELECT 1")
-                except psycopg.OperationalError as e:
-                    return str(e)
+            # Session mode: the client is given its server connection at
+            # login (so that its BackendKeyData carries the server's PID).
+            try:
+                psycopg.connect(app_dsn(proxy, pki), autocommit=True).close()
+            except psycopg.OperationalError as e:
+                return str(e)
             return None
 
         text = await deferToThread(second)

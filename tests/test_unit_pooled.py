@@ -184,7 +184,10 @@ def test_session_mode_keeps_the_server_and_resets_it_when_the_client_leaves(
     backend.send(wire.command_complete("DISCARD ALL") + wire.ready_for_query())
 
     assert scene.events == [
-        ("pool", "acquire"),
+        # Session mode: the server was asked for at login, and the login's
+        # BackendKeyData and ReadyForQuery waited for it (its process ID).
+        ("client", "K"),
+        ("client", "Z:I"),
         ("pooled", "Q"),
         ("client", "T"),
         ("client", "D"),

@@ -46,6 +46,13 @@ class PooledLogin(Session):
         self._serverMinor = startup.version & 0xFFFF
         #: pgtls answering the client's login itself, while it does.
         self._warm: WarmLogin | None = None
+        #: Session mode: a client keeps one server connection for its whole
+        #: life, so it is given that server's real process ID, as it would
+        #: directly: BackendKeyData and ReadyForQuery wait for the server
+        #: (L{pgtls_twisted.pool._session.PooledSession._sayReady}). The
+        #: key length owed, while they do.
+        self._owedKey: int | None = None
+        self._sessionMode = route.config.pool.mode == "session"
 
     def _loggedIn(self, how: str = "") -> None:
         raise NotImplementedError
@@ -108,15 +115,30 @@ class PooledLogin(Session):
     def _warmDone(self, cached: CachedLogin) -> None:
         self._warm = None
         minor = min(self.startup.version & 0xFFFF, cached.minor)
-        self._mintedPid, key = self.route.cancels.mint(self, 32 if minor >= 2 else 4)
+        keyLength = 32 if minor >= 2 else 4
         reported = reportedParameters(cached, self.startup)
         for name, value in reported:
             self.params.serverReported(name, value)
-        self.client.out.write(startupAnswer(cached, self.startup, reported, (self._mintedPid, key)))
+        minted = None
+        if self._sessionMode:
+            self._owedKey = keyLength
+        else:
+            self._clientKeyPid, key = self.route.cancels.mint(self, keyLength, None)
+            minted = (self._clientKeyPid, key)
+        self.client.out.write(startupAnswer(cached, self.startup, reported, minted))
         self.route.metrics.pooledLogin(self.route.name, "cache")
         self._loggedIn(" login=cached")
 
     def _serverMessage(self, mtype: bytes, body: bytes) -> bool:
+        if self._sessionMode:
+            # (Its BackendKeyData is the temporary connection's: of no use.)
+            if mtype == b"K":
+                self._owedKey = max(4, len(body) - 4)
+                return False
+            if mtype == b"Z":
+                if self._owedKey is None:
+                    self._owedKey = 4
+                return True
         if mtype == b"S":
             name, value = wire.parse_parameter_status(body)
             self.params.serverReported(name, value)

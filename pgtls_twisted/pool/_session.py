@@ -150,6 +150,10 @@ class PooledSession(PooledLogin):
         client.deliver = self._fromClient
         client.onLost = self._clientLost
         self._checkQuoting()
+        if self._owedKey is not None:
+            # Session mode: the client's server connection now, so that its
+            # BackendKeyData can carry that server's process ID.
+            self._wait()
         early = self._clientReader.drain()
         if early:
             self._fromClient(early)
@@ -213,10 +217,14 @@ class PooledSession(PooledLogin):
             # the queue, Twisted #11168.)
             self.client.transport.pauseProducing()
         if self.phase is SessionPhase.IDLE:
-            self.phase = SessionPhase.WAITING
-            self.waitingSince = self.route.clock.seconds()
-            self._waiting = self.pool.acquire()
-            self._waiting.addCallbacks(self._acquired, self._notAcquired)
+            self._wait()
+
+    def _wait(self) -> None:
+        """Ask the pool for a server connection (IDLE to WAITING)."""
+        self.phase = SessionPhase.WAITING
+        self.waitingSince = self.route.clock.seconds()
+        self._waiting = self.pool.acquire()
+        self._waiting.addCallbacks(self._acquired, self._notAcquired)
 
     def _forward(self, attachment: Attachment, out: bytes, events: list[Event]) -> None:
         """Send the server one chunk of the client's stream, its messages counted first."""
@@ -267,7 +275,23 @@ class PooledSession(PooledLogin):
         if self.phase is SessionPhase.CLOSED:
             self.pool.release(server)
             return
+        if self._owedKey is not None:
+            self._sayReady(server)
         self._attach(server)
+
+    def _sayReady(self, server: PooledServer) -> None:
+        """
+        The end of a session-mode client's login, held back until its
+        server connection was known: BackendKeyData with that server's
+        process ID (and a secret of pgtls's), then ReadyForQuery.
+        """
+        keyLength, self._owedKey = self._owedKey, None
+        assert keyLength is not None
+        pid = server.backendKey[0] if server.backendKey is not None else None
+        self._clientKeyPid, key = self.route.cancels.mint(self, keyLength, pid)
+        self.client.out.write(
+            wire.backend_key_data(self._clientKeyPid, key) + wire.ready_for_query(b"I")
+        )
 
     def _notAcquired(self, failure: Failure) -> None:
         self._waiting = None

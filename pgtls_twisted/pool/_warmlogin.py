@@ -138,12 +138,14 @@ def startupAnswer(
     cached: CachedLogin,
     startup: wire.StartupMessage,
     reported: list[tuple[str, str]],
-    minted: tuple[int, bytes],
+    minted: tuple[int, bytes] | None,
 ) -> bytes:
     """
     What the server would send after AuthenticationOk: NegotiateProtocolVersion
     when the client asked for more than the server speaks, the
-    L{reportedParameters}, the cancel key pgtls minted, and ReadyForQuery.
+    L{reportedParameters}, the cancel key pgtls minted, and ReadyForQuery
+    (without C{minted}, neither: session mode says them once its server is
+    known).
     """
     out = [wire.AUTHENTICATION_OK]
     minor = startup.version & 0xFFFF
@@ -153,6 +155,7 @@ def startupAnswer(
         body += b"".join(name.encode() + b"\0" for name in protocolOptions)
         out.append(wire.message(b"v", body))
     out.extend(wire.parameter_status(name, value) for name, value in reported)
-    out.append(wire.backend_key_data(*minted))
-    out.append(wire.ready_for_query(b"I"))
+    if minted is not None:
+        out.append(wire.backend_key_data(*minted))
+        out.append(wire.ready_for_query(b"I"))
     return b"".join(out)
