@@ -78,7 +78,8 @@ def _describe_route(route: RouteConfig) -> list[str]:
             who = f"as each client's own role (login cache {ttl})"
         lines.append(
             f"  pooling    {pool.mode} mode {who},"
-            f" {pool.min_size}..{pool.max_size} connections per database,"
+            f" {pool.min_size}..{pool.max_size} connections per"
+            f" {'database' if pool.identity == 'service' else '(user, database)'},"
             f" wait {format_duration(pool.acquire_timeout)}"
         )
         shared = [
