@@ -408,8 +408,8 @@ def test_pool_errors(certs: Path) -> None:
     assert "pool.min_size: must not exceed max_size (5)" in sizes
     mode = single_error(pool_doc(mode="statement"), certs)
     assert "pool.mode" in mode
-    no_user = single_error({"proxy": [{**minimal_route(), "pool": {}}]}, certs)
-    assert "pool.service_user" in no_user
+    no_user = single_error({"proxy": [{**minimal_route(), "pool": {"identity": "service"}}]}, certs)
+    assert 'pool.service_user: required when identity = "service"' in no_user
 
 
 # ---------------------------------------------------------------------------

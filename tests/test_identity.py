@@ -8,17 +8,18 @@ works through pgtls. Real psycopg clients, TLS on both legs.
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
 import psycopg
 import pytest
 import pytest_twisted
-from support.admin import scrape
-from support.dsn import app_dsn
+from support.admin import psql, scrape
+from support.dsn import admin_dsn, app_dsn
 from support.pooling import admin
 from support.proxy import route, start_proxy
-from support.waiting import in_thread, sleep
+from support.waiting import in_thread, sleep, until
 
 from pgtls_twisted.testing.cluster import (
     APP_DB,
@@ -186,5 +187,89 @@ async def test_ttl_zero_checks_every_login(pki, pg_tls, tmp_path, logged_connect
         # Three temporary connections, one pooled one.
         assert logged_connections(SCRAM_USER) == 4
         assert SCRAM_PASSWORD  # (the password the dsn carries)
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refused_keys_are_forgotten(pki, pg_tls, tmp_path):
+    """
+    A new pooled connection logs in with the cached keys; after a password
+    change the server refuses them: the client waiting for it gets 28P01
+    from pgtls saying so, the keys are gone, and the next login goes to
+    the server again.
+    """
+    user, old, new = "ident_evict", "old_pw", "new_pw"
+    with admin(pg_tls) as su:
+        su.execute(f"DROP ROLE IF EXISTS {user}")
+        su.execute(f"CREATE ROLE {user} LOGIN PASSWORD '{old}'")
+    proxy = start_proxy([identity_route(pki, pg_tls)], tmp_path)
+
+    def session(password: str) -> str:
+        try:
+            with psycopg.connect(
+                app_dsn(proxy, pki, user=user, password=password), autocommit=True
+            ) as conn:
+                return conn.execute("SELECT current_user").fetchone()[0]
+        except psycopg.Error as e:
+            return str(e)
+
+    try:
+        assert await in_thread(session, old) == user
+        with admin(pg_tls) as su:
+            su.execute(f"ALTER ROLE {user} PASSWORD '{new}'")
+            su.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s",
+                (user,),
+            )
+        pool = proxy.route().pools.pools[(user, APP_DB)]
+        await until(lambda: pool.size == 0)
+        # Warm: pgtls lets the old password in, but the new pooled
+        # connection's login with the old keys is refused by the server.
+        text = await in_thread(session, old)
+        assert "log in again" in text, text
+        assert proxy.route().pools.logins.secret(user, APP_DB) is None
+        assert await in_thread(session, old) != user
+        assert await in_thread(session, new) == user
+    finally:
+        await proxy.stop()
+        with admin(pg_tls) as su:
+            su.execute(f"DROP ROLE IF EXISTS {user}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_forget_on_the_console(pki, pg_tls, tmp_path):
+    proxy = start_proxy(
+        [identity_route(pki, pg_tls)],
+        tmp_path,
+        admin={"auth": "backend", "users": [SCRAM_USER]},
+    )
+    try:
+        await in_thread(who, app_dsn(proxy, pki))
+        out, err, code = await psql(admin_dsn(proxy, pki), f"FORGET {SCRAM_USER}")
+        assert code == 0, err
+        assert "1 cached logins forgotten" in err
+        assert proxy.route().pools.logins.secret(SCRAM_USER, APP_DB) is None
+        out, err, code = await psql(admin_dsn(proxy, pki), "FORGET ALL")
+        assert code == 0 and "0 cached logins forgotten" in err
+    finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_secret_reaches_a_log(pki, pg_tls, tmp_path, events):
+    proxy = start_proxy([identity_route(pki, pg_tls)], tmp_path)
+    try:
+        for _ in range(2):
+            await in_thread(who, app_dsn(proxy, pki))
+        await in_thread(who, app_dsn(proxy, pki, user=MD5_USER, password=MD5_PASSWORD))
+        logins = proxy.route().pools.logins
+        secrets = [SCRAM_PASSWORD, MD5_PASSWORD]
+        keys = logins.secret(SCRAM_USER, APP_DB)
+        for raw in (keys.client_key, keys.server_key, keys.stored_key):
+            secrets += [raw.hex(), base64.b64encode(raw).decode(), repr(raw)]
+        secrets.append(logins.secret(MD5_USER, APP_DB).inner.decode())
+        text = "\n".join(repr(e) for e in events)
+        assert events and not [s for s in secrets if s in text]
     finally:
         await proxy.stop()

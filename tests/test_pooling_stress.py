@@ -306,9 +306,9 @@ async def test_notifications_in_session_mode(pki, pg_tls, tmp_path):
 async def queue_behind_a_holder(proxy, pki, names, served):
     """
     One client holds the only server connection (session mode); then each
-    of C{names} queues in turn (a psycopg client that records when its first
-    query is answered, or a raw "quitter" that sends a query and returns its
-    socket). Returns the holder, the running clients and the quitters.
+    of C{names} queues in turn, from its login on (a psycopg client that
+    records when its first query is answered, or a raw "quitter" that sends
+    a query and returns its socket). Returns the holder, the running clients and the quitters.
     """
     holder = await in_thread(connect, proxy, pki, autocommit=True)
     await in_thread(holder.execute, "SELECT 1")
@@ -324,7 +324,8 @@ async def queue_behind_a_holder(proxy, pki, names, served):
             time.sleep(0.05)
 
     def quitter_queues(name):
-        tls = raw_login(proxy, pki)
+        # Session mode: its login itself queues (for its server's PID).
+        tls = raw_login(proxy, pki, ready=False)
         # Its query, if it ever ran, would leave a row behind.
         tls.sendall(rawclient.query_message(f"INSERT INTO quitters VALUES ('{name}')"))
         return tls

@@ -114,8 +114,12 @@ def settled(pool) -> bool:
     )
 
 
-def raw_login(proxy, pki, **params: str):
-    """A raw TLS client of the proxy, logged in as SCRAM_USER to APP_DB."""
+def raw_login(proxy, pki, ready: bool = True, **params: str):
+    """
+    A raw TLS client of the proxy, logged in as SCRAM_USER to APP_DB: up to
+    ReadyForQuery, or (C{ready=False}) only up to AuthenticationOk (a
+    session-mode login then waits for its server connection).
+    """
     sock = rawclient.connect(proxy.port())
     tls = rawclient.request_tls(sock, pki.cert("ca"))
     tls.sendall(rawclient.startup_message(SCRAM_USER, APP_DB, **params))
@@ -125,7 +129,10 @@ def raw_login(proxy, pki, **params: str):
             code = wire.auth_code(body)
             if code == wire.AUTH_CLEARTEXT_PASSWORD:
                 tls.sendall(rawclient.password_message(SCRAM_PASSWORD))
-            elif code != wire.AUTH_OK:
+            elif code == wire.AUTH_OK:
+                if not ready:
+                    return tls
+            else:
                 raise AssertionError(f"unexpected authentication request {code}")
         elif mtype == b"E":
             raise rawclient.ServerError(wire.parse_error_fields(body))
