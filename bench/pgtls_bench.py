@@ -12,7 +12,11 @@ One run:
     client TLS required and C{verify-full} TLS to the backend; and
     PgBouncer with a session-mode and a transaction-mode database, client
     TLS required with the same certificate, C{server_tls_sslmode =
-    verify-full} to the same backend;
+    verify-full} to the same backend. For the connection-rate case only
+    (issue 13), a second pair in which neither proxy asks the server about
+    a login: a pgtls transaction pool with C{identity = "client"}, its
+    login cache warmed by one login before each run, and a PgBouncer
+    whose C{auth_file} holds the user's SCRAM secret from C{pg_authid};
  3. runs pgbench against every target, interleaved: each round runs every
     case on every target (in an order rotated per round), so that machine
     noise hits every target alike, and the medians over rounds are
@@ -125,6 +129,11 @@ class Target:
     #: Keeps a client's named prepared statements (C{-M prepared}); a
     #: target without them fails that case, and the cell says unsupported.
     prepared: bool = True
+    #: Glob patterns of the cases this target runs.
+    cases: tuple[str, ...] = ("*",)
+    #: One login through the target before each run: it warms a login
+    #: cache (C{identity = "client"}), so that the run measures warm logins.
+    warm: bool = False
 
 
 @dataclass
@@ -143,6 +152,10 @@ class Run:
     error: str | None = None
     #: The run failed because the target has no named prepared statements.
     unsupported: bool = False
+    #: The server's C{connection authorized} log lines during the run
+    #: (C{--log-connections}): every server login, whoever made it.
+    server_logins: int | None = None
+    server_logins_per_ktx: float | None = None
 
 
 @dataclass
@@ -164,6 +177,10 @@ class Bench:
     ports2: dict[str, int] = field(default_factory=dict)
     portsBase: dict[str, int] = field(default_factory=dict)
     bouncerPort: int = 0
+    #: pgtls with the C{identity = "client"} transaction pool (issue 13).
+    clientPort: int = 0
+    #: PgBouncer whose auth_file holds the SCRAM secret, not the password.
+    bouncerScramPort: int = 0
     #: PgBouncer's version, as (major, minor).
     bouncerVersion: tuple[int, int] = (0, 0)
 
@@ -285,13 +302,10 @@ def setup_cluster(b: Bench) -> None:
     pki = make_pki(b.base / "pki")
     b.pki = pki
     log("starting PostgreSQL with TLS")
-    cluster = PostgresCluster(
-        b.base,
-        ssl=True,
-        pki=pki,
-        name="pg",
-        extra_conf={"max_connections": "600", "max_prepared_transactions": "0"},
-    )
+    conf = {"max_connections": "600", "max_prepared_transactions": "0"}
+    if b.args.log_connections:
+        conf["log_connections"] = "on"
+    cluster = PostgresCluster(b.base, ssl=True, pki=pki, name="pg", extra_conf=conf)
     b.cluster = cluster
     cluster.start()
     log(f"pgbench -i -s {b.args.scale}")
@@ -343,7 +357,15 @@ def pgtls_config(b: Bench, ports: dict[str, int], workers: int | None) -> str:
     pw.write_text(POOL_PASSWORD + "\n")
     head = f"workers = {workers}\n" if workers else ""
     text = head + 'log_level = "info"\n'
-    for name, pool in (("pass", None), ("session", "session"), ("tx", "transaction")):
+    routes = (
+        ("pass", None),
+        ("session", "session"),
+        ("tx", "transaction"),
+        ("tx-client", "transaction"),
+    )
+    for name, pool in routes:
+        if name not in ports:
+            continue
         text += f"""
 [[proxy]]
 name = "{name}"
@@ -359,7 +381,15 @@ tls = "verify-full"
 root_ca = "{pki.cert("ca")}"
 server_name = "localhost"
 """
-        if pool:
+        if name == "tx-client":
+            # Pools per (user, database) logging in as the client, with
+            # the keys kept from its first login (auth_cache_ttl: default).
+            text += f"""[proxy.pool]
+mode = "{pool}"
+identity = "client"
+max_size = {TX_POOL_SIZE}
+"""
+        elif pool:
             size = SESSION_POOL_SIZE if pool == "session" else TX_POOL_SIZE
             text += f"""[proxy.pool]
 mode = "{pool}"
@@ -420,10 +450,27 @@ def start_pgtls(
         wait_listening(port, proc, f"pgtls ({key})")
 
 
-def start_pgbouncer(b: Bench, port: int) -> None:
+def scram_secret(b: Bench, user: str) -> str:
+    """C{user}'s password verifier as PostgreSQL stores it (SCRAM or MD5)."""
+    assert b.cluster is not None
+    secret = b.cluster.psql(f"SELECT rolpassword FROM pg_authid WHERE rolname = '{user}'")
+    if not secret.startswith(("SCRAM-SHA-256$", "md5")):
+        raise RuntimeError(f"{user} has no SCRAM or MD5 password in pg_authid")
+    return secret
+
+
+def start_pgbouncer(b: Bench, port: int, key: str = "pgbouncer", secret: str | None = None) -> None:
+    """
+    PgBouncer as C{key}. With C{secret}, its auth_file holds that password
+    verifier (copied from pg_authid) instead of the password, and it has
+    only the transaction-mode database: it checks logins against the
+    verifier and logs in to the server with the client's SCRAM proof (or the
+    MD5 hash), as PgBouncer's docs advise for an auth_file without
+    passwords.
+    """
     assert b.cluster is not None
     pki = b.pki
-    d = b.base / "pgbouncer"
+    d = b.base / key
     d.mkdir(exist_ok=True)
     give(d)
     for name, src in (("server.crt", pki.cert("server")), ("ca.crt", pki.cert("ca"))):
@@ -432,14 +479,19 @@ def start_pgbouncer(b: Bench, port: int) -> None:
     shutil.copy(pki.key("server"), d / "server.key")
     os.chmod(d / "server.key", 0o600)
     give(d / "server.key")
-    (d / "userlist.txt").write_text(f'"{SCRAM_USER}" "{SCRAM_PASSWORD}"\n')
+    (d / "userlist.txt").write_text(f'"{SCRAM_USER}" "{secret or SCRAM_PASSWORD}"\n')
     os.chmod(d / "userlist.txt", 0o600)
     give(d / "userlist.txt")
     pg = b.cluster
+    authType = "md5" if secret and secret.startswith("md5") else "scram-sha-256"
+    session = (
+        ""
+        if secret
+        else f"{APP_DB} = host={pg.host} port={pg.port} dbname={APP_DB} pool_mode=session pool_size={SESSION_POOL_SIZE}\n"
+    )
     ini = f"""\
 [databases]
-{APP_DB} = host={pg.host} port={pg.port} dbname={APP_DB} pool_mode=session pool_size={SESSION_POOL_SIZE}
-{APP_DB}_tx = host={pg.host} port={pg.port} dbname={APP_DB} pool_mode=transaction pool_size={TX_POOL_SIZE}
+{session}{APP_DB}_tx = host={pg.host} port={pg.port} dbname={APP_DB} pool_mode=transaction pool_size={TX_POOL_SIZE}
 
 [pgbouncer]
 listen_addr = 127.0.0.1
@@ -447,7 +499,7 @@ listen_port = {port}
 unix_socket_dir =
 logfile = {d}/pgbouncer.log
 pidfile = {d}/pgbouncer.pid
-auth_type = scram-sha-256
+auth_type = {authType}
 auth_file = {d}/userlist.txt
 max_client_conn = {MAX_CLIENTS}
 ignore_startup_parameters = extra_float_digits
@@ -475,15 +527,15 @@ server_tls_ca_file = {d}/ca.crt
         cwd=d,
         **as_user,
     )
-    b.procs["pgbouncer"] = proc
-    wait_listening(port, proc, "pgbouncer")
+    b.procs[key] = proc
+    wait_listening(port, proc, key)
 
 
 def stop(b: Bench, key: str) -> None:
     proc = b.procs.pop(key, None)
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGINT if key == "pgbouncer" else signal.SIGTERM)
+    proc.send_signal(signal.SIGINT if key.startswith("pgbouncer") else signal.SIGTERM)
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:
@@ -501,6 +553,12 @@ def start_all(b: Bench) -> None:
     log("starting pgtls and pgbouncer")
     start_pgtls(b, "pgtls", b.ports)
     start_pgbouncer(b, b.bouncerPort)
+    # Issue 13's pair, as separate processes, so that the existing targets
+    # run exactly as before.
+    b.clientPort = free_port()
+    start_pgtls(b, "pgtls-client", {"tx-client": b.clientPort})
+    b.bouncerScramPort = free_port()
+    start_pgbouncer(b, b.bouncerScramPort, "pgbouncer-scram", scram_secret(b, SCRAM_USER))
     if b.args.baseline_src:
         b.portsBase = {k: free_port() for k in ("pass", "session", "tx")}
         start_pgtls(b, "pgtls-base", b.portsBase, source=b.args.baseline_src)
@@ -542,6 +600,26 @@ def make_targets(b: Bench) -> list[Target]:
         Target("pgtls-pass", ports["pass"], APP_DB, "pgtls", "pgbouncer-session"),
         Target("pgtls-session", ports["session"], APP_DB, "pgtls", "pgbouncer-session"),
         Target("pgtls-tx", ports["tx"], APP_DB, "pgtls", "pgbouncer-tx"),
+        # The connection rate when neither proxy asks the server about a
+        # login (issue 13): per-login costs only, no temporary connection.
+        Target(
+            "pgbouncer-tx-scram",
+            b.bouncerScramPort,
+            APP_DB + "_tx",
+            "pgbouncer-scram",
+            "pgbouncer-tx-scram",
+            prepared=b.bouncerVersion >= (1, 21),
+            cases=("connect-*",),
+        ),
+        Target(
+            "pgtls-tx-client",
+            b.clientPort,
+            APP_DB,
+            "pgtls-client",
+            "pgbouncer-tx-scram",
+            cases=("connect-*",),
+            warm=True,
+        ),
     ]
     if b.args.baseline_src:
         pb = b.portsBase
@@ -581,9 +659,56 @@ def p99_from_logs(prefix: Path) -> tuple[float | None, int]:
     return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] / 1000.0, len(latencies)
 
 
+def client_env(b: Bench) -> dict[str, str]:
+    """What every benchmark client connects with: the user's password, verify-full TLS."""
+    return pg_env(
+        PGPASSWORD=SCRAM_PASSWORD, PGSSLMODE="verify-full", PGSSLROOTCERT=str(b.pki.cert("ca"))
+    )
+
+
+def connect_args(target: Target) -> list[str]:
+    """How a client (pgbench, psql) reaches C{target}, as pgbench's user."""
+    return ["-h", "127.0.0.1", "-p", str(target.port), "-U", SCRAM_USER, target.database]
+
+
+def warm_up(b: Bench, target: Target) -> str | None:
+    """
+    One login through C{target} (psql, as pgbench's user): a cold login
+    cache goes to the server and keeps the keys, a warm one is answered by
+    the proxy, so the run that follows logs in warm. The error, if any.
+    """
+    assert b.cluster is not None
+    psql = b.cluster.bindir / "psql"
+    psqlExe = str(psql) if psql.exists() else "psql"
+    cmd = [psqlExe, "-X", "-At", "-c", "SELECT current_user", *connect_args(target)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=client_env(b), timeout=60)
+    if result.returncode != 0 or result.stdout.strip() != SCRAM_USER:
+        return f"warm-up login failed: {(result.stderr or result.stdout).strip()[:300]}"
+    return None
+
+
+def server_log_size(b: Bench) -> int:
+    assert b.cluster is not None
+    try:
+        return b.cluster.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def server_logins_since(b: Bench, offset: int) -> int:
+    """C{connection authorized} lines the server logged after C{offset} (log_connections)."""
+    assert b.cluster is not None
+    with open(b.cluster.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().count(b"connection authorized: ")
+
+
 def run_pgbench(b: Bench, case: Case, target: Target, rnd: int) -> Run:
-    pki = b.pki
     run = Run(case.name, target.name, rnd)
+    if target.warm:
+        run.error = warm_up(b, target)
+        if run.error:
+            return run
     logs = b.base / "pgbench-logs"
     logs.mkdir(exist_ok=True)
     prefix = logs / f"{case.name}.{target.name}"
@@ -599,22 +724,15 @@ def run_pgbench(b: Bench, case: Case, target: Target, rnd: int) -> Run:
         *case.args,
         "-l",
         f"--log-prefix={prefix}",
-        "-h",
-        "127.0.0.1",
-        "-p",
-        str(target.port),
-        "-U",
-        SCRAM_USER,
-        target.database,
+        *connect_args(target),
     ]
-    env = pg_env(
-        PGPASSWORD=SCRAM_PASSWORD, PGSSLMODE="verify-full", PGSSLROOTCERT=str(pki.cert("ca"))
-    )
+    env = client_env(b)
     proxy = b.procs.get(target.proxy) if target.proxy else None
     if proxy is not None and proxy.poll() is not None:
         raise RuntimeError(f"{target.proxy} died (status {proxy.returncode})")
     cpu0 = cpu_seconds(proxy.pid) if proxy else (0.0, 0.0)
     cpuUsed = 0.0
+    logOffset = server_log_size(b)
     t0 = time.monotonic()
     try:
         result = subprocess.run(
@@ -624,6 +742,10 @@ def run_pgbench(b: Bench, case: Case, target: Target, rnd: int) -> Run:
     except subprocess.TimeoutExpired as e:
         output, code = f"{e.stdout or ''}{e.stderr or ''}\ntimed out", -1
     elapsed = time.monotonic() - t0
+    if b.args.log_connections:
+        # The server writes its log itself: give the last lines a moment.
+        time.sleep(0.5)
+        run.server_logins = server_logins_since(b, logOffset)
     if proxy is not None:
         user, system = cpu_seconds(proxy.pid)
         run.proxy_cpu_pct = 100.0 * (user + system - sum(cpu0)) / elapsed
@@ -649,6 +771,8 @@ def run_pgbench(b: Bench, case: Case, target: Target, rnd: int) -> Run:
     if m:
         run.failed = int(m.group(1))
     run.lat_p99_ms, _ = p99_from_logs(prefix)
+    if run.server_logins is not None and run.transactions:
+        run.server_logins_per_ktx = run.server_logins / run.transactions * 1000
     if code != 0 or run.tps is None:
         lines = [line for line in output.splitlines() if "error" in line.lower()]
         run.error = (lines[0] if lines else output.strip().splitlines()[-1:] or ["?"])[0][:300]
@@ -697,15 +821,19 @@ def plan(b: Bench) -> tuple[list[Case], list[Target], set[str]]:
     return cases, targets, resources
 
 
-def run_rounds(b: Bench, cases: list[Case], targets: list[Target]) -> None:
-    total = (
-        sum(len([t for t in targets if not t.workers or c.workers]) for c in cases) * b.args.rounds
+def runs_case(target: Target, case: Case) -> bool:
+    return (not target.workers or case.workers) and any(
+        fnmatch.fnmatchcase(case.name, p) for p in target.cases
     )
+
+
+def run_rounds(b: Bench, cases: list[Case], targets: list[Target]) -> None:
+    total = sum(len([t for t in targets if runs_case(t, c)]) for c in cases) * b.args.rounds
     done = 0
     started = time.monotonic()
     for rnd in range(1, b.args.rounds + 1):
         for case in cases:
-            ts = [t for t in targets if not t.workers or case.workers]
+            ts = [t for t in targets if runs_case(t, case)]
             shift = (rnd - 1) % len(ts) if ts else 0
             for target in ts[shift:] + ts[:shift]:
                 run = run_pgbench(b, case, target, rnd)
@@ -722,6 +850,8 @@ def run_rounds(b: Bench, cases: list[Case], targets: list[Target]) -> None:
                     else ""
                 )
                 err = f"  ERROR {run.error}" if run.error else ""
+                if run.server_logins is not None:
+                    err = f" server logins {run.server_logins}" + err
                 if run.unsupported:
                     err = f"  UNSUPPORTED {run.error}"
                 log(
@@ -908,13 +1038,22 @@ def cprofile_summary(path: Path, transactions: int, top: int = 25) -> str:
 def run_profiles(b: Bench) -> None:
     """
     pgtls under cProfile (a separate process): C{pgbench -S -c 16} on each
-    route, and C{-C -S -c 8} (connection setup) on the pass-through route.
+    route, and C{-C -S -c 8} (connection setup) on the pass-through route
+    and on the warm login cache's route (C{pgtls-tx-client}).
     """
-    stop(b, "pgtls")
     byName = {c.name: c for c in CASES}
     plans = [(byName["S-simple-c16"], t) for t in b.targets if t.proxy == "pgtls"]
-    plans += [(byName["connect-S-c8"], t) for t in b.targets if t.name == "pgtls-pass"]
+    plans += [
+        (byName["connect-S-c8"], t)
+        for t in b.targets
+        if t.name in ("pgtls-pass", "pgtls-tx-client")
+    ]
+    portsOf = {"pgtls": b.ports, "pgtls-client": {"tx-client": b.clientPort}}
+    for key in portsOf:
+        stop(b, key)
     for case, target in plans:
+        key = target.proxy
+        assert key in portsOf
         name = f"{target.name}-{case.name}"
         prof = b.out / f"profile-{name}.prof"
         logfile = open(b.base / "pgtls-profile.log", "ab")  # noqa: SIM115
@@ -927,17 +1066,17 @@ def run_profiles(b: Bench) -> None:
                 "text",
                 "pgtls",
                 "--config",
-                str(b.base / "pgtls.toml"),
+                str(b.base / f"{key}.toml"),
             ],
             stdin=subprocess.DEVNULL,
             stdout=logfile,
             stderr=subprocess.STDOUT,
         )
-        b.procs["pgtls"] = proc
-        for port in b.ports.values():
+        b.procs[key] = proc
+        for port in portsOf[key].values():
             wait_listening(port, proc, "pgtls under cProfile")
         run = run_pgbench(b, case, target, 0)
-        stop(b, "pgtls")
+        stop(b, key)
         text = (
             f"pgbench {case.description} on {target.name} under cProfile: {run.tps or 0:.0f} tps\n"
         )
@@ -948,7 +1087,8 @@ def run_profiles(b: Bench) -> None:
         b.profiles[name] = text
         (b.out / f"profile-{name}.txt").write_text(text)
         log(f"profile of {name} in {prof}")
-    start_pgtls(b, "pgtls", b.ports)
+    for key, ports in portsOf.items():
+        start_pgtls(b, key, ports)
 
 
 # -- reporting --------------------------------------------------------------------
@@ -987,7 +1127,16 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 
 
 #: The per-run figures summarised as medians.
-METRICS = ("tps", "lat_avg_ms", "lat_p99_ms", "proxy_cpu_pct", "proxy_sys_pct", "proxy_us_per_tx")
+METRICS = (
+    "tps",
+    "lat_avg_ms",
+    "lat_p99_ms",
+    "proxy_cpu_pct",
+    "proxy_sys_pct",
+    "proxy_us_per_tx",
+    "server_logins",
+    "server_logins_per_ktx",
+)
 
 
 def summary(b: Bench) -> dict[str, dict[str, dict[str, float | None]]]:
@@ -1035,13 +1184,19 @@ def results_table(b: Bench, med: dict[str, Any]) -> str:
         rows = med[case.name]
         direct = rows.get("direct", {})
         own = unnamed_cases(case)
+        logins = any(cell.get("server_logins") is not None for cell in rows.values())
         lines += [
             f"**{case.description}** (`{case.name}`)",
             "",
             "| target | tps | × PgBouncer | × direct "
             + "".join(f"| {label} " for label, _ in own)
-            + "| avg ms | p99 ms | +avg ms vs direct | proxy CPU % (sys) | proxy CPU µs/tx |",
-            "|---|---:|---:|---:|" + "---:|" * len(own) + "---:|---:|---:|---:|---:|",
+            + "| avg ms | p99 ms | +avg ms vs direct | proxy CPU % (sys) | proxy CPU µs/tx "
+            + ("| server logins per run (per 1000 tx) " if logins else "")
+            + "|",
+            "|---|---:|---:|---:|"
+            + "---:|" * len(own)
+            + "---:|---:|---:|---:|---:|"
+            + ("---:|" if logins else ""),
         ]
         footnotes = []
         for name, t in targets.items():
@@ -1086,7 +1241,14 @@ def results_table(b: Bench, med: dict[str, Any]) -> str:
                 f"| {fmt(cell['lat_avg_ms'], '.3f')} | {fmt(cell['lat_p99_ms'], '.3f')} "
                 f"| {fmt(added, '+.3f') if name != 'direct' else '–'} "
                 f"| {fmt(cell['proxy_cpu_pct'], '.0f')} ({fmt(cell['proxy_sys_pct'], '.0f')}) "
-                f"| {fmt(cell['proxy_us_per_tx'], '.0f')} |"
+                f"| {fmt(cell['proxy_us_per_tx'], '.0f')} "
+                + (
+                    f"| {fmt(cell['server_logins'], '.0f')} "
+                    f"({fmt(cell['server_logins_per_ktx'], '.1f')}) "
+                    if logins
+                    else ""
+                )
+                + "|"
             )
         if footnotes:
             lines += ["", *footnotes]
@@ -1133,6 +1295,18 @@ def target_checks(b: Bench, med: dict[str, Any]) -> list[tuple[str, str, str]]:
         r = ratio(tps("connect-S-c8", name), tps("connect-S-c8", base))
         checks.append(
             (f"{name} `-C` connection rate ≥ 1.0× {base}", fmt(r, ".2f") + "×", verdict(r, 1.0))
+        )
+    # Issue 13: warm login cache against PgBouncer's auth_file; neither
+    # contacts the server per login.
+    r = ratio(tps("connect-S-c8", "pgtls-tx-client"), tps("connect-S-c8", "pgbouncer-tx-scram"))
+    if r is not None:
+        checks.append(
+            (
+                "pgtls-tx-client (warm cache) `-C` connection rate ≥ 1.0× pgbouncer-tx-scram "
+                "(issue 13)",
+                fmt(r, ".2f") + "×",
+                verdict(r, 1.0),
+            )
         )
     for mode in ("simple", "extended"):
         case = f"S-{mode}-c1"
@@ -1249,6 +1423,23 @@ def prepared_note(b: Bench) -> str:
     )
 
 
+#: What issue 13's pair of targets is.
+LOGIN_CACHE_NOTE = (
+    "`pgtls-tx-client` and `pgbouncer-tx-scram` (connection-rate case only, issue 13) are "
+    "transaction pools in which neither proxy asks the server about a login. "
+    '`pgtls-tx-client`: a transaction pool with `identity = "client"` (no service user, '
+    "`auth_cache_ttl` default 10 min), its own pgtls process; one psql login before each run "
+    "warms its login cache (the server checks the password once, pgtls keeps the SCRAM keys), "
+    "so that every pgbench login is answered by pgtls from the cached keys and its queries run "
+    "on pooled connections logged in as the user. `pgbouncer-tx-scram`: a second PgBouncer, "
+    "transaction mode, whose `auth_file` holds the user's SCRAM secret copied from "
+    "`pg_authid` (no password; `auth_type = scram-sha-256`): it checks logins against the "
+    "secret and logs in to the server with the client's SCRAM proof. `pgbouncer-tx` and "
+    "`pgtls-tx`, by contrast, keep the password (PgBouncer's auth_file) or check every login "
+    "over a temporary server connection (pgtls's service-user pool)."
+)
+
+
 def write_report(b: Bench, info: dict[str, str], started: float) -> Path:
     med = summary(b)
     minutes = (time.monotonic() - started) / 60
@@ -1276,11 +1467,18 @@ def write_report(b: Bench, info: dict[str, str], started: float) -> Path:
     ]
     if any(c.startswith("S-prepared-") for c in med):
         lines += [prepared_note(b), ""]
+    if any(t in rows for rows in med.values() for t in ("pgtls-tx-client", "pgbouncer-tx-scram")):
+        lines += [LOGIN_CACHE_NOTE, ""]
     if b.notes:
         lines += ["Notes:", ""] + [f"- {n}" for n in b.notes] + [""]
     checks = target_checks(b, med)
     if checks:
-        lines += ["## Targets (issue 6)", "", "| target | measured | verdict |", "|---|---|---|"]
+        lines += [
+            "## Targets (issues 6 and 13)",
+            "",
+            "| target | measured | verdict |",
+            "|---|---|---|",
+        ]
         lines += [f"| {t} | {m} | {v} |" for t, m, v in checks]
         lines.append("")
     table = results_table(b, med)
@@ -1345,8 +1543,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATTERNS",
         help="comma-separated glob patterns of cases (S-simple-c16, S-prepared-c16, tpcb-c16, "
         "connect-S-c8, ...), "
-        "targets (direct, pgbouncer-session, pgbouncer-tx, pgtls-pass, pgtls-session, pgtls-tx) "
+        "targets (direct, pgbouncer-session, pgbouncer-tx, pgtls-pass, pgtls-session, pgtls-tx; "
+        "for connect-* only: pgbouncer-tx-scram, pgtls-tx-client) "
         "and resource tests (idle, slowread); only what matches runs",
+    )
+    p.add_argument(
+        "--log-connections",
+        action="store_true",
+        help="run PostgreSQL with log_connections = on and count each run's server logins "
+        "(its 'connection authorized' lines): a column of the tables",
     )
     p.add_argument(
         "--smoke", action="store_true", help="a quick check that everything works (~2 min)"
