@@ -65,7 +65,39 @@ def test_named_parse_goes_under_the_server_name() -> None:
 def test_unnamed_parse_is_untouched() -> None:
     r = relay()
     assert r.parse(parse_body(b"", b"SELECT 1"), 0) is None
+    # Its answer is owed, and is the client's.
+    assert not r.settled
+    assert r.parseComplete() is False
     assert r.settled
+
+
+def test_every_answer_pairs_with_its_own_message() -> None:
+    """An unnamed Parse's answer must not confirm a named one the server skipped."""
+    r = relay()
+    r.parse(parse_body(b"", b"SELECT 1"), 0)
+    r.parse(parse_body(b"", b"SELECT 1/0"), 0)
+    r.parse(parse_body(b"s1", b"SELECT 2"), 0)
+    assert r.parseComplete() is False  # the first unnamed one
+    assert r.parseComplete() is False  # the second
+    r.error(0)  # its Bind failed: s1 was skipped
+    assert b"s1" not in r.client and not len(r.server)
+    assert r.settled
+
+
+def test_an_answer_to_nothing_is_a_desync() -> None:
+    r = relay()
+    assert r.parseComplete() is None
+    assert r.closeComplete() is None
+
+
+def test_a_shared_statement_cannot_be_closed_by_name() -> None:
+    r = relay()
+    out, _ = r.close(b"S" + TARGET + b"\0", 0)
+    assert out == NOOP_CLOSE
+    assert r.closeComplete() is False  # the client's answer
+    assert r.close(b"Sother\0", 0) is None
+    assert r.close(b"Pportal\0", 0) is None
+    assert r.closeComplete() is False and r.closeComplete() is False
 
 
 def test_malformed_parse_is_a_protocol_violation() -> None:
@@ -199,12 +231,25 @@ def test_duplicate_name_is_refused_by_the_server() -> None:
     r.parseComplete()
     first = r.client[b"s"]
     out, _ = r.parse(parse_body(b"s", b"SELECT 2"), 1)
-    # Sent under the existing statement's server name: the server answers
-    # 42P05 where the client expects it.
-    assert out == parseMessage(first.server, parse_body(b"", b"SELECT 2")[1:])
+    # The existing statement's own Parse again: the server answers 42P05
+    # where the client expects it, and no other text ever goes under a
+    # name derived from this one.
+    assert out == first.parse
     r.error(1)
     assert r.client[b"s"] is first
     assert first.server in r.server
+
+
+def test_duplicate_after_a_skipped_first_parse() -> None:
+    """The first Parse of the name was skipped: the repeated one created the statement."""
+    r = relay()
+    r.parse(parse_body(b"s", b"SELECT 1"), 0)
+    first = r.client[b"s"]
+    r.parse(parse_body(b"s", b"SELECT 2"), 1)
+    r.error(0)  # batch 0 failed before s was prepared
+    assert b"s" not in r.client and first.server not in r.server
+    assert r.parseComplete() is False  # batch 1: the repeated Parse succeeded
+    assert r.client[b"s"] is first and first.server in r.server
 
 
 def test_lru_eviction() -> None:
@@ -222,6 +267,8 @@ def test_forget_all() -> None:
     r.parse(parse_body(b"s", b"SELECT 1"), 0)
     r.forgetAll()
     assert not r.client and not len(r.server)
+    # Whether the DISCARD ALL runs is not known yet.
+    assert r.server.unknown
 
 
 def test_close_statement_message() -> None:

@@ -116,7 +116,7 @@ def test_long_names_pass_and_pin() -> None:
     h = Harness()
     data = parse(b"n" * 600, b"SELECT 1") + SYNC
     assert h.send(data) == data
-    assert h.guard.pinned == "prepared statement name too long to map"
+    assert h.guard.pinned == "prepared statement too long to map"
 
 
 def test_malformed_parse() -> None:
@@ -134,11 +134,12 @@ def test_discard_all_forgets_statements() -> None:
     assert h.guard.pinned is None
 
 
-def test_evictions_are_quoted_statements() -> None:
+def test_evictions_are_closes_and_a_sync() -> None:
     h = Harness(max_prepared_statements=1)
     h.send(parse(b"a", b"SELECT 1") + parse(b"b", b"SELECT 2") + SYNC)
-    (sql,) = h.guard.evictions(h.server)
-    assert sql.startswith('DEALLOCATE "pgtls_') and sql.endswith('"')
+    closes = h.guard.evictions(h.server)
+    assert closes.startswith(b"C") and b"Spgtls_" in closes and closes.endswith(SYNC)
+    assert h.guard.evictions(h.server) is None
 
 
 def test_refused_parse_with_lying_type_count() -> None:
@@ -148,8 +149,31 @@ def test_refused_parse_with_lying_type_count() -> None:
         h.send(msg(b"P", b"\0LISTEN x\0\x00\x05\0\0\0\x17"))
 
 
-def test_deallocate_of_a_pgtls_statement_pins() -> None:
-    """Other clients share it: the connection is reset before anyone else has it."""
+def test_deallocate_makes_the_list_unknown() -> None:
+    """It may close a statement other clients share: the list is rebuilt before the next one."""
     h = Harness()
-    h.send(query(b"DEALLOCATE pgtls_0123"))
-    assert h.guard.pinned == "DEALLOCATE of a statement pgtls prepared"
+    h.send(query(b'DEALLOCATE U&"\\0070gtls_0123"'))
+    assert h.server.statements.unknown and h.guard.pinned is None
+
+
+def test_quoting_hazards_pin() -> None:
+    h = Harness()
+    h.guard.checkParameters({"client_encoding": "SJIS"})
+    assert h.guard.pinned == "client_encoding SJIS"
+    h = Harness()
+    h.guard.checkParameters({"client_encoding": "UTF8", "standard_conforming_strings": "on"})
+    assert h.guard.pinned is None
+
+
+def test_caps_on_what_a_client_keeps() -> None:
+    h = Harness()
+    big = b"SELECT '" + b"x" * (64 * 1024) + b"'"
+    data = parse(b"big", big) + SYNC
+    assert h.send(data) == data
+    assert h.guard.pinned == "prepared statement too long to map"
+
+
+def test_refused_parse_declares_the_parameters_it_uses() -> None:
+    h = Harness(pinning="refuse")
+    out = h.send(parse(b"", b"SELECT set_config('app.x', $2, false)"))
+    assert out.endswith(struct.pack("!HII", 2, 25, 25))

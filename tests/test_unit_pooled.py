@@ -181,6 +181,7 @@ def test_session_mode_keeps_the_server_and_resets_it_when_the_client_leaves(
     client.send(query("select 2"))
     backend.send(answer())
     client.send(wire.TERMINATE)
+    backend.send(wire.command_complete("RESET") + wire.ready_for_query())
     backend.send(wire.command_complete("DISCARD ALL") + wire.ready_for_query())
 
     assert scene.events == [
@@ -198,12 +199,14 @@ def test_session_mode_keeps_the_server_and_resets_it_when_the_client_leaves(
         ("client", "D"),
         ("client", "C"),
         ("client", "Z:I"),
-        # The Terminate is not forwarded: the server is reset instead.
+        # The Terminate is not forwarded: the server is reset instead (its
+        # statement timeout first, so that the reset runs under none).
         ("pooled", "Q"),
         ("client", "close"),
+        ("pooled", "Q"),
         ("pool", "release"),
     ]
-    assert sent_sql(backend) == ["select 1", "select 2", "DISCARD ALL"]
+    assert sent_sql(backend) == ["select 1", "select 2", "RESET statement_timeout", "DISCARD ALL"]
     assert the_pool(scene).sessions == 0
 
 

@@ -15,8 +15,10 @@ from pgtls_twisted.protocol._framing import MessageSplitter
 from pgtls_twisted.protocol._prepared import StatementRelay
 from pgtls_twisted.protocol._txstate import SERVER_PEEK, SERVER_WATCH, TransactionTracker
 
-#: Enough of an ErrorResponse to see a FATAL severity field.
-_ERROR_PEEK = 16
+#: Enough of an ErrorResponse to see its severity and SQLSTATE fields
+#: (C{SERROR}, C{VERROR}, C{C26000}: 21 bytes, more with a localized
+#: severity).
+_ERROR_PEEK = 64
 
 _SERVER_PEEK = {**SERVER_PEEK, b"E": _ERROR_PEEK}
 _RELAY_WATCH = SERVER_WATCH | RELAY_WATCH

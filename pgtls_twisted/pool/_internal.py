@@ -24,13 +24,14 @@ _log = Logger()
 
 def runInternal(
     server: PooledServer,
-    sql: str,
+    sql: str | bytes,
     then: Callable[[], None],
     broken: Callable[[str], None],
     label: dict[str, object],
 ) -> None:
     """
-    Run C{sql} on C{server} as one simple Query, swallowing its answers,
+    Run C{sql} on C{server} as one simple Query (or C{bytes}: extended-query
+    messages that end with one Sync), swallowing its answers,
     then call C{then}. A failure is logged (with C{label}'s fields, C{conn}
     and C{pool}) and marks the connection dirty (closed on release); the
     caller goes on. A reply that breaks the protocol marks it dirty too,
@@ -75,11 +76,14 @@ def runInternal(
                 return
 
     server.leg.deliver = answer
-    server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
+    if isinstance(sql, bytes):
+        server.leg.out.write(sql)
+    else:
+        server.leg.out.write(wire.message(b"Q", sql.encode() + b"\0"))
 
 
 def runEach(
-    statements: list[str],
+    statements: list[str | bytes],
     server: PooledServer,
     then: Callable[[], None],
     broken: Callable[[str], None],
@@ -109,12 +113,16 @@ def resetStatements(reset: str, server: PooledServer, pinned: bool) -> list[str]
     connection with no C{reset_query} to clean it is marked dirty (closed)
     instead.
     """
-    if not pinned:
-        return [reset] if reset else []
     if not reset:
-        server.dirty = True
+        if pinned:
+            server.dirty = True
         return []
-    server.statements.clear()
-    if "discard all" in " ".join(reset.lower().split()):
-        return [reset]
-    return [reset, "DEALLOCATE ALL"]
+    # First, no statement timeout the client set: under it the reset
+    # itself could be cancelled, or (PostgreSQL checks for the timeout
+    # late) the next client's first statement after it.
+    statements = ["RESET statement_timeout", reset]
+    if pinned:
+        server.statements.clear()
+        if "discard all" not in " ".join(reset.lower().split()):
+            statements.append("DEALLOCATE ALL")
+    return statements

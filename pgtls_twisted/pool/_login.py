@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pgtls_twisted.pool._logincache import CachedLogin
+from pgtls_twisted.pool._pool import PooledServer
 from pgtls_twisted.pool._warmlogin import WarmLogin, reportedParameters, startupAnswer
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._session import Session, SessionPhase
@@ -49,13 +50,27 @@ class PooledLogin(Session):
         #: Session mode: a client keeps one server connection for its whole
         #: life, so it is given that server's real process ID, as it would
         #: directly: BackendKeyData and ReadyForQuery wait for the server
-        #: (L{pgtls_twisted.pool._session.PooledSession._sayReady}). The
+        #: (L{_sayReady}, once the connection is prepared for it). The
         #: key length owed, while they do.
         self._owedKey: int | None = None
         self._sessionMode = route.config.pool.mode == "session"
 
     def _loggedIn(self, how: str = "") -> None:
         raise NotImplementedError
+
+    def _sayReady(self, server: PooledServer) -> None:
+        """
+        The end of a session-mode client's login, held back until its
+        server connection was known: BackendKeyData with that server's
+        process ID (and a secret of pgtls's), then ReadyForQuery.
+        """
+        keyLength, self._owedKey = self._owedKey, None
+        assert keyLength is not None
+        pid = server.backendKey[0] if server.backendKey is not None else None
+        self._clientKeyPid, key = self.route.cancels.mint(self, keyLength, pid)
+        self.client.out.write(
+            wire.backend_key_data(self._clientKeyPid, key) + wire.ready_for_query(b"I")
+        )
 
     def start(self) -> None:
         """

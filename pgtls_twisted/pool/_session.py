@@ -1,24 +1,18 @@
 # -*- test-case-name: tests.test_pooling,tests.test_pooling_faults,tests.test_pooling_stress -*-
 """
-A pooled session: the client's credentials are checked by the real server
-over a temporary connection, then its queries run on pooled server
-connections that logged in as the route's service user (the pooling seed's
-design).
+A pooled session once logged in (L{pgtls_twisted.pool._login}): its
+queries run on pooled server connections, the service user's or its own
+role's.
 
-Login is L{pgtls_twisted.proxy._session.Session}'s startup phase unchanged (the
-same TLS-leg rules, SCRAM included); at the backend's ReadyForQuery the
-temporary connection is closed instead of becoming a pump. The client has
-by then received AuthenticationOk, the server's ParameterStatus set, a
-minted BackendKeyData and ReadyForQuery.
-
-From then on both directions are framed by their headers only
-(L{pgtls_twisted.protocol._framing}), never parsed, and a
+Both directions are framed by their headers only
+(L{pgtls_twisted.protocol._framing}); in transaction mode the statements
+that matter are read too (L{pgtls_twisted.pool._statements}). A
 L{pgtls_twisted.protocol._txstate.TransactionTracker} says when the server
-connection may go back to the pool: when the client leaves (session
-mode), or at every ReadyForQuery that leaves the connection idle
-(transaction mode). Nothing goes back dirty: a connection the client
-leaves in a transaction, a COPY or a pending request is closed, and in
-session mode an idle one is rolled back and reset first.
+connection may go back to the pool: when the client leaves (session mode),
+or at every ReadyForQuery that leaves it idle (transaction mode, unless the
+client is pinned). Nothing goes back dirty: a connection left mid-request
+is closed, one left in a transaction is rolled back, and a session-mode or
+pinned client's is reset.
 
 Where a pooled session is, is its L{SessionPhase} (IDLE, WAITING,
 RESTORING, ATTACHED once logged in), and the server connection it holds,
@@ -129,6 +123,9 @@ class PooledSession(PooledLogin):
         self.waitingSince: float | None = None
         self._queryStarted: float | None = None
         self._transactionStarted: float | None = None
+        #: A connection that could not be prepared for this client was
+        #: given back, and another asked for, once.
+        self._retried = False
         self._figures: PoolFigures | None = None
 
     # -- the end of login ----------------------------------------------------------
@@ -254,18 +251,9 @@ class PooledSession(PooledLogin):
             self._figures.pinned(pinKind(reason))
 
     def _checkQuoting(self) -> None:
-        """
-        Pin a client that turned C{standard_conforming_strings} off: its
-        backslashes then escape quotes in plain literals, which pgtls's
-        lexer does not follow, so a statement could hide from it.
-        """
-        stmts = self.stmts
-        if (
-            stmts is not None
-            and stmts.pinned is None
-            and self.params.values.get("standard_conforming_strings") == "off"
-        ):
-            stmts.pin("standard_conforming_strings = off")
+        """See L{StatementGuard.checkParameters}."""
+        if self.stmts is not None:
+            self.stmts.checkParameters(self.params.values)
 
     def _acquired(self, server: PooledServer) -> None:
         assert self.waitingSince is not None
@@ -275,23 +263,7 @@ class PooledSession(PooledLogin):
         if self.phase is SessionPhase.CLOSED:
             self.pool.release(server)
             return
-        if self._owedKey is not None:
-            self._sayReady(server)
         self._attach(server)
-
-    def _sayReady(self, server: PooledServer) -> None:
-        """
-        The end of a session-mode client's login, held back until its
-        server connection was known: BackendKeyData with that server's
-        process ID (and a secret of pgtls's), then ReadyForQuery.
-        """
-        keyLength, self._owedKey = self._owedKey, None
-        assert keyLength is not None
-        pid = server.backendKey[0] if server.backendKey is not None else None
-        self._clientKeyPid, key = self.route.cancels.mint(self, keyLength, pid)
-        self.client.out.write(
-            wire.backend_key_data(self._clientKeyPid, key) + wire.ready_for_query(b"I")
-        )
 
     def _notAcquired(self, failure: Failure) -> None:
         self._waiting = None
@@ -317,24 +289,59 @@ class PooledSession(PooledLogin):
         leg = server.leg
         leg.onLost = self._attachedLost
         join(self.client, leg)
-        statements = []
+        steps: list[str | bytes] = []
+        if relay is not None and server.statements.unknown:
+            # A client's DEALLOCATE (or an answer pgtls did not expect)
+            # left what the connection has unknown: start again from none.
+            server.statements.clear()
+            steps.append("DEALLOCATE ALL")
         diff = self.params.differences(server.parameters)
         if diff:
-            statements.append(ParameterTracker.applySQL(diff))
+            steps.append(ParameterTracker.applySQL(diff))
         if relay is not None:
             # The least recently used statements beyond the limit go now,
             # while nothing of this client's can be using them.
-            statements.extend(f"{sql};" for sql in stmts.evictions(server))
-        if statements:
+            closes = stmts.evictions(server)
+            if closes is not None:
+                steps.append(closes)
+        if steps:
             self.phase = SessionPhase.RESTORING
-            self._internal(server, " ".join(statements), self._flushHeld)
+            self._internalEach(steps, server, self._restored)
         else:
             self._flushHeld()
+
+    def _restored(self) -> None:
+        """
+        The connection was brought in line for this client, or failed to
+        be: then the client is not served on it (a parameter it did not
+        get, client_encoding above all, would corrupt what it reads).
+        """
+        attachment = self.attachment
+        if attachment is None:
+            return
+        if attachment.server.dirty:
+            if not self._retried:
+                # Once more, on another connection: a failure here can be
+                # the last client's (a statement timeout that fired as its
+                # reset ended cancels the next statement, in PostgreSQL).
+                self._retried = True
+                self.pool.release(self._detach())
+                self._wait()
+                return
+            self._abandon(
+                "08006",
+                f'pgtls pool "{self.pool.name}": could not prepare a server connection'
+                " for this session (see pgtls's log)",
+            )
+            return
+        self._flushHeld()
 
     def _flushHeld(self) -> None:
         attachment = self.attachment
         assert attachment is not None
         self.phase = SessionPhase.ATTACHED
+        if self._owedKey is not None:
+            self._sayReady(attachment.server)
         leg = attachment.server.leg
         leg.deliver = self._fromServer
         held, self._held, self._heldBytes = self._held, [], 0
@@ -386,10 +393,23 @@ class PooledSession(PooledLogin):
                     attachment.saidFatal = True
                 if relay is not None:
                     relay.error(tracker.answered)
+                    if b"C26000\0" in peek or b"C42P05\0" in peek:
+                        # A statement missing, or there already: pgtls's
+                        # list of them was wrong; cleared before the next
+                        # client.
+                        attachment.server.statements.unknown = True
                 tracker.serverMessage(mtype)
             elif mtype == _PARSE_COMPLETE or mtype == _CLOSE_COMPLETE:
                 assert relay is not None
-                if relay.parseComplete() if mtype == _PARSE_COMPLETE else relay.closeComplete():
+                swallow = (
+                    relay.parseComplete() if mtype == _PARSE_COMPLETE else relay.closeComplete()
+                )
+                if swallow is None:
+                    # An answer to nothing pgtls sent: its account of this
+                    # stream is wrong, so the connection serves no one else.
+                    attachment.server.dirty = True
+                    tracker.pinned = tracker.pinned or "unexpected ParseComplete or CloseComplete"
+                elif swallow:
                     # The answer to pgtls's own Parse or Close: a bodyless
                     # message, whole in this chunk (the splitter keeps back
                     # an incomplete header).
@@ -482,7 +502,7 @@ class PooledSession(PooledLogin):
             server, sql, then, lambda message: self._internalBroke(then, message), self._label()
         )
 
-    def _internalEach(self, statements: list[str], server: PooledServer, then: Any) -> None:
+    def _internalEach(self, statements: list[str | bytes], server: PooledServer, then: Any) -> None:
         """L{runEach} for this session: see there."""
         runEach(
             statements,

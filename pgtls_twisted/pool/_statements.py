@@ -32,9 +32,11 @@ from pgtls_twisted.protocol._prepared import (
     NAME_PEEK,
     ClientStatements,
     StatementRelay,
+    closeStatement,
 )
 from pgtls_twisted.protocol._refusal import refusal
 from pgtls_twisted.protocol._sessionstate import classify
+from pgtls_twisted.protocol._sqllex import PARAM, tokens
 from pgtls_twisted.protocol._wire import ProtocolViolation
 
 if TYPE_CHECKING:
@@ -62,22 +64,46 @@ CLIENT_PEEK = {
     b"C": NAME_PEEK,
 }
 
+#: Named statements pgtls maps, per client, and the longest text it maps:
+#: what it keeps of a client's statements is bounded (a client beyond
+#: either is pinned, and its further statements go to the server as they
+#: are).
+MAX_STATEMENTS = 1000
+MAX_MAPPED_TEXT = 64 * 1024
+
 #: The server types a relay reads: ParseComplete and CloseComplete.
 RELAY_WATCH = frozenset(b"13")
 
+#: Client encodings in which the second byte of a character may be 0x5C.
+_BACKSLASH_ENCODINGS = frozenset(
+    {"SJIS", "SHIFT_JIS_2004", "BIG5", "GBK", "GB18030", "UHC", "JOHAB"}
+)
+
 _TEXT_OID = 25
+_SYNC = b"S\0\0\0\x04"
 _OID = struct.Struct("!I")
+
+
+def _highestParameter(sql: str) -> int:
+    """The highest C{$n} a statement refers to (0 for none), as the lexer reads it."""
+    highest = 0
+    for token in tokens(sql):
+        if token.kind == PARAM:
+            highest = max(highest, int(token.text(sql)[1:]))
+    return min(highest, 65535)
 
 
 def _header(mtype: bytes, body: bytes) -> bytes:
     return mtype + struct.pack("!I", len(body) + 4) + body
 
 
-def _refusedParse(body: bytes, sql: str) -> bytes:
+def _refusedParse(body: bytes, sql: str, text: bytes) -> bytes:
     """
     C{body}'s Parse with C{sql} as its text, its parameter types kept
-    except unspecified ones made C{text}: the refusal names no parameter,
-    and an unspecified type nothing refers to is an error of its own.
+    except unspecified ones made C{text}, and as many as the refused
+    C{text} refers to (C{$n}): the refusal names no parameter, and an
+    unspecified type nothing refers to is an error of its own, while a Bind
+    must find as many parameters as the client's statement had.
 
     @raise ProtocolViolation: the parameter types do not fill the body.
     """
@@ -87,6 +113,8 @@ def _refusedParse(body: bytes, sql: str) -> bytes:
     if len(types) != 2 + 4 * count:
         raise ProtocolViolation("malformed Parse message")
     oids = [_OID.unpack_from(types, 2 + 4 * i)[0] for i in range(count)]
+    oids += [0] * (_highestParameter(text.decode("latin-1")) - count)
+    count = len(oids)
     packed = struct.pack("!H", count) + b"".join(_OID.pack(oid or _TEXT_OID) for oid in oids)
     return name + b"\0" + sql.encode() + b"\0" + packed
 
@@ -116,9 +144,35 @@ class StatementGuard:
             return None
         return StatementRelay(self.statements, server.statements)
 
-    def evictions(self, server: PooledServer) -> list[str]:
-        """The statements to run on C{server} before it serves this client: LRU closes."""
-        return [f'DEALLOCATE "{name.decode()}"' for name in server.statements.evict(self.limit)]
+    def evictions(self, server: PooledServer) -> bytes | None:
+        """
+        What C{server} is sent before it serves this client: a Close of
+        each least recently used statement beyond the limit, and a Sync
+        (a Close never fails, unlike a DEALLOCATE of a name the server
+        might not have), or C{None}.
+        """
+        names = server.statements.evict(self.limit)
+        if not names:
+            return None
+        return b"".join(closeStatement(name) for name in names) + _SYNC
+
+    def checkParameters(self, values: dict[str, str]) -> None:
+        """
+        Pin a client whose statements pgtls's lexer may read otherwise than
+        the server: with C{standard_conforming_strings} off, backslashes
+        escape quotes in plain literals; in a client encoding whose
+        multi-byte characters can end in the byte of a backslash (SJIS,
+        BIG5, GBK, ...), an C{E''} literal's end moves. Either way a
+        statement could hide from it.
+
+        @param values: the session parameters the client has now.
+        """
+        if self.pinned is not None:
+            return
+        if values.get("standard_conforming_strings") == "off":
+            self.pin("standard_conforming_strings = off")
+        elif values.get("client_encoding", "").upper() in _BACKSLASH_ENCODINGS:
+            self.pin(f"client_encoding {values['client_encoding']}")
 
     def pin(self, reason: str) -> None:
         if self.pinned is None:
@@ -155,6 +209,8 @@ class StatementGuard:
                         replaced = relay.describe(peek, tag)
                     else:
                         replaced = relay.close(peek, tag)
+                elif mtype == _CLOSE:
+                    relay.passClose(tag)
             elif mtype == _FUNCTION_CALL:
                 self.pin("function call")
             tracker.clientMessage(mtype)
@@ -175,8 +231,16 @@ class StatementGuard:
         tracker: TransactionTracker,
         relay: StatementRelay | None,
     ) -> tuple[bytes, int] | None:
+        """
+        A Query or Parse: classified, and (a Parse) renamed. Every Parse
+        the server is sent passes through the relay, renamed or not, so
+        that its answer is paired with it.
+        """
+        tag = tracker.answered + tracker.pendingSyncs
         if len(peek) != length - 4:
             self.pin("statement too long for pgtls to read")
+            if mtype == _PARSE and relay is not None:
+                relay.passParse(tag)
             return None
         if mtype == _QUERY:
             name, text = b"", peek[:-1]
@@ -189,31 +253,38 @@ class StatementGuard:
         verdict = classify(sql)
         body = peek
         replaced: tuple[bytes, int] | None = None
-        if relay is not None and b"pgtls_" in text and b"deallocate" in text.lower():
-            # Closes a statement pgtls made, which other clients use too:
-            # the connection is reset (and pgtls's list of its statements
-            # cleared) before anyone else has it.
-            self.pin("DEALLOCATE of a statement pgtls prepared")
+        if relay is not None and b"deallocate" in text.lower():
+            # It may close statements pgtls made, which other clients
+            # share (their names can be worked out, and quoted in ways no
+            # search here would follow): what the connection has is no
+            # longer known; it is cleared before its next client.
+            relay.server.unknown = True
         if verdict.pin is not None and self.pinned is None:
             if self.refuse:
                 sql = refusal(verdict.pin, sql)
                 if mtype == _QUERY:
                     return _header(b"Q", sql.encode() + b"\0"), len(peek)
-                body = _refusedParse(peek, sql)
+                body = _refusedParse(peek, sql, text)
                 replaced = _header(b"P", body), len(peek)
             else:
                 self.pin(verdict.pin)
         if verdict.deallocates and relay is not None:
             relay.forgetAll()
-        if mtype == _QUERY or not name:
+        if mtype == _QUERY:
             return replaced
         if relay is None:
-            self.pin("named prepared statement (pool.max_prepared_statements = 0)")
+            if name:
+                self.pin("named prepared statement (pool.max_prepared_statements = 0)")
             return replaced
-        if len(name) > MAX_NAME:
-            self.pin("prepared statement name too long to map")
+        if name and (len(name) > MAX_NAME or len(text) > MAX_MAPPED_TEXT):
+            self.pin("prepared statement too long to map")
+            relay.passParse(tag)
             return replaced
-        rewritten = relay.parse(body, tracker.answered + tracker.pendingSyncs)
+        if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
+            self.pin(f"more than {MAX_STATEMENTS} prepared statements")
+            relay.passParse(tag)
+            return replaced
+        rewritten = relay.parse(body, tag)
         if rewritten is None:
             return replaced
         return rewritten[0], len(peek)

@@ -87,9 +87,15 @@ _NOOP_CLOSE = 3
 #: A client's Close of a statement, sent as a Close of L{NOOP}: the answer
 #: is the client's; if skipped, the client still has the statement.
 _CLIENT_CLOSE = 4
-#: A client's Parse under a name it already has: sent so that the server
-#: refuses it (42P05) in the right place; nothing to register.
+#: A client's Parse under a name it already has: that statement's own
+#: Parse again, which the server refuses (42P05) in the right place;
+#: nothing to register.
 _DUPLICATE = 5
+#: A client's Parse or Close that goes to the server as it is (an unnamed
+#: statement, a portal): its answer is the client's. Every Parse and Close
+#: the server is sent has an entry, so that answers pair with messages one
+#: to one.
+_PASS = 6
 
 _SWALLOWED = frozenset({_INJECTED, _NOOP_CLOSE})
 
@@ -153,10 +159,14 @@ class ServerStatements:
     on its way is done), least recently used first.
     """
 
-    __slots__ = ("_names",)
+    __slots__ = ("_names", "unknown")
 
     def __init__(self) -> None:
         self._names: OrderedDict[bytes, None] = OrderedDict()
+        #: What the connection has is no longer known (a client's
+        #: DEALLOCATE, an answer that contradicted this list): it is
+        #: emptied, and so is this list, before its next client.
+        self.unknown = False
 
     def __contains__(self, name: bytes) -> bool:
         return name in self._names
@@ -176,6 +186,7 @@ class ServerStatements:
 
     def clear(self) -> None:
         self._names.clear()
+        self.unknown = False
 
     def evict(self, limit: int) -> list[bytes]:
         """Forget the least recently used names beyond C{limit}, and return them."""
@@ -251,16 +262,20 @@ class StatementRelay:
             raise ProtocolViolation("malformed Parse message")
         name, start = found
         if not name:
+            self.passParse(tag)
             return None
         rest = body[start:]
         out: list[bytes] = []
         existing = self.client.get(name)
         if existing is not None:
             # PostgreSQL refuses a name already in use (42P05): let the
-            # server say so, where the client expects the answer.
+            # server say so, where the client expects the answer, by
+            # preparing the existing statement's own text under its own
+            # name again. (Never another text under a name derived from
+            # this one: that name is shared with other clients.)
             self._ensure(existing, tag, out)
-            self._parses.append((tag, _DUPLICATE, name, None))
-            out.append(parseMessage(existing.server, rest))
+            self._parses.append((tag, _DUPLICATE, name, existing))
+            out.append(existing.parse)
             return b"".join(out), len(body)
         target = serverName(rest)
         stmt = Statement(target, parseMessage(target, rest))
@@ -315,13 +330,27 @@ class StatementRelay:
         answers CloseComplete in the right place.
         """
         if body[:1] != b"S" or body[-1:] != b"\0":
+            self.passClose(tag)
             return None
         name = body[1:-1]
         stmt = self.client.pop(name, None)
         if stmt is None:
+            self.passClose(tag)
+            if name.startswith(PREFIX):
+                # Another client's shared statement (the names can be
+                # worked out): not the client's to close.
+                return NOOP_CLOSE, len(body)
             return None
         self._closes.append((tag, _CLIENT_CLOSE, name, stmt))
         return NOOP_CLOSE, len(body)
+
+    def passParse(self, tag: int) -> None:
+        """A Parse goes to the server unchanged: its answer is the client's."""
+        self._parses.append((tag, _PASS, b"", None))
+
+    def passClose(self, tag: int) -> None:
+        """A Close goes to the server unchanged (or as L{NOOP}): its answer is the client's."""
+        self._closes.append((tag, _PASS, b"", None))
 
     def forgetAll(self) -> None:
         """
@@ -331,19 +360,35 @@ class StatementRelay:
         """
         self.client.clear()
         self.server.clear()
+        # Whether it runs is not known yet (it may fail, or be skipped).
+        self.server.unknown = True
 
     # -- server to client ----------------------------------------------------------
 
-    def parseComplete(self) -> bool:
-        """A ParseComplete arrived: C{True} if it must be swallowed."""
+    def parseComplete(self) -> bool | None:
+        """
+        A ParseComplete arrived: C{True} if it must be swallowed; C{None}
+        if no Parse was owed one (pgtls's account of the stream is wrong:
+        the connection must not serve anyone else).
+        """
         if not self._parses:
-            return False
-        return self._parses.popleft()[1] in _SWALLOWED
+            return None
+        _, action, name, stmt = self._parses.popleft()
+        if action == _DUPLICATE and stmt is not None:
+            # The name's first Parse was skipped after all (an error
+            # earlier in its batch), so this one created the statement:
+            # the server has it, under the name its text gives, and the
+            # client's name means it. (PostgreSQL would have given the
+            # name the new text; pgtls cannot, without putting another
+            # text under a shared name.)
+            self.server.add(stmt.server)
+            self.client.setdefault(name, stmt)
+        return action in _SWALLOWED
 
-    def closeComplete(self) -> bool:
-        """A CloseComplete arrived: C{True} if it must be swallowed."""
+    def closeComplete(self) -> bool | None:
+        """A CloseComplete arrived: as L{parseComplete}."""
         if not self._closes:
-            return False
+            return None
         return self._closes.popleft()[1] in _SWALLOWED
 
     def error(self, batch: int) -> None:
@@ -379,3 +424,4 @@ class StatementRelay:
                 del self.client[name]
         elif action == _CLIENT_CLOSE:
             self.client.setdefault(name, stmt)
+        # (_DUPLICATE: the server refused or skipped it; nothing changed.)
