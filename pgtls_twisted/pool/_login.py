@@ -96,12 +96,7 @@ class PooledLogin(Session):
             lambda secret: self._warmDone(cached),
             self._warmFailed,
         )
-        client.deliver = self._warmData
-        pending = bytes(client.pending)
-        client.pending = bytearray()
-        client.transport.resumeProducing()
-        if pending:
-            self._warmData(pending)
+        self._readClient(self._warmData)
 
     def _warmData(self, data: bytes) -> None:
         reader = self._clientReader

@@ -178,13 +178,21 @@ class Session:
         client.onLost = self._clientLost
         server.onLost = self._serverLost
         server.deliver = self._serverData
-        client.deliver = self._clientData
         server.out.write(self.startup.encode())
+        self._readClient(self._clientData)
+
+    def _readClient(self, deliver: Callable[[bytes], None]) -> None:
+        """
+        From now on the client's bytes go to C{deliver}, starting with what
+        it sent while the session was getting ready (its reading was paused).
+        """
+        client = self.client
+        client.deliver = deliver
         pending = bytes(client.pending)
         client.pending = bytearray()
         client.transport.resumeProducing()
         if pending:
-            self._clientData(pending)
+            deliver(pending)
 
     # -- authentication phase ------------------------------------------------
 
