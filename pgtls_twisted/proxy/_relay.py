@@ -209,7 +209,7 @@ class _End:
             if peer.ssl is None:
                 peer.send(_rawView[:n])
             else:
-                peer.seal(_rawPtr, _rawView, n)
+                peer.seal(_rawPtr, n)
             if peer.out and self.relay.running:
                 self.stall()
             return
@@ -217,10 +217,15 @@ class _End:
         self.decrypt()
 
     def decrypt(self) -> None:
-        """Decrypt what the incoming BIO holds and send it on, until the other end is full."""
+        """
+        Decrypt what the incoming BIO holds and send it on, until the other
+        end is full. The hot path: counting is inline, and so is most of
+        L{seal}, a Python call being dearer than most of what it does.
+        """
         lib = opensslLib
         ssl, rbio, peer, relay = self.ssl, self.rbio, self.peer, self.relay
         null = opensslFFI.NULL
+        stats, fromServer, plainPeer = relay.stats, self.fromServer, peer.ssl is None
         while not peer.out:
             n = lib.SSL_read(ssl, _plainPtr, RECORD_SIZE)
             if n <= 0:
@@ -230,11 +235,19 @@ class _End:
                     break
                 relay.tlsEnded(self, error)
                 return
-            self._count(_plainView, n)
-            if peer.ssl is None:
+            if fromServer:
+                stats.bytes_out += n
+                relay.tail = (
+                    bytes(_plainView[n - 6 : n])
+                    if n >= 6
+                    else (relay.tail + bytes(_plainView[:n]))[-6:]
+                )
+            else:
+                stats.bytes_in += n
+            if plainPeer:
                 peer.send(_plainView[:n])
             else:
-                peer.seal(_plainPtr, _plainView, n)
+                peer.seal(_plainPtr, n)
             if not relay.running:
                 return
             if not lib.SSL_pending(ssl) and not lib.BIO_get_mem_data(rbio, null):
@@ -246,6 +259,7 @@ class _End:
             self.stall()
 
     def _count(self, view: memoryview, n: int) -> None:
+        """Count C{n} bytes read from this end (L{decrypt} does the same inline)."""
         stats = self.relay.stats
         if not self.fromServer:
             stats.bytes_in += n
@@ -260,11 +274,12 @@ class _End:
 
     # -- writing ----------------------------------------------------------------
 
-    def seal(self, pointer: Any, view: memoryview, n: int) -> None:
+    def seal(self, pointer: Any, n: int) -> None:
         """
         Encrypt C{n} bytes of a shared buffer for this (TLS) end, and send
         them. pyOpenSSL's contexts enable partial writes, so one
-        C{SSL_write} may take only a record's worth: loop.
+        C{SSL_write} may take only a record's worth: loop. What the common
+        case needs of L{flush} and L{send} is inline.
         """
         lib, ssl = opensslLib, self.ssl
         done = lib.SSL_write(ssl, pointer, n)
@@ -279,7 +294,29 @@ class _End:
             lib.ERR_clear_error()
             self.relay.tlsEnded(self, error)
             return
-        self.flush()
+        wbio = self.wbio
+        size = lib.BIO_get_mem_data(wbio, opensslFFI.NULL)
+        if self.out or not 0 < size <= READ_SIZE:
+            self.flush()
+            return
+        sealed = lib.BIO_read(wbio, _sealedPtr, size)
+        if sealed != size:
+            if sealed > 0:
+                self.send(_sealedView[:sealed])
+            else:
+                lib.ERR_clear_error()
+            self.flush()
+            return
+        try:
+            sent = self.sock.send(_sealedView[:size])
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.relay.stop()  # the peer is gone: Twisted finds out on its next read
+            return
+        if sent < size:
+            self.out += _sealedView[sent:size]
+            self.relay.reactor.addWriter(self)
 
     def flush(self) -> None:
         """Send what OpenSSL wrote into the outgoing BIO."""
