@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from OpenSSL import SSL
+from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
 from pgtls_twisted.protocol import _wire as wire
@@ -60,6 +61,9 @@ class Transport:
 
     def startReading(self) -> None:
         self.reading = True
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = reason
 
 
 class TLS:
@@ -207,6 +211,16 @@ def test_end_of_file_hands_back(sockets: Any) -> None:
     clientApp.shutdown(socket.SHUT_WR)
     relay.ends[0].doRead()
     assert not relay.running and client.transport.reading and not reactor.readers
+
+
+def test_reactor_dropping_a_descriptor_closes_its_transport(sockets: Any) -> None:
+    """An exception in C{doRead}, or the reactor stopping: hand back, then the transport closes."""
+    relay, reactor, client, server = _plainRelay(sockets)
+    reason = Failure(ConnectionLost())
+    for end in relay.ends:
+        end.connectionLost(reason)
+    assert not relay.running and not reactor.readers
+    assert client.transport.lost is reason and server.transport.lost is reason
 
 
 # -- TLS in memory BIOs --------------------------------------------------------

@@ -57,7 +57,6 @@ transports), sessions keep the pump.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from OpenSSL.SSL import Error as TLSError
@@ -113,7 +112,6 @@ def takeOver(
     stats: ConnectionStats,
     reactor: Any,
     tail: bytes,
-    onLost: Callable[[], None] | None = None,
 ) -> Relay | None:
     """
     Start a L{Relay} on two legs if both are in plain steady state (see
