@@ -156,6 +156,17 @@ LEAN_OVERRIDES = (
     "connectionLost",
 )
 
+#: What a TCP transport tells of whether it is open with nothing queued
+#: (L{directSender}, L{idleSocket}), and its socket.
+_IDLE_TRANSPORT = (
+    "getHandle",
+    "dataBuffer",
+    "_tempDataLen",
+    "_writeDisconnecting",
+    "connected",
+    "disconnecting",
+)
+
 #: Every name relied on, as data: L{verdict} and the canary tests both read it.
 RELIED_ON: tuple[Reliance, ...] = (
     *(Reliance(LEAN_TLS, _TLS_PROTOCOL, name) for name in LEAN_OVERRIDES),
@@ -178,17 +189,7 @@ RELIED_ON: tuple[Reliance, ...] = (
     ),
     Reliance(LEAN_TLS, _TCP, "Server"),
     Reliance(LEAN_TLS, _TCP, "Client"),
-    *(
-        Reliance(LEAN_TLS, _TCP_CONNECTION, name)
-        for name in (
-            "getHandle",
-            "dataBuffer",
-            "_tempDataLen",
-            "_writeDisconnecting",
-            "connected",
-            "disconnecting",
-        )
-    ),
+    *(Reliance(LEAN_TLS, _TCP_CONNECTION, name) for name in _IDLE_TRANSPORT),
     Reliance(LEAN_TLS, _LIB, "BIO_get_mem_data"),
     Reliance(LEAN_TLS, _FFI, "NULL"),
     Reliance(LEAN_TLS, _SSL_CONNECTION, "_into_ssl"),
@@ -211,18 +212,9 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(RELAY, _FFI, "from_buffer"),
     Reliance(RELAY, _FFI, "NULL"),
     *(Reliance(RELAY, _SSL_CONNECTION, name) for name in ("_ssl", "_into_ssl", "_from_ssl")),
-    *(
-        Reliance(RELAY, _TCP_CONNECTION, name)
-        for name in (
-            "getHandle",
-            "startReading",
-            "dataBuffer",
-            "_tempDataLen",
-            "_writeDisconnecting",
-            "connected",
-            "disconnecting",
-        )
-    ),
+    Reliance(RELAY, _TCP, "Server"),
+    Reliance(RELAY, _TCP, "Client"),
+    *(Reliance(RELAY, _TCP_CONNECTION, name) for name in (*_IDLE_TRANSPORT, "startReading")),
     Reliance(GROUPS, _LIB, "SSL_CTX_set1_curves_list"),
     Reliance(GROUPS, _SSL_CONTEXT, "_context"),
 )
