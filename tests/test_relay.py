@@ -206,3 +206,31 @@ async def test_key_update_through_the_relay(pki: PKI, pg_tls: Any, tmp_path: Pat
     # pgtls's reply, then the answer to the query sent after it.
     assert b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate" in after, out[-3000:]
     assert b"relay-keyupdate-ok" in after, out[-3000:]
+
+
+@pytest_twisted.ensureDeferred
+async def test_shutdown_deadline_tells_a_relayed_session_57P01(
+    pki: PKI, pg_tls: Any, tmp_path: Path
+) -> None:
+    """
+    The deadline's C{terminate} hands the sockets back and, the server's
+    last message being a ReadyForQuery, tells the client 57P01; the
+    traffic figures count what the relay carried.
+    """
+    async with running(tmp_path, [route(pki, pg_tls)]) as proxy:
+        conn = await deferToThread(psycopg.connect, _dsn(proxy, pki), connect_timeout=10)
+        try:
+            relay = await _relayOf(proxy)
+            [client] = proxy.route().clients
+            before = (client.stats.bytes_in, client.stats.bytes_out)
+            rows = await deferToThread(lambda: conn.execute("SELECT 3").fetchall())
+            assert rows == [(3,)]
+            assert client.stats.bytes_in > before[0] and client.stats.bytes_out > before[1]
+            assert client.session.phase.value == "pumping" and relay.atReady()
+            client.terminate()
+            assert not relay.running
+            with pytest.raises(psycopg.errors.AdminShutdown):
+                await deferToThread(lambda: conn.execute("SELECT 4").fetchall())
+            assert client.stats.reason is not None and "57P01" in client.stats.reason
+        finally:
+            await deferToThread(conn.close)

@@ -353,3 +353,29 @@ def test_tls_garbage_goes_to_the_tls_protocol_as_an_error(sockets: Any, pki: PKI
     assert failure.check(SSL.Error)
     # The error queue is left clean for pyOpenSSL's next call.
     assert _relay.opensslLib.ERR_peek_error() == 0
+
+
+def test_only_tcp_legs_on_a_descriptor_reactor_can_be_relayed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """
+    L{_relay.possible}: in-memory transports (unit tests' iosim), a reactor
+    without C{IReactorFDSet}, or a verdict without the relay's names keep
+    the pump.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.testing import StringTransport
+
+    from pgtls_twisted.tls import _private
+
+    leg = Leg()
+    leg.transport = StringTransport()  # type: ignore[assignment]
+    assert not _relay.possible(leg, leg, reactor)
+    assert not _relay.possible(Leg(), Leg(), object())
+    tcp = Leg()
+    tcp.transport = _private.SAMPLES["a twisted.internet.tcp.Connection"]()  # type: ignore[assignment]
+    assert not _relay.possible(
+        tcp, tcp, reactor
+    )  # a bare tcp.Connection is neither Server nor Client
+    monkeypatch.setattr(_private, "verdict", lambda: _private.Verdict(missing=_private.RELIED_ON))
+    assert not _relay.possible(Leg(), Leg(), reactor)
