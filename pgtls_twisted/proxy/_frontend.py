@@ -252,6 +252,8 @@ class ClientProtocol(Leg):
         """Send a FATAL ErrorResponse (if a channel is open) and close."""
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
+        if self.handBack is not None:
+            self.handBack()
         self.stats.reason = f"{sqlstate} {text}"
         self._log.warn(
             "conn={conn} refused peer={peer} route={route}: {sqlstate} {text}",
@@ -266,6 +268,8 @@ class ClientProtocol(Leg):
 
     def abort(self, reason: str) -> None:
         """Drop the connection at once: nothing may be sent (or trusted)."""
+        if self.handBack is not None:
+            self.handBack()
         if self.stats.reason is None:
             self.stats.reason = reason
         self._log.warn(

@@ -113,6 +113,10 @@ class Leg(Protocol):
         #: a few still ask (see L{reached}).
         self._endedIn: Phase | None = None
         self._closeTimer: Any = None
+        #: While a relay (L{pgtls_twisted.proxy._relay}) owns the socket:
+        #: gives it back to the transport. Called before anything else
+        #: touches the connection (a close, a FATAL, an abort).
+        self.handBack: Callable[[], None] | None = None
 
     @property
     def reached(self) -> Phase:
@@ -168,6 +172,8 @@ class Leg(Protocol):
         """Close gracefully (TLS close_notify), aborting if the peer stalls."""
         if self.phase in (Phase.CLOSING, Phase.CLOSED):
             return
+        if self.handBack is not None:
+            self.handBack()
         self._beginClosing()
         self.deliver = discard
         self.out.unregisterProducer()

@@ -55,6 +55,7 @@ class Pump:
     L{pgtls_twisted.proxy._backend.ServerProtocol} do.
 
     @ivar stats: counts C{bytes_in} (client to server) and C{bytes_out}.
+    @ivar tail: the last six bytes the server sent (L{atReady}).
     """
 
     def __init__(self, client: Any, server: Any, stats: ConnectionStats) -> None:
@@ -62,7 +63,7 @@ class Pump:
         self.server = server
         self.stats = stats
         # A pump starts right after the ReadyForQuery that ended the startup.
-        self._tail = _READY_HEADER + b"I"
+        self.tail = _READY_HEADER + b"I"
 
     def atReady(self) -> bool:
         """
@@ -73,7 +74,7 @@ class Pump:
         connection being closed anyway, while framing every message would
         cost every chunk.
         """
-        tail = self._tail
+        tail = self.tail
         return len(tail) == 6 and tail[:5] == _READY_HEADER and tail[5:] in (b"I", b"T", b"E")
 
     def start(self) -> None:
@@ -89,7 +90,7 @@ class Pump:
             stats.bytes_out += len(data)
             tail = data[-6:]
             # A ReadyForQuery may arrive split over two reads.
-            self._tail = tail if len(tail) == 6 else (self._tail + tail)[-6:]
+            self.tail = tail if len(tail) == 6 else (self.tail + tail)[-6:]
             toClient(data)
 
         client.deliver = fromClient

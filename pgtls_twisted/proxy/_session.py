@@ -17,7 +17,11 @@ there:
    L{Session._clientPid});
  - errors and the backend's closing are turned into ErrorResponses.
 
-After ReadyForQuery the session becomes a L{pgtls_twisted.proxy._pump.Pump}.
+After ReadyForQuery the session becomes a L{pgtls_twisted.proxy._pump.Pump},
+and, as soon as both legs have nothing queued, a
+L{pgtls_twisted.proxy._relay.Relay} where the legs allow one (TCP, the
+lean TLS protocol, the private names it needs): the same bytes, at a
+fraction of the CPU.
 
 Where a session is, is its L{SessionPhase}.
 """
@@ -43,6 +47,7 @@ from pgtls_twisted.protocol._scram import (
 from pgtls_twisted.proxy._backend import BackendError, ServerProtocol
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._pump import Pump
+from pgtls_twisted.proxy._relay import Relay, possible, takeOver
 from pgtls_twisted.tls._contexts import peer_binding
 
 if TYPE_CHECKING:
@@ -53,6 +58,13 @@ if TYPE_CHECKING:
 #: for it (see L{Session._clientHeld}); more ends the login, so that an
 #: unauthenticated client cannot make pgtls buffer without bound.
 MAX_HELD_DURING_LOGIN = 64 * 1024
+
+#: How often, and how far apart (seconds), a session tries to hand its
+#: legs from the pump to a relay while one of them still has bytes queued
+#: (a client that started with a large query, a slow reader): then it
+#: stays with the pump.
+HANDOVER_TRIES = 50
+HANDOVER_INTERVAL = 0.1
 
 
 class SessionPhase(enum.Enum):
@@ -132,6 +144,9 @@ class Session:
         #: The process ID under which the client's key is registered.
         self._clientKeyPid: int | None = None
         self.pump: Pump | None = None
+        self.relay: Relay | None = None
+        self._handover: Any = None
+        self._handoverTries = 0
         client.session = self
 
     # -- connecting ------------------------------------------------------------
@@ -431,6 +446,22 @@ class Session:
         early = self._clientReader.drain()
         if early:
             client.deliver(early)
+        if self.phase is SessionPhase.PUMPING and possible(client, server, self.route.reactor):
+            # After this chunk's writes (the ReadyForQuery) have left.
+            self._handover = self.route.clock.callLater(0, self._handOver)
+
+    def _handOver(self) -> None:
+        """Give both legs to a relay, or try again later (see L{HANDOVER_TRIES})."""
+        self._handover = None
+        if self.phase is not SessionPhase.PUMPING or self.pump is None:
+            return
+        self.relay = takeOver(
+            self.client, self.server, self.client.stats, self.route.reactor, self.pump.tail
+        )
+        if self.relay is None:
+            self._handoverTries += 1
+            if self._handoverTries < HANDOVER_TRIES:
+                self._handover = self.route.clock.callLater(HANDOVER_INTERVAL, self._handOver)
 
     def _started(self, format: str = "", **fields: Any) -> None:
         """Startup is over: no more startup deadline, and one log event."""
@@ -469,7 +500,13 @@ class Session:
         if self.phase is not SessionPhase.PUMPING:
             self._abandon("57P01", text)
             return
-        if self.pump is not None and self.pump.atReady():
+        relay = self.relay
+        if relay is not None:
+            relay.stop()
+        ready = (
+            relay.atReady() if relay is not None else self.pump is not None and self.pump.atReady()
+        )
+        if ready:
             self.client.fail("57P01", text)
         self._finish("pgtls shutdown")
 
@@ -486,6 +523,11 @@ class Session:
         if self.phase is SessionPhase.CLOSED:
             return
         self.phase = SessionPhase.CLOSED
+        if self._handover is not None:
+            self._handover.cancel()
+            self._handover = None
+        if self.relay is not None:
+            self.relay.stop()
         if self._clientKeyPid is not None:
             self.route.cancels.forget(self._clientKeyPid, self)
         if self.client.stats.reason is None:

@@ -267,6 +267,44 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
                 return
         self.transport.write(out)
 
+    # -- handing over to the relay ---------------------------------------------
+
+    def quiescentConnection(self) -> Any:
+        """
+        The L{SSL.Connection<OpenSSL.SSL.Connection>}, for the relay
+        (L{pgtls_twisted.proxy._relay}) to carry on with, when this
+        protocol is in plain steady state: handshake done, not closing,
+        nothing held back, nothing encrypted waiting to be sent, nothing
+        decrypted waiting to be read. C{None} otherwise.
+        """
+        conn = self._tlsConnection
+        if (
+            not self._handshakeDone
+            or self._appSendBuffer
+            or self._lostTLSConnection
+            or self._closed
+            or self._pending
+            or self.disconnecting
+            or bytesToSend(conn)
+            or conn.pending()
+        ):
+            return None
+        return conn
+
+    def peerClosed(self) -> None:
+        """
+        The relay read the peer's close_notify: what L{_receive} does with
+        one (the base class's own handling of a peer's shutdown).
+        """
+        self._shutdownTLS()
+        self._tlsShutdownFinished(None)
+        self._flushSendBIO()
+
+    def failed(self, failure: Failure) -> None:
+        """The relay met a TLS error: what L{_receive} does with one."""
+        self._tlsShutdownFinished(failure)
+        self._flushSendBIO()
+
     # -- closing ---------------------------------------------------------------
 
     def loseConnection(self) -> None:

@@ -50,6 +50,19 @@ own TLS protocol instead (the one C{startTLS} gives,
 L{twisted.protocols.tls.BufferingTLSTransport} today), through public
 names only: slower, and otherwise the same.
 
+B{The relay} (feature L{RELAY}, L{pgtls_twisted.proxy._relay}) carries a
+pass-through session's bytes after its startup without Twisted's protocol
+and transport layers, calling OpenSSL directly. It relies on
+C{OpenSSL._util.lib}'s C{SSL_read}, C{SSL_write}, C{SSL_get_error},
+C{SSL_pending}, C{BIO_read}, C{BIO_write}, C{BIO_get_mem_data},
+C{ERR_clear_error} and the C{SSL_ERROR_*} codes it tells apart, on
+C{OpenSSL._util.ffi}'s C{from_buffer} and C{NULL}, on a connection's
+C{_ssl}, C{_into_ssl} and C{_from_ssl}, and on a TCP transport's
+C{startReading} and the names L{directSender} reads (whether nothing is
+queued). Without them (or without the lean TLS protocol, whose state it
+checks before it takes over), sessions stay on the byte pump
+(L{pgtls_twisted.proxy._pump.Pump}).
+
 B{The key exchange groups} (feature L{GROUPS}) rely on
 C{OpenSSL._util.lib.SSL_CTX_set1_curves_list} and a context's
 C{_context}, to offer X25519, P-256 and P-384 (L{setGroups}). Without
@@ -87,10 +100,15 @@ except ImportError:
 #: The features that rely on private names, each with its public fallback.
 LEAN_TLS = "lean TLS protocol"
 GROUPS = "key exchange groups"
+RELAY = "direct relay"
 
 #: What each feature becomes without its private names.
 FALLBACKS: Mapping[str, str] = MappingProxyType(
-    {LEAN_TLS: "Twisted's public TLS protocol", GROUPS: "P-256 only"}
+    {
+        LEAN_TLS: "Twisted's public TLS protocol",
+        GROUPS: "P-256 only",
+        RELAY: "the byte pump",
+    }
 )
 
 _log = Logger()
@@ -138,6 +156,17 @@ LEAN_OVERRIDES = (
     "connectionLost",
 )
 
+#: What a TCP transport tells of whether it is open with nothing queued
+#: (L{directSender}, L{idleSocket}), and its socket.
+_IDLE_TRANSPORT = (
+    "getHandle",
+    "dataBuffer",
+    "_tempDataLen",
+    "_writeDisconnecting",
+    "connected",
+    "disconnecting",
+)
+
 #: Every name relied on, as data: L{verdict} and the canary tests both read it.
 RELIED_ON: tuple[Reliance, ...] = (
     *(Reliance(LEAN_TLS, _TLS_PROTOCOL, name) for name in LEAN_OVERRIDES),
@@ -160,21 +189,32 @@ RELIED_ON: tuple[Reliance, ...] = (
     ),
     Reliance(LEAN_TLS, _TCP, "Server"),
     Reliance(LEAN_TLS, _TCP, "Client"),
-    *(
-        Reliance(LEAN_TLS, _TCP_CONNECTION, name)
-        for name in (
-            "getHandle",
-            "dataBuffer",
-            "_tempDataLen",
-            "_writeDisconnecting",
-            "connected",
-            "disconnecting",
-        )
-    ),
+    *(Reliance(LEAN_TLS, _TCP_CONNECTION, name) for name in _IDLE_TRANSPORT),
     Reliance(LEAN_TLS, _LIB, "BIO_get_mem_data"),
     Reliance(LEAN_TLS, _FFI, "NULL"),
     Reliance(LEAN_TLS, _SSL_CONNECTION, "_into_ssl"),
     Reliance(LEAN_TLS, _SSL_CONNECTION, "_from_ssl"),
+    *(
+        Reliance(RELAY, _LIB, name)
+        for name in (
+            "SSL_read",
+            "SSL_write",
+            "SSL_get_error",
+            "SSL_pending",
+            "BIO_read",
+            "BIO_write",
+            "BIO_get_mem_data",
+            "ERR_clear_error",
+            "SSL_ERROR_WANT_READ",
+            "SSL_ERROR_ZERO_RETURN",
+        )
+    ),
+    Reliance(RELAY, _FFI, "from_buffer"),
+    Reliance(RELAY, _FFI, "NULL"),
+    *(Reliance(RELAY, _SSL_CONNECTION, name) for name in ("_ssl", "_into_ssl", "_from_ssl")),
+    Reliance(RELAY, _TCP, "Server"),
+    Reliance(RELAY, _TCP, "Client"),
+    *(Reliance(RELAY, _TCP_CONNECTION, name) for name in (*_IDLE_TRANSPORT, "startReading")),
     Reliance(GROUPS, _LIB, "SSL_CTX_set1_curves_list"),
     Reliance(GROUPS, _SSL_CONTEXT, "_context"),
 )
@@ -283,6 +323,11 @@ class Verdict:
     def groups(self) -> bool:
         return self.usable(GROUPS)
 
+    @property
+    def relay(self) -> bool:
+        """The direct relay needs its own names and the lean TLS protocol's."""
+        return self.usable(RELAY) and self.usable(LEAN_TLS)
+
     def warn(self, log: Logger) -> None:
         """Log one warning, naming what is missing and what pgtls uses instead."""
         if not self.missing:
@@ -311,6 +356,10 @@ def verdict() -> Verdict:
 # Valid only where verdict() says their feature is usable.
 
 _lib: Any = getattr(_util, "lib", None)
+#: For the relay (L{RELAY}): C{cryptography}'s cffi binding of OpenSSL as
+#: pyOpenSSL holds it, and its FFI; C{None} when gone.
+opensslLib: Any = _lib
+opensslFFI: Any = getattr(_util, "ffi", None)
 _memData: Any = getattr(_lib, "BIO_get_mem_data", None)
 _NULL: Any = getattr(getattr(_util, "ffi", None), "NULL", None)
 
@@ -362,6 +411,27 @@ def directSender(transport: object) -> Callable[[bytes], bytes] | None:
         return data[sent:]
 
     return sendNow
+
+
+def isTCP(transport: object) -> bool:
+    """Whether C{transport} is one of Twisted's TCP transports, whose socket the relay may take."""
+    return type(transport) in (tcp.Server, tcp.Client)
+
+
+def idleSocket(transport: object) -> Any:
+    """
+    The socket of a TCP transport (C{tcp.Server} or C{tcp.Client}) that is
+    open and has nothing queued, for the relay to take over; C{None} for
+    any other transport, or one still busy.
+    """
+    if type(transport) not in (tcp.Server, tcp.Client):
+        return None
+    t: Any = transport
+    if t.dataBuffer or t._tempDataLen or not t.connected or t.disconnecting:
+        return None
+    if t._writeDisconnecting:
+        return None
+    return t.getHandle()
 
 
 def setGroups(ctx: SSL.Context, groups: bytes) -> bool:
