@@ -106,7 +106,7 @@ def test_service_user_pools_are_per_database() -> None:
 
 def test_user_pools_are_per_user_and_database() -> None:
     manager, logins = manager_for()
-    manager.loginFor = lambda user, database: (f"{user}-pw", None)
+    manager.loginFor = lambda user, database: Credentials(f"{user}-pw")
     alice = manager.poolFor("app", "alice")
     assert manager.poolFor("app", "alice") is alice
     bob = manager.poolFor("app", "bob")
@@ -127,12 +127,13 @@ def test_user_pools_are_per_user_and_database() -> None:
 
 
 def test_credentials_are_passed_through_with_their_keys() -> None:
+    """What the login cache kept (SCRAM keys) travels as the credential itself."""
     manager, logins = manager_for()
     keys = object()
-    manager.loginFor = lambda user, database: defer.succeed(Credentials(None, keys))
+    manager.loginFor = lambda user, database: defer.succeed(Credentials(keys))
     result(manager.poolFor("app", "alice").acquire())
     [(_, _, given)] = logins.calls
-    assert given.password is None and given.keys is keys
+    assert given.password is keys
 
 
 def test_user_pool_without_login_for_refuses_clearly() -> None:

@@ -93,7 +93,7 @@ class PooledLogin(Session):
             self.startup.user,
             cached,
             None if tls is None else own_binding(tls.getHandle()),
-            lambda secret: self._warmDone(cached),
+            lambda _: self._warmDone(cached),
             self._warmFailed,
         )
         self._readClient(self._warmData)

@@ -35,7 +35,6 @@ class Credentials(NamedTuple):
     """
 
     password: str | Secret | None
-    keys: Any = None
 
 
 class NoCredentials(ServerLoginError):
@@ -174,9 +173,8 @@ class PoolManager:
 
             return self._serverLogin(leg, role, database, given).done.addCallback(ready)
 
-        def connect(given: tuple[str | None, Any]) -> defer.Deferred[PooledServer]:
-            # (A hook may return a plain (password, keys) pair.)
-            return self.route.backend.connect().addCallback(login, Credentials(*given))
+        def connect(given: Credentials) -> defer.Deferred[PooledServer]:
+            return self.route.backend.connect().addCallback(login, given)
 
         opened = credentials.addCallback(connect)
         if user is not None:

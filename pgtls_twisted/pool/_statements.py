@@ -200,19 +200,25 @@ class StatementGuard:
             replaced: tuple[bytes, int] | None = None
             if mtype == _QUERY or mtype == _PARSE:
                 replaced = self._statement(mtype, length, peek, tracker, relay)
-            elif relay is not None and (mtype == _BIND or mtype == _DESCRIBE or mtype == _CLOSE):
-                tag = tracker.answered + tracker.pendingSyncs
-                if mtype == _BIND:
-                    replaced = relay.bind(peek, length, tag)
-                elif len(peek) == length - 4:
-                    if mtype == _DESCRIBE:
-                        replaced = relay.describe(peek, tag)
-                    else:
-                        replaced = relay.close(peek, tag)
-                elif mtype == _CLOSE:
-                    relay.passClose(tag)
             elif mtype == _FUNCTION_CALL:
                 self.pin("function call")
+            elif relay is None:
+                pass
+            elif mtype == _BIND:
+                # The unnamed portal of the unnamed statement, the common
+                # case, names nothing to rename.
+                if peek[:2] != b"\0\0":
+                    replaced = relay.bind(peek, length, tracker.answered + tracker.pendingSyncs)
+            elif mtype == _DESCRIBE:
+                if peek[:1] == b"S" and len(peek) == length - 4:
+                    replaced = relay.describe(peek, tracker.answered + tracker.pendingSyncs)
+            elif mtype == _CLOSE:
+                # Every Close is paired with its answer, renamed or not.
+                tag = tracker.answered + tracker.pendingSyncs
+                if len(peek) == length - 4:
+                    replaced = relay.close(peek, tag)
+                else:
+                    relay.passClose(tag)
             tracker.clientMessage(mtype)
             if replaced is not None:
                 pieces.append(out[pos:offset])
@@ -276,11 +282,16 @@ class StatementGuard:
             if name:
                 self.pin("named prepared statement (pool.max_prepared_statements = 0)")
             return replaced
-        if name and (len(name) > MAX_NAME or len(text) > MAX_MAPPED_TEXT):
+        if not name:
+            # Unnamed: goes as it is (already checked whole, above), its
+            # answer the client's.
+            relay.passParse(tag)
+            return replaced
+        if len(name) > MAX_NAME or len(text) > MAX_MAPPED_TEXT:
             self.pin("prepared statement too long to map")
             relay.passParse(tag)
             return replaced
-        if name and name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
+        if name not in self.statements and len(self.statements) >= MAX_STATEMENTS:
             self.pin(f"more than {MAX_STATEMENTS} prepared statements")
             relay.passParse(tag)
             return replaced

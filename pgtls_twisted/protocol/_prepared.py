@@ -198,21 +198,6 @@ class ServerStatements:
         return out
 
 
-def parseName(body: bytes) -> bytes | None:
-    """The statement name of a complete Parse body, or C{None} if malformed."""
-    found = _cstring(body, 0)
-    return None if found is None else found[0]
-
-
-def parseText(body: bytes) -> bytes | None:
-    """The query text of a complete Parse body, or C{None} if malformed."""
-    found = _cstring(body, 0)
-    if found is None:
-        return None
-    text = _cstring(body, found[1])
-    return None if text is None else text[0]
-
-
 class StatementRelay:
     """
     The rewriting of one client's extended-query messages for the server
