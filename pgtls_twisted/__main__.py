@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", required=True)
     worker.add_argument("--index", required=True, type=int)
     worker.add_argument("--run-dir", required=True)
+    worker.add_argument("--short-dispatch", action="store_true")
     worker.set_defaults(handler=_worker)
     return parser
 
@@ -123,7 +124,7 @@ def _worker(args: argparse.Namespace) -> int:
     # Imported when run: the whole proxy is not needed to check a file.
     from pgtls_twisted.app._workers import run_worker
 
-    return run_worker(args.config, args.index, args.run_dir)
+    return run_worker(args.config, args.index, args.run_dir, args.short_dispatch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

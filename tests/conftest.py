@@ -6,7 +6,10 @@ Twisted logged an error.
 The Twisted reactor is never imported here at module level: pytest-twisted
 installs the reactor chosen with C{--reactor} in its C{pytest_configure},
 which runs after conftest modules are imported, and an earlier import would
-install the default reactor first and break that choice.
+install the default reactor first and break that choice. Ours runs first
+and installs pgtls's own reactor (L{pgtls_twisted.app._reactor}), the one
+C{twist pgtls} runs on, which pytest-twisted accepts as the default (an
+epoll reactor); C{PGTLS_TEST_REACTOR=twisted} keeps Twisted's.
 
 Missing PostgreSQL binaries make the cluster fixtures error, never skip: a
 suite that silently skips its integration tests would look green while
@@ -41,8 +44,16 @@ except RuntimeError as e:
 _FULL_GC = bool(os.environ.get("PGTLS_TEST_FULL_GC"))
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    """Register our markers, since the suite runs with --strict-markers."""
+    """
+    Register our markers, since the suite runs with --strict-markers, and
+    install the reactor (see the module).
+    """
+    if os.environ.get("PGTLS_TEST_REACTOR", "pgtls") == "pgtls":
+        from pgtls_twisted.app._reactor import installUnlessChosen
+
+        installUnlessChosen()
     config.addinivalue_line(
         "markers",
         "allow_logged_errors: the test expects Twisted to log errors; "

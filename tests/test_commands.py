@@ -62,6 +62,33 @@ def test_foreground_commands_serve_verify_full(pki, pg_tls, tmp_path, command) -
     assert proc.returncode in (0, -signal.SIGTERM), out
     assert "route=app listening on 127.0.0.1" in out
     assert SCRAM_PASSWORD not in out
+    # No --reactor: pgtls's own (pgtls_twisted.app._reactor).
+    assert "reactor: pgtls_twisted.tls._private.ShortDispatchReactor" in out, out
+
+
+def test_another_reactor_can_be_chosen(pki, pg_tls, tmp_path) -> None:
+    """
+    C{--reactor=epoll} keeps Twisted's own epoll reactor, and a
+    pass-through session (the relay, without the short dispatch path)
+    works on it, big results included.
+    """
+    port = free_port()
+    config = config_file(tmp_path, pki, pg_tls, port)
+    proc = ProxyProcess(
+        config, tmp_path, ("twist", "--reactor=epoll", "--log-format", "text", "pgtls")
+    )
+    try:
+        wait_for_port(port, proc)
+        with psycopg.connect(client_dsn(port, pki)) as conn:
+            for _ in range(3):
+                assert conn.execute("SELECT current_user").fetchone() == (SCRAM_USER,)
+            rows = conn.execute("SELECT repeat('x', 1000) FROM generate_series(1, 5000)").fetchall()
+            assert len(rows) == 5000
+    finally:
+        proc.stop()
+        out = proc.log()
+    assert "reactor: twisted.internet.epollreactor.EPollReactor" in out, out
+    assert proc.returncode in (0, -signal.SIGTERM), out
 
 
 def test_twistd_daemon_with_pidfile_and_logfile(pki, pg_tls, tmp_path) -> None:

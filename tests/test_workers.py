@@ -522,6 +522,13 @@ def test_a_cancel_whose_key_no_worker_could_have_minted_is_ignored_where_it_land
 # -- logs ------------------------------------------------------------------------------
 
 
+def test_workers_run_the_supervisors_reactor(shared):
+    """C{twist pgtls} runs pgtls's reactor, and so does every worker it starts."""
+    lines = [line for line in shared.log().splitlines() if "reactor: " in line]
+    assert len(lines) == 3, lines
+    assert all("ShortDispatchReactor" in line for line in lines), lines
+
+
 def test_a_scrape_adds_no_log_lines(shared):
     shared.scrape()
     time.sleep(0.3)

@@ -10,7 +10,9 @@ L{pgtls_twisted.app._service}:
  - SIGTERM is Twisted's: the reactor stops, and stopping the
    L{ProxyService} is the graceful shutdown (up to C{shutdown_timeout});
  - SIGINT closes every session at once (FATAL 57P01) and stops;
- - SIGUSR1 / SIGUSR2 pause and resume every route, as in PgBouncer.
+ - SIGUSR1 / SIGUSR2 pause and resume every route, as in PgBouncer;
+ - the reactor: pgtls's short dispatch reactor unless C{--reactor}
+   chose another (L{pgtls_twisted.app._reactor}).
 
 With C{workers} above 1 this process becomes the supervisor of that many
 worker processes instead (L{pgtls_twisted.app._workers}).
@@ -19,8 +21,11 @@ worker processes instead (L{pgtls_twisted.app._workers}).
 from __future__ import annotations
 
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.reflect import qual
 
+from pgtls_twisted.app._reactor import installUnlessChosen
 from pgtls_twisted.app._service import make_service
 from pgtls_twisted.app._signals import proxy_signals
 from pgtls_twisted.app._workers import Supervisor, check_config
@@ -35,6 +40,9 @@ class Options(usage.Options):
     optParameters = [["config", "c", None, "path to the routes TOML file"]]
 
     def postOptions(self) -> None:
+        # Before anything imports the reactor, and before twist installs
+        # its default: the short dispatch reactor, unless one was chosen.
+        installUnlessChosen()
         if not self["config"]:
             raise usage.UsageError("--config is required")
         try:
@@ -51,6 +59,7 @@ def makeService(options: Options) -> IService:
 
     config = options["loaded"]
     levels = options["levels"]
+    Logger().info("reactor: {reactor}", reactor=qual(type(reactor)))
     if config.workers > 1:
         try:
             check_config(config, reactor, bind=True)

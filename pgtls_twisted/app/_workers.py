@@ -51,8 +51,10 @@ from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.reflect import qual
 
 from pgtls_twisted.app._listening import listen_reuseport
+from pgtls_twisted.app._reactor import install, isShortDispatch
 from pgtls_twisted.app._service import ProxyService
 from pgtls_twisted.app._signals import Signals, proxy_signals
 from pgtls_twisted.config import Config, ConfigError, load_config
@@ -311,9 +313,16 @@ class _WorkerLog:
         self.out.flush()
 
 
-def run_worker(configPath: str, worker: int, runDir: str) -> int:
-    """The body of C{python -m pgtls_twisted worker}."""
+def run_worker(configPath: str, worker: int, runDir: str, shortDispatch: bool = False) -> int:
+    """
+    The body of C{python -m pgtls_twisted worker}.
+
+    @param shortDispatch: run pgtls's own reactor, as the supervisor does
+        (L{pgtls_twisted.app._reactor}).
+    """
     _die_with_parent()
+    if shortDispatch:
+        install()
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner
 
@@ -322,6 +331,7 @@ def run_worker(configPath: str, worker: int, runDir: str) -> int:
     globalLogBeginner.beginLoggingTo(
         [levels.filtered(_WorkerLog(sys.stdout, worker))], redirectStandardIO=False
     )
+    Logger().info("reactor: {reactor}", reactor=qual(type(reactor)))
     proxy = WorkerProxy(config, reactor, worker, runDir, levels)
     proxy_signals(proxy, reactor).setServiceParent(proxy)
     proxy.privilegedStartService()
@@ -453,6 +463,8 @@ class Supervisor(MultiService):
             sys.executable, "-m", "pgtls_twisted", "worker",
             "--config", str(self.config.path), "--index", str(index), "--run-dir", self.runDir,
         ]  # fmt: skip
+        if isShortDispatch(self.reactor):
+            args.append("--short-dispatch")
         self.reactor.spawnProcess(proto, sys.executable, args, env=os.environ.copy())
         self.workers[index] = proto
         self._log.info("worker {worker} started (pid {pid})", worker=index, pid=proto.transport.pid)

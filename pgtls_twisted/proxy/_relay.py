@@ -49,6 +49,10 @@ timeout, the close reason and log line). A FIN or a socket error is left
 for Twisted to find on its next read; a close_notify or a TLS error is
 given to the leg's TLS protocol (C{peerClosed}, C{failed}).
 
+B{Dispatch.} On pgtls's own reactor (L{pgtls_twisted.app._reactor}) the
+reactor calls an end's C{doRead} and C{doWrite} itself, without Twisted's
+log context layers; on any other it is an ordinary descriptor.
+
 The names of OpenSSL's binding, pyOpenSSL and Twisted this relies on are
 in L{pgtls_twisted.tls._private} (feature C{RELAY}); without them, or when
 a leg is not a TCP connection with the lean TLS protocol (tests' in-memory
@@ -349,6 +353,8 @@ class _End:
             self.relay.reactor.addWriter(self)
 
     def doWrite(self) -> None:
+        if not self.relay.running:
+            return  # handed back during this event's read: the transport has it all
         out = self.out
         try:
             sent = self.sock.send(out)
@@ -370,6 +376,10 @@ class _End:
                 if source.stalled or not relay.running:
                     return
             relay.reactor.addReader(source)
+
+
+# Dispatched by pgtls's reactor without Twisted's log context layers.
+_private.SHORT_DISPATCH_TYPES.add(_End)
 
 
 class Relay:

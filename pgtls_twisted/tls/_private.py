@@ -68,6 +68,19 @@ C{OpenSSL._util.lib.SSL_CTX_set1_curves_list} and a context's
 C{_context}, to offer X25519, P-256 and P-384 (L{setGroups}). Without
 them, contexts offer P-256 alone, through the public C{set_tmp_ecdh}.
 
+B{The short dispatch reactor} (feature L{SHORT_DISPATCH},
+L{ShortDispatchReactor}) is Twisted's epoll reactor with one change: its
+C{doPoll} calls the relay's descriptors' C{doRead} and C{doWrite}
+directly, skipping the C{callWithLogger}, C{callWithContext} and
+C{_doReadOrWrite} layers (about 15 Python calls per transaction, a fifth
+of what the relay itself makes). It relies on
+L{twisted.internet.epollreactor.EPollReactor}'s C{doPoll} (which it
+replaces), C{_doReadOrWrite} and C{_disconnectSelectable} (the way every
+other event goes, and what an error in the short path goes to), its
+C{_POLL_IN}, C{_POLL_OUT} and C{_POLL_DISCONNECTED}, and an instance's
+C{_poller} and C{_selectables}. Without them it is Twisted's epoll
+reactor as it is.
+
 The first time TLS is set up, L{verdict} checks every name, on real
 objects of the installed Twisted and pyOpenSSL, and logs one warning
 naming whatever is missing. C{tests/test_tls_private.py} fails, naming
@@ -76,8 +89,10 @@ the attribute, if anything is.
 
 from __future__ import annotations
 
+import errno
 import functools
 import socket
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -90,6 +105,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python import log as legacyLog
 from zope.interface import implementer
 
 try:
@@ -97,10 +113,16 @@ try:
 except ImportError:
     _util = None  # type: ignore[assignment]
 
+try:
+    from twisted.internet.epollreactor import EPollReactor
+except ImportError:  # not Linux
+    EPollReactor = None  # type: ignore[assignment, misc]
+
 #: The features that rely on private names, each with its public fallback.
 LEAN_TLS = "lean TLS protocol"
 GROUPS = "key exchange groups"
 RELAY = "direct relay"
+SHORT_DISPATCH = "short dispatch reactor"
 
 #: What each feature becomes without its private names.
 FALLBACKS: Mapping[str, str] = MappingProxyType(
@@ -108,6 +130,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         LEAN_TLS: "Twisted's public TLS protocol",
         GROUPS: "P-256 only",
         RELAY: "the byte pump",
+        SHORT_DISPATCH: "Twisted's epoll reactor as it is",
     }
 )
 
@@ -122,6 +145,8 @@ _LIB = "OpenSSL._util.lib"
 _FFI = "OpenSSL._util.ffi"
 _SSL_CONNECTION = "an OpenSSL.SSL.Connection with memory BIOs"
 _SSL_CONTEXT = "an OpenSSL.SSL.Context"
+_EPOLL = "twisted.internet.epollreactor.EPollReactor"
+_EPOLL_INSTANCE = "an EPollReactor"
 
 
 @dataclass(frozen=True)
@@ -165,6 +190,16 @@ _IDLE_TRANSPORT = (
     "_writeDisconnecting",
     "connected",
     "disconnecting",
+)
+
+#: What the short dispatch reactor uses of L{EPollReactor} itself.
+_EPOLL_NAMES = (
+    "doPoll",
+    "_doReadOrWrite",
+    "_disconnectSelectable",
+    "_POLL_IN",
+    "_POLL_OUT",
+    "_POLL_DISCONNECTED",
 )
 
 #: Every name relied on, as data: L{verdict} and the canary tests both read it.
@@ -217,6 +252,8 @@ RELIED_ON: tuple[Reliance, ...] = (
     *(Reliance(RELAY, _TCP_CONNECTION, name) for name in (*_IDLE_TRANSPORT, "startReading")),
     Reliance(GROUPS, _LIB, "SSL_CTX_set1_curves_list"),
     Reliance(GROUPS, _SSL_CONTEXT, "_context"),
+    *(Reliance(SHORT_DISPATCH, _EPOLL, name) for name in _EPOLL_NAMES),
+    *(Reliance(SHORT_DISPATCH, _EPOLL_INSTANCE, name) for name in ("_poller", "_selectables")),
 )
 
 
@@ -258,6 +295,20 @@ def _tcpConnection() -> tcp.Connection:
         return tcp.Connection(one, Protocol(), reactor=Clock())  # type: ignore[arg-type]
 
 
+def _epollReactor() -> object:
+    """A throwaway epoll reactor, its file descriptors closed once made."""
+    if EPollReactor is None:
+        return None
+    reactor: Any = EPollReactor()
+    try:
+        return reactor
+    finally:
+        waker = getattr(reactor, "waker", None)
+        if waker is not None:
+            waker.connectionLost(None)
+        reactor._poller.close()
+
+
 #: How to make the object each owner of L{RELIED_ON} stands for, from the
 #: installed Twisted and pyOpenSSL: instance attributes are looked for on
 #: instances in the state pgtls uses them in (a TLS protocol after
@@ -273,6 +324,8 @@ SAMPLES: Mapping[str, Callable[[], object]] = MappingProxyType(
         _FFI: lambda: _util.ffi,
         _SSL_CONNECTION: lambda: SSL.Connection(SSL.Context(SSL.TLS_METHOD), None),
         _SSL_CONTEXT: lambda: SSL.Context(SSL.TLS_METHOD),
+        _EPOLL: lambda: EPollReactor,  # None (so every name missing) off Linux
+        _EPOLL_INSTANCE: _epollReactor,
     }
 )
 
@@ -322,6 +375,10 @@ class Verdict:
     @property
     def groups(self) -> bool:
         return self.usable(GROUPS)
+
+    @property
+    def shortDispatch(self) -> bool:
+        return self.usable(SHORT_DISPATCH)
 
     @property
     def relay(self) -> bool:
@@ -446,3 +503,74 @@ def setGroups(ctx: SSL.Context, groups: bytes) -> bool:
     if not verdict().groups:
         return False
     return bool(_lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1)  # type: ignore[attr-defined]
+
+
+# -- The short dispatch reactor -------------------------------------------------
+
+#: The descriptor classes L{ShortDispatchReactor} dispatches directly: the
+#: relay's (L{pgtls_twisted.proxy._relay}) registers its own. Their
+#: C{doRead} and C{doWrite} must not need Twisted's log context, and must
+#: not return a reason unless they mean to be disconnected.
+SHORT_DISPATCH_TYPES: set[type] = set()
+
+
+def shortDispatchUsable() -> bool:
+    """Whether every name L{ShortDispatchReactor} relies on is there (checked alone, cheaply)."""
+    found = missing(tuple(r for r in RELIED_ON if r.feature == SHORT_DISPATCH))
+    if found:
+        Verdict(found).warn(_log)
+    return not found
+
+
+if EPollReactor is not None:
+
+    class ShortDispatchReactor(EPollReactor):  # type: ignore[misc, valid-type]
+        """
+        Twisted's epoll reactor, whose C{doPoll} calls the C{doRead} and
+        C{doWrite} of descriptors of the L{SHORT_DISPATCH_TYPES} itself
+        (see the module). Every other event, and a hang-up or error with
+        nothing to read, takes Twisted's own path, and so does what the
+        short path meets: an exception is logged and the descriptor
+        disconnected, as C{_doReadOrWrite} does.
+
+        Measured in C{bench/results/2026-12-02-issue14-dispatch}.
+        """
+
+        def doPoll(self, timeout: float | None) -> None:
+            if timeout is None:
+                timeout = -1
+            try:
+                events = self._poller.poll(timeout, len(self._selectables))
+            except OSError as err:
+                if err.errno == errno.EINTR:
+                    return
+                raise
+            selectables = self._selectables
+            short = SHORT_DISPATCH_TYPES
+            readable, writable, gone = self._POLL_IN, self._POLL_OUT, self._POLL_DISCONNECTED
+            for fd, event in events:
+                selectable = selectables.get(fd)
+                if selectable is None:
+                    continue
+                if type(selectable) not in short or (event & gone and not event & readable):
+                    legacyLog.callWithLogger(selectable, self._doReadOrWrite, selectable, fd, event)
+                    continue
+                why = None
+                inRead = False
+                try:
+                    if event & readable:
+                        why = selectable.doRead()
+                        inRead = True
+                    if not why and event & writable:
+                        why = selectable.doWrite()
+                        inRead = False
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    legacyLog.err()
+                if why:
+                    self._disconnectSelectable(selectable, why, inRead)
+
+        doIteration = doPoll
+
+else:  # pragma: no cover - not Linux
+    ShortDispatchReactor = None  # type: ignore[assignment, misc]
