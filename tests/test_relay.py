@@ -201,9 +201,13 @@ async def test_key_update_through_the_relay(pki: PKI, pg_tls: Any, tmp_path: Pat
             )
 
         out = await deferToThread(_keyUpdate, proxy.port(), pki.cert("ca"), relayRunning)
+    assertKeyUpdateAnswered(out)
+
+
+def assertKeyUpdateAnswered(out: bytes) -> None:
+    """C{openssl s_client}'s KeyUpdate, pgtls's reply, then the answer to the query sent after it."""
     after = io.BytesIO(out.split(b"KEYUPDATE", 1)[1]).read()
     assert b">>> TLS 1.3, Handshake [length 0005], KeyUpdate" in after, out[-3000:]
-    # pgtls's reply, then the answer to the query sent after it.
     assert b"<<< TLS 1.3, Handshake [length 0005], KeyUpdate" in after, out[-3000:]
     assert b"relay-keyupdate-ok" in after, out[-3000:]
 

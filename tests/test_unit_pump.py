@@ -18,6 +18,7 @@ from support.unit import Event, Wire, answer, query
 from twisted.internet.testing import StringTransport
 
 from pgtls_twisted.protocol import _wire as wire
+from pgtls_twisted.proxy._leg import Leg, ReadingValve
 from pgtls_twisted.proxy._pump import Pump, join, separate
 from pgtls_twisted.proxy._stats import ConnectionStats
 
@@ -32,8 +33,15 @@ class FakeLeg:
     def __init__(self, name: str, events: list[Event]) -> None:
         self.out = Wire(name, events)
         self.transport = StringTransport()
-        self.transport.pauseProducing()  # as during startup
         self.deliver: Any = None
+        self.direct = None
+        self.producer = None
+        self.valve = ReadingValve(self)  # type: ignore[arg-type]
+        self.pauseReading()  # as during startup
+
+    # A real leg's reading, paused and resumed on its transport.
+    pauseReading = Leg.pauseReading
+    resumeReading = Leg.resumeReading
 
 
 @pytest.fixture

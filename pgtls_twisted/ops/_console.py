@@ -115,7 +115,7 @@ class AdminSession:
         client.onLost = self._clientLost
         pending = bytes(client.pending)
         client.pending = bytearray()
-        client.transport.resumeProducing()
+        client.resumeReading()
         method = self.admin.auth
         if method == "cert":
             self._certificate()
@@ -299,9 +299,9 @@ class AdminSession:
         self._busy = busy
         if self.phase is not Phase.CLOSED:
             if busy:
-                self.client.transport.pauseProducing()
+                self.client.pauseReading()
             else:
-                self.client.transport.resumeProducing()
+                self.client.resumeReading()
 
     def cancelTarget(self) -> None:
         return None

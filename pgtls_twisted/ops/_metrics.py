@@ -5,9 +5,14 @@ What pgtls counts, for Prometheus and for the admin console's C{SHOW STATS}.
 Two kinds of figures, kept apart on purpose:
 
  - B{events} (a client accepted, a handshake, a transaction) are counted
-   where they happen, in plain Python integers or in C{prometheus_client}
-   histograms: one dictionary update or one C{observe()} per event, and
-   never anything per received chunk;
+   where they happen, in plain Python integers, or in C{prometheus_client}
+   histograms for the rare ones (handshakes, backend connects): one
+   dictionary update or one C{observe()} per event, and never anything per
+   received chunk. The per-transaction histograms of the pools (wait,
+   query, transaction) are L{PlainHistogram}s, a list of bucket counts
+   and a sum, exported at scrape time: C{prometheus_client}'s
+   C{observe()}, with its lock and its loop over the buckets, cost more
+   than the rest of a transaction's bookkeeping;
  - B{state} (clients connected, server connections by state, bytes so far)
    is not counted at all: L{Metrics.collect} reads it from the live objects
    when someone scrapes. A gauge that is computed cannot drift, and the
@@ -27,13 +32,20 @@ its snapshot of live objects in the reactor thread
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 from twisted.internet.interfaces import IReactorTime
 
 from pgtls_twisted.proxy._leg import Phase
@@ -92,6 +104,54 @@ def backend_failure_reason(message: str) -> str:
     return "other"
 
 
+class PlainHistogram:
+    """
+    A Prometheus histogram counted with plain Python (see the module):
+    C{observe} is one C{bisect} and two additions; L{family} exports it.
+
+    @ivar counts: observations per bucket (not cumulative), the last one
+        above every bound.
+    """
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # Prometheus buckets are "less than or equal": bisect_left.
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+    def addTo(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        """Add this histogram's series (cumulative buckets, sum) to C{family}."""
+        cumulative, buckets = 0, []
+        for bound, count in zip(self.bounds, self.counts, strict=False):
+            cumulative += count
+            buckets.append((floatToGoString(bound), cumulative))
+        buckets.append(("+Inf", cumulative + self.counts[-1]))
+        family.add_metric(labels, buckets, self.total)
+
+
+#: The per-transaction histograms of the pools: attribute of
+#: L{PoolFigures}, metric name, help text, bounds.
+POOL_HISTOGRAMS = (
+    ("_wait", "pgtls_pool_wait_seconds", "How long clients waited for a server connection"),
+    (
+        "_query",
+        "pgtls_pool_query_seconds",
+        "Query duration (Query or Sync to ReadyForQuery) on pooled connections",
+    ),
+    (
+        "_transaction",
+        "pgtls_pool_transaction_seconds",
+        "Transaction duration on pooled connections",
+    ),
+)
+
+
 class PoolFigures:
     """What a pooled session records, bound to its (route, database) once."""
 
@@ -121,7 +181,7 @@ class PoolFigures:
         if seconds < 0:
             seconds = 0.0  # see _clamped
         self.row[4] += int(seconds * 1e6)
-        self._wait(seconds)
+        self._wait.observe(seconds)
 
     def queryDone(self, seconds: float) -> None:
         if seconds < 0:
@@ -129,7 +189,7 @@ class PoolFigures:
         row = self.row
         row[1] += 1
         row[3] += int(seconds * 1e6)
-        self._query(seconds)
+        self._query.observe(seconds)
 
     def transactionDone(self, seconds: float) -> None:
         if seconds < 0:
@@ -137,7 +197,7 @@ class PoolFigures:
         row = self.row
         row[0] += 1
         row[2] += int(seconds * 1e6)
-        self._transaction(seconds)
+        self._transaction.observe(seconds)
 
     def timedOut(self, timeout: str) -> None:
         self.timeouts[timeout] += 1
@@ -205,28 +265,6 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        pooled = ["route", "database", "worker"]
-        self.poolWait = Histogram(
-            "pgtls_pool_wait_seconds",
-            "How long clients waited for a server connection",
-            pooled,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.transaction = Histogram(
-            "pgtls_pool_transaction_seconds",
-            "Transaction duration on pooled connections",
-            pooled,
-            buckets=_DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self.query = Histogram(
-            "pgtls_pool_query_seconds",
-            "Query duration (Query or Sync to ReadyForQuery) on pooled connections",
-            pooled,
-            buckets=_DURATION_BUCKETS,
-            registry=self.registry,
-        )
         self.registry.register(_Snapshot(self))
         self._pooled: dict[tuple[str, str], PoolFigures] = {}
         #: per route: the databases that have a label of their own
@@ -290,12 +328,11 @@ class Metrics:
         key = (route, database)
         figures = self._pooled.get(key)
         if figures is None:
-            labels = (route, database, self.worker)
             figures = self._pooled[key] = PoolFigures(
                 self.stats[route].databases[database],
-                self.poolWait.labels(*labels).observe,
-                self.query.labels(*labels).observe,
-                self.transaction.labels(*labels).observe,
+                PlainHistogram(_LATENCY_BUCKETS),
+                PlainHistogram(_DURATION_BUCKETS),
+                PlainHistogram(_DURATION_BUCKETS),
                 self.stats[route].timeouts[database],
                 self.stats[route].pins[database],
             )
@@ -316,11 +353,6 @@ class Metrics:
         stats.closedBytes.pop(database, None)
         stats.timeouts.pop(database, None)
         stats.pins.pop(database, None)
-        for histogram in (self.poolWait, self.query, self.transaction):
-            try:
-                histogram.remove(route, database, self.worker)
-            except KeyError:
-                pass
 
     # -- state ---------------------------------------------------------------------
 
@@ -471,9 +503,15 @@ class _Snapshot:
         rss.add_metric([w], resident_memory())
         up = gauge("pgtls_process_start_time_seconds", "When the process started", [])
         up.add_metric([w], m.started)
+        histograms = []
+        for attribute, name, doc in POOL_HISTOGRAMS:
+            family = HistogramMetricFamily(name, doc, labels=["route", "database", "worker"])
+            for (route, database), figures in sorted(m._pooled.items()):
+                getattr(figures, attribute).addTo(family, [route, database, w])
+            histograms.append(family)
         return [
             accepted, active, refused, tls, failures, received, sent, cancels, logins,
-            servers, waiting, pooledClients, timeouts, pinned, rss, up,
+            servers, waiting, pooledClients, timeouts, pinned, rss, up, *histograms,
         ]  # fmt: skip
 
 

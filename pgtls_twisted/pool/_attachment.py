@@ -44,6 +44,8 @@ class Attachment:
         connection next is the end of the client's session, not a failure.
     @ivar relay: the renaming of the client's prepared statements for this
         server (transaction mode), or C{None}.
+    @ivar renaming: its splitter watches what the renaming needs (made for
+        a relay).
     """
 
     server: PooledServer
@@ -51,6 +53,16 @@ class Attachment:
     splitter: MessageSplitter = field(default_factory=serverSplitter)
     saidFatal: bool = False
     relay: StatementRelay | None = None
+    renaming: bool = False
+
+    def reuse(self, relay: StatementRelay | None) -> None:
+        """
+        Serve the next client: the server was given back clean (tracker
+        idle, both streams at a boundary, no FATAL), so only what counts
+        per client starts again.
+        """
+        self.tracker.restart()
+        self.relay = relay
 
 
 def cut(out: bytes, offsets: list[int]) -> bytes:

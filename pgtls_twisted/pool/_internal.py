@@ -57,7 +57,7 @@ def runInternal(
                 failed.append(wire.parse_error_fields(body).get("M", "error"))
             elif mtype == b"S":
                 name, value = wire.parse_parameter_status(body)
-                server.parameters[name] = value
+                server.setParameter(name, value)
             elif mtype == b"Z":
                 server.leg.deliver = discard
                 if failed:

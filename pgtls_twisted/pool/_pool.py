@@ -26,6 +26,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from pgtls_twisted.protocol._prepared import ServerStatements
+from pgtls_twisted.protocol._txstate import canonicalParameter, trackedParameters
 
 if TYPE_CHECKING:
     from pgtls_twisted.pool._limits import Limit, Limits
@@ -58,6 +59,12 @@ class PooledServer:
         released.
     @ivar statements: the named prepared statements pgtls made on it
         (transaction mode).
+    @ivar tracked: the tracked ones of its L{parameters}, by canonical
+        name (L{setParameter} keeps both), for a cheap comparison with a
+        client's at every attach.
+    @ivar spare: what was known of its stream when it was last given back
+        clean (an L{Attachment<pgtls_twisted.pool._attachment.Attachment>}),
+        for the next client to take over instead of making a new one.
     """
 
     leg: Any
@@ -70,6 +77,18 @@ class PooledServer:
     holder: Any = None
     uses: int = 0
     statements: ServerStatements = field(default_factory=ServerStatements)
+    tracked: dict[str, str] = field(default_factory=dict)
+    spare: Any = None
+
+    def __post_init__(self) -> None:
+        self.tracked = trackedParameters(self.parameters)
+
+    def setParameter(self, name: str, value: str) -> None:
+        """A ParameterStatus from the server."""
+        self.parameters[name] = value
+        canonical = canonicalParameter(name)
+        if canonical is not None:
+            self.tracked[canonical] = value
 
     def close(self) -> None:
         self.leg.close()
@@ -144,6 +163,17 @@ class Pool:
     def size(self) -> int:
         return len(self.idle) + len(self.busy) + self.connecting
 
+    def takeIdle(self) -> PooledServer | None:
+        """
+        L{acquire}'s common case without a Deferred: an idle connection,
+        if one is there and nobody queues before this client; else C{None}
+        (and the client calls L{acquire}).
+        """
+        self.lastUsed = self._clock.seconds()
+        if self.idle and not self.waiters and not self.paused:
+            return self._take(self.idle.pop())
+        return None
+
     def acquire(self) -> defer.Deferred[PooledServer]:
         """
         A connection for one client: an idle one, a new one while the pool
@@ -151,9 +181,9 @@ class Pool:
         failing with L{PoolTimeout} after C{acquireTimeout}. Cancelling the
         Deferred (a client that leaves) removes it from the queue.
         """
-        self.lastUsed = self._clock.seconds()
-        if self.idle and not self.waiters and not self.paused:
-            return defer.succeed(self._take(self.idle.pop()))
+        server = self.takeIdle()
+        if server is not None:
+            return defer.succeed(server)
         waiter = _Waiter(defer.Deferred(lambda d: self._forget(waiter)), since=self.lastUsed)
         waiter.timer = self._clock.callLater(self.acquireTimeout, self._expire, waiter)
         self.waiters.append(waiter)

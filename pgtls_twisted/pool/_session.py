@@ -14,6 +14,10 @@ client is pinned). Nothing goes back dirty: a connection left mid-request
 is closed, one left in a transaction is rolled back, and a session-mode or
 pinned client's is reset.
 
+Once logged in, the session's client leg, and each server leg it is
+given, are read and written directly (L{pgtls_twisted.proxy._direct})
+where the legs allow it: the session's code is the same either way.
+
 Where a pooled session is, is its L{SessionPhase} (IDLE, WAITING,
 RESTORING, ATTACHED once logged in), and the server connection it holds,
 with what is known of that connection's stream, is one L{Attachment}.
@@ -43,6 +47,7 @@ from pgtls_twisted.protocol._txstate import (
     TransactionTracker,
     parameterStatusFromPeek,
 )
+from pgtls_twisted.proxy._direct import adoptSoon
 from pgtls_twisted.proxy._leg import discard
 from pgtls_twisted.proxy._pump import join, separate
 from pgtls_twisted.proxy._session import SessionPhase
@@ -156,6 +161,8 @@ class PooledSession(PooledLogin):
             self._fromClient(early)
         elif self._draining and self.transactionMode:
             self._closeForShutdown()
+        if self.phase is not SessionPhase.CLOSED:
+            adoptSoon(client, self.route.reactor, self.route.clock)
 
     def cancelTarget(self) -> CancelTargetInfo | None:
         attachment = self.attachment
@@ -212,12 +219,17 @@ class PooledSession(PooledLogin):
             # Enough held for a client without a server: read no more. (Not
             # sooner: a paused socket would not notice the client leaving
             # the queue, Twisted #11168.)
-            self.client.transport.pauseProducing()
+            self.client.pauseReading()
         if self.phase is SessionPhase.IDLE:
             self._wait()
 
     def _wait(self) -> None:
-        """Ask the pool for a server connection (IDLE to WAITING)."""
+        """Ask the pool for a server connection (IDLE to WAITING, or ATTACHED at once)."""
+        server = self.pool.takeIdle()
+        if server is not None:
+            self._figures.waited(0.0)
+            self._attach(server)
+            return
         self.phase = SessionPhase.WAITING
         self.waitingSince = self.route.clock.seconds()
         self._waiting = self.pool.acquire()
@@ -283,19 +295,33 @@ class PooledSession(PooledLogin):
     def _attach(self, server: PooledServer) -> None:
         stmts = self.stmts
         relay = None if stmts is None else stmts.relayFor(server)
-        self.attachment = Attachment(server, splitter=serverSplitter(relay is not None))
-        self.attachment.relay = relay
+        attachment = server.spare
+        if attachment is not None and attachment.renaming == (relay is not None):
+            # Given back clean by the last client: its tracker is idle and
+            # its splitter at a boundary, as new ones would be.
+            server.spare = None
+            attachment.reuse(relay)
+        else:
+            attachment = Attachment(server, splitter=serverSplitter(relay is not None))
+            attachment.relay = relay
+            attachment.renaming = relay is not None
+        self.attachment = attachment
         server.holder = self
         leg = server.leg
         leg.onLost = self._attachedLost
-        join(self.client, leg)
+        client = self.client
+        join(client, leg)
+        if leg.direct is None:
+            adoptSoon(leg, self.route.reactor, self.route.clock)
+        if client.direct is None:
+            adoptSoon(client, self.route.reactor, self.route.clock)
         steps: list[str | bytes] = []
         if relay is not None and server.statements.unknown:
             # A client's DEALLOCATE (or an answer pgtls did not expect)
             # left what the connection has unknown: start again from none.
             server.statements.clear()
             steps.append("DEALLOCATE ALL")
-        diff = self.params.differences(server.parameters)
+        diff = self.params.differencesFrom(server.tracked)
         if diff:
             steps.append(ParameterTracker.applySQL(diff))
         if relay is not None:
@@ -351,7 +377,8 @@ class PooledSession(PooledLogin):
                 return  # abandoned on a malformed message
         if self.timeouts is not None:
             self.timeouts.attached()
-        self.client.transport.resumeProducing()
+        if self.client.readingPaused:
+            self.client.resumeReading()
 
     def _detach(self) -> PooledServer:
         """Let go of the attached server (back to IDLE, unless finishing)."""
@@ -385,7 +412,7 @@ class PooledSession(PooledLogin):
             if mtype == _PARAMETER_STATUS:
                 param = parameterStatusFromPeek(length, peek)
                 if param is not None:
-                    attachment.server.parameters[param[0]] = param[1]
+                    attachment.server.setParameter(*param)
                     self.params.serverReported(*param)
                     self._checkQuoting()
             elif mtype == _ERROR:
@@ -433,7 +460,10 @@ class PooledSession(PooledLogin):
             and splitter.atBoundary
             and self._clientSplitter.atBoundary
         ):
-            self.pool.release(self._detach())
+            server = self._detach()
+            if not attachment.saidFatal:
+                server.spare = attachment
+            self.pool.release(server)
             if self._draining:
                 self._closeForShutdown()
 

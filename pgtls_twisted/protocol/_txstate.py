@@ -182,6 +182,21 @@ class TransactionTracker:
         self._serverCopying = False
         self._ignoredSyncs = 0
 
+    def restart(self) -> None:
+        """
+        Start counting again for the next client of a connection left idle
+        (L{idle}): what L{__init__} would give, without new objects.
+        """
+        assert not self._expected and self.transactionStatus == "I"
+        self.answered = 0
+        self.terminated = False
+        self.pinned = None
+        self._batchOpen = False
+        self._copyMode = None
+        self._clientCopying = False
+        self._serverCopying = False
+        self._ignoredSyncs = 0
+
     # -- answers -----------------------------------------------------------------
 
     @property
@@ -374,6 +389,16 @@ TRACKED_PARAMETERS = (
 _CANONICAL = {name.lower(): name for name in TRACKED_PARAMETERS}
 
 
+def trackedParameters(serverParams: Mapping[str, str]) -> dict[str, str]:
+    """The tracked parameters among a server's ParameterStatus values, by canonical name."""
+    tracked: dict[str, str] = {}
+    for name, value in serverParams.items():
+        canonical = canonicalParameter(name)
+        if canonical is not None:
+            tracked[canonical] = value
+    return tracked
+
+
 @lru_cache(maxsize=1024)
 def canonicalParameter(name: str) -> str | None:
     """
@@ -482,12 +507,16 @@ class ParameterTracker:
             value the client expects and the server does not have (or has
             not reported).
         """
-        current: dict[str, str] = {}
-        for name, value in serverParams.items():
-            canonical = canonicalParameter(name)
-            if canonical is not None:
-                current[canonical] = value
-        return {name: value for name, value in self._values.items() if current.get(name) != value}
+        return self.differencesFrom(trackedParameters(serverParams))
+
+    def differencesFrom(self, tracked: Mapping[str, str]) -> dict[str, str]:
+        """
+        L{differences}, given the server's tracked parameters by canonical
+        name already (L{trackedParameters}, kept up to date by the pool):
+        what a transaction pooler asks at every attach, at the cost of one
+        comprehension over the client's few values.
+        """
+        return {name: value for name, value in self._values.items() if tracked.get(name) != value}
 
     @staticmethod
     def applySQL(diff: Mapping[str, str]) -> str:

@@ -98,7 +98,7 @@ class ClientProtocol(Leg):
         )
         try:
             self._ticket = self.route.logins.arrive(
-                address_key(str(getattr(peer, "host", "?"))), self.transport.resumeProducing
+                address_key(str(getattr(peer, "host", "?"))), self.resumeReading
             )
         except TooManyLogins as e:
             self._refuseEarly(str(e))
@@ -110,7 +110,7 @@ class ClientProtocol(Leg):
         self.startLoginClock()
         if self._ticket.state is TicketState.WAITING:
             # Not a byte is read (nor a handshake done) until it is let in.
-            self.transport.pauseProducing()
+            self.pauseReading()
 
     def _refuseEarly(self, text: str) -> None:
         """
@@ -440,7 +440,7 @@ class ClientProtocol(Leg):
                 self.fail("28000", problem)
                 return
         # Nothing more is read from the client until its backend is ready.
-        self.transport.pauseProducing()
+        self.pauseReading()
         self.deliver = self._early
         self.pending = bytearray(rest)
         self.route.startSession(self, startup)

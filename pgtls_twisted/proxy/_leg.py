@@ -23,7 +23,7 @@ import enum
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IHandshakeListener, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -73,6 +73,32 @@ def discard(data: bytes) -> None:
     """A C{deliver} for connections that are closing."""
 
 
+@implementer(IPushProducer)
+class ReadingValve:
+    """
+    A leg's reading as a producer, for the other leg's C{out} to pause
+    while it is full (L{pgtls_twisted.proxy._pump.join}). It ignores
+    C{stopProducing}: Twisted calls that on a registered producer when the
+    consumer's connection is lost, which would close this leg's TCP
+    connection underneath its TLS layer (no close_notify, and no chance to
+    tell the client why); teardown is the session's.
+    """
+
+    __slots__ = ("_leg",)
+
+    def __init__(self, leg: Leg) -> None:
+        self._leg = leg
+
+    def pauseProducing(self) -> None:
+        self._leg.pauseReading()
+
+    def resumeProducing(self) -> None:
+        self._leg.resumeReading()
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @implementer(IHandshakeListener)
 class Decrypted(Protocol):
     """The protocol inside a leg's TLS session: reports to its leg."""
@@ -113,10 +139,27 @@ class Leg(Protocol):
         #: a few still ask (see L{reached}).
         self._endedIn: Phase | None = None
         self._closeTimer: Any = None
-        #: While a relay (L{pgtls_twisted.proxy._relay}) owns the socket:
-        #: gives it back to the transport. Called before anything else
-        #: touches the connection (a close, a FATAL, an abort).
+        #: While a relay (L{pgtls_twisted.proxy._relay}) or a direct leg
+        #: (L{pgtls_twisted.proxy._direct}) owns the socket: gives it back
+        #: to the transport. Called before anything else touches the
+        #: connection (a close, a FATAL, an abort).
         self.handBack: Callable[[], None] | None = None
+        #: The L{DirectLeg<pgtls_twisted.proxy._direct.DirectLeg>} that
+        #: reads and writes the socket now (and is C{out}), or C{None}.
+        self.direct: Any = None
+        #: A pending adoption by a direct leg, and how many were tried.
+        self.adopting: Any = None
+        self.adoptTries = 0
+        #: What is registered with C{out} as its producer
+        #: (L{pgtls_twisted.proxy._pump.join}), so that a direct leg can
+        #: take it over and give it back.
+        self.producer: Any = None
+        #: Reading is paused (L{pauseReading}): flow control, or a client
+        #: not to be read yet.
+        self.readingPaused = False
+        #: This leg's reading as a producer (made once: pooled legs are
+        #: joined and separated per transaction).
+        self.valve = ReadingValve(self)
 
     @property
     def reached(self) -> Phase:
@@ -152,6 +195,16 @@ class Leg(Protocol):
     def handshakeCompleted(self) -> None:
         """TLS is up; subclasses check what they must."""
 
+    def pauseReading(self) -> None:
+        """Read nothing more from the socket until L{resumeReading}."""
+        self.readingPaused = True
+        (self.direct or self.transport).pauseProducing()
+
+    def resumeReading(self) -> None:
+        """Read from the socket again (whoever owns it: transport or direct leg)."""
+        self.readingPaused = False
+        (self.direct or self.transport).resumeProducing()
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self.tls is not None:
             self.tls.connectionLost(reason)  # which calls appConnectionLost
@@ -181,5 +234,5 @@ class Leg(Protocol):
         # A paused socket would not notice the peer's close_notify or FIN
         # (it may have been paused for flow control, or while a backend was
         # being connected): read again so the close can complete.
-        self.transport.resumeProducing()
+        self.resumeReading()
         self._closeTimer = self.clock.callLater(CLOSE_TIMEOUT, self.transport.abortConnection)

@@ -7,8 +7,9 @@ This is the hot path. Each received chunk costs one call here and one
 write; nothing is framed, copied or logged per message.
 
 Flow control is portforward's mutual producer registration, with one
-change: the producer registered with each side is a L{_Valve} that pauses
-and resumes the other side's socket but ignores C{stopProducing}. Twisted
+change: the producer registered with each side is the other leg's
+L{ReadingValve<pgtls_twisted.proxy._leg.ReadingValve>}, which pauses and
+resumes that leg's reading but ignores C{stopProducing}. Twisted
 calls C{stopProducing} on a registered producer when the consumer's
 connection is lost, which would close the other TCP connection underneath
 its TLS layer (no close_notify, and no chance to tell the client why).
@@ -19,30 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.interfaces import IPushProducer
-from zope.interface import implementer
-
 from pgtls_twisted.proxy._stats import ConnectionStats
 
 #: A ReadyForQuery message's type and length.
 _READY_HEADER = b"Z\x00\x00\x00\x05"
-
-
-@implementer(IPushProducer)
-class _Valve:
-    """Pause/resume reading one socket; teardown is handled elsewhere."""
-
-    def __init__(self, transport: Any) -> None:
-        self._transport = transport
-
-    def pauseProducing(self) -> None:
-        self._transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        self._transport.resumeProducing()
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class Pump:
@@ -96,14 +77,20 @@ class Pump:
         client.deliver = fromClient
         server.deliver = fromServer
         join(client, server)
-        client.transport.resumeProducing()
-        server.transport.resumeProducing()
+        client.resumeReading()
+        server.resumeReading()
 
 
 def join(client: Any, server: Any) -> None:
-    """Flow control between two legs: each one's backlog pauses the other's reading."""
-    client.out.registerProducer(_Valve(server.transport), True)
-    server.out.registerProducer(_Valve(client.transport), True)
+    """
+    Flow control between two legs: each one's backlog pauses the other's
+    reading. The valves are made once per pair of legs and kept on them.
+    """
+    toClient, toServer = server.valve, client.valve
+    client.producer = toClient
+    client.out.registerProducer(toClient, True)
+    server.producer = toServer
+    server.out.registerProducer(toServer, True)
 
 
 def separate(client: Any, server: Any) -> None:
@@ -111,7 +98,8 @@ def separate(client: Any, server: Any) -> None:
     Undo L{join} (a pooled server going back to its pool), leaving both
     sockets reading: a paused one would not notice its peer closing.
     """
-    client.out.unregisterProducer()
-    server.out.unregisterProducer()
-    client.transport.resumeProducing()
-    server.transport.resumeProducing()
+    for leg in (client, server):
+        leg.producer = None
+        leg.out.unregisterProducer()
+        if leg.readingPaused:
+            leg.resumeReading()

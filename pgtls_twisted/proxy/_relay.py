@@ -102,12 +102,45 @@ def possible(client: Any, server: Any, reactor: object) -> bool:
     TCP connection (with the lean TLS protocol, when TLS). Whether it can
     I{now} is L{takeOver}'s question.
     """
+    return legPossible(client, reactor) and legPossible(server, reactor)
+
+
+def legPossible(leg: Any, reactor: object) -> bool:
+    """L{possible} for one leg (a direct leg's question too: L{pgtls_twisted.proxy._direct})."""
     if not IReactorFDSet.providedBy(reactor) or not _private.verdict().relay:
         return False
-    return all(
-        isTCP(leg.transport) and (leg.tls is None or hasattr(leg.tls, "quiescentConnection"))
-        for leg in (client, server)
-    )
+    return isTCP(leg.transport) and (leg.tls is None or hasattr(leg.tls, "quiescentConnection"))
+
+
+def quietSocket(leg: Any) -> tuple[Any, Any] | None:
+    """
+    A leg's socket and TLS connection (C{None} for plaintext) if its
+    transport holds nothing and its TLS protocol is quiescent, for a relay
+    or a direct leg to take over; C{None} when not, yet.
+    """
+    sock = idleSocket(leg.transport)
+    if sock is None:
+        return None
+    conn = None
+    if leg.tls is not None:
+        conn = leg.tls.quiescentConnection()
+        if conn is None:
+            return None
+    return sock, conn
+
+
+def handOverTLSEnd(stop: Any, leg: Any, error: int) -> None:
+    """
+    C{SSL_read} or C{SSL_write} failed on C{leg}, which a relay or a direct
+    leg runs: hand the sockets back (C{stop}), and give the leg's TLS
+    protocol the close_notify or the error.
+    """
+    stop()
+    tls = leg.tls
+    if error == opensslLib.SSL_ERROR_ZERO_RETURN:
+        tls.peerClosed()
+    else:
+        tls.failed(Failure(TLSError(f"TLS error (SSL_get_error {error})")))
 
 
 def takeOver(
@@ -126,15 +159,10 @@ def takeOver(
     """
     ends = []
     for leg in (client, server):
-        sock = idleSocket(leg.transport)
-        if sock is None:
+        quiet = quietSocket(leg)
+        if quiet is None:
             return None
-        conn = None
-        if leg.tls is not None:
-            conn = leg.tls.quiescentConnection()
-            if conn is None:
-                return None
-        ends.append((leg, sock, conn))
+        ends.append((leg, *quiet))
     relay = Relay(reactor, stats, tail)
     relay.start(*ends)
     return relay
@@ -444,9 +472,4 @@ class Relay:
 
     def tlsEnded(self, end: _End, error: int) -> None:
         """C{SSL_read} or C{SSL_write} failed on C{end}: its TLS protocol takes it from here."""
-        self.stop()
-        tls = end.leg.tls
-        if error == opensslLib.SSL_ERROR_ZERO_RETURN:
-            tls.peerClosed()
-        else:
-            tls.failed(Failure(TLSError(f"TLS error in the relay (SSL_get_error {error})")))
+        handOverTLSEnd(self.stop, end.leg, error)

@@ -205,7 +205,7 @@ class Session:
         client.deliver = deliver
         pending = bytes(client.pending)
         client.pending = bytearray()
-        client.transport.resumeProducing()
+        client.resumeReading()
         if pending:
             deliver(pending)
 
