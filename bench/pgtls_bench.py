@@ -346,7 +346,9 @@ def pg_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def pgtls_config(b: Bench, ports: dict[str, int], workers: int | None) -> str:
+def pgtls_config(
+    b: Bench, ports: dict[str, int], workers: int | None, metricsPort: int | None = None
+) -> str:
     assert b.cluster is not None
     pki = b.pki
     pw = b.base / "pool.pw"
@@ -357,6 +359,8 @@ def pgtls_config(b: Bench, ports: dict[str, int], workers: int | None) -> str:
     pw.write_text(POOL_PASSWORD + "\n")
     head = f"workers = {workers}\n" if workers else ""
     text = head + 'log_level = "info"\n'
+    if metricsPort:
+        text += f'[metrics]\nbind_address = "127.0.0.1:{metricsPort}"\n'
     routes = (
         ("pass", None),
         ("session", "session"),
@@ -421,9 +425,10 @@ def start_pgtls(
     ports: dict[str, int],
     workers: int | None = None,
     source: Path | None = None,
+    metricsPort: int | None = None,
 ) -> None:
     path = b.base / f"{key}.toml"
-    path.write_text(pgtls_config(b, ports, workers))
+    path.write_text(pgtls_config(b, ports, workers, metricsPort))
     logfile = open(b.base / f"{key}.log", "ab")  # noqa: SIM115 - lives as long as the process
     command = ["--log-format", "text", "pgtls", "--config", str(path)]
     if source:
@@ -564,8 +569,9 @@ def start_all(b: Bench) -> None:
         start_pgtls(b, "pgtls-base", b.portsBase, source=b.args.baseline_src)
     if b.workers:
         b.ports2 = {k: free_port() for k in ("pass", "session", "tx")}
+        b.metricsW2 = free_port()
         try:
-            start_pgtls(b, "pgtls-w2", b.ports2, workers=2)
+            start_pgtls(b, "pgtls-w2", b.ports2, workers=2, metricsPort=b.metricsW2)
         except RuntimeError as e:
             stop(b, "pgtls-w2")
             tail = (b.base / "pgtls-w2.log").read_text(errors="replace").strip().splitlines()[-3:]
@@ -796,7 +802,7 @@ def plan(b: Bench) -> tuple[list[Case], list[Target], set[str]]:
     """The cases, targets and resource tests to run, after --smoke and --only."""
     cases = [c for c in CASES if not b.args.smoke or c.name in SMOKE_CASES]
     targets = b.targets
-    resources = {"idle", "slowread"}
+    resources = {"idle", "slowread", "balance"}
     only = b.args.only
     if only:
         pats = [p for item in only for p in item.split(",") if p]
@@ -810,7 +816,7 @@ def plan(b: Bench) -> tuple[list[Case], list[Target], set[str]]:
             raise SystemExit(
                 f"--only: {', '.join(sorted(unknown))} match no case, target or resource test; "
                 f"cases: {', '.join(caseNames)}; targets: {', '.join(targetNames)}; "
-                "resources: idle, slowread"
+                "resources: idle, slowread, balance"
             )
         if casePats or targetPats:
             cases = [c for c in cases if selected(casePats or None, c.name)]
@@ -1002,6 +1008,50 @@ def run_resources(b: Bench, which: set[str]) -> None:
             start_all(b)
         b.resources["slow_pgtls"] = slow_reader(b, "pgtls", b.ports["pass"], APP_DB)
         b.resources["slow_pgbouncer"] = slow_reader(b, "pgbouncer", b.bouncerPort, APP_DB)
+    if "balance" in which and b.workers:
+        b.resources["balance"] = reuseport_balance(b)
+
+
+def accepted_by_worker(b: Bench) -> dict[str, float]:
+    """pgtls-w2's accepted client connections so far, per worker (its metrics page)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{b.metricsW2}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"pgtls_client_connections_accepted_total\{(.*)\} ([\d.e+]+)$", line)
+        if m and 'route="pass"' in m.group(1):
+            worker = re.search(r'worker="(\d+)"', m.group(1))
+            if worker:
+                found[worker.group(1)] = float(m.group(2))
+    return found
+
+
+def reuseport_balance(b: Bench) -> dict[str, Any]:
+    """
+    How the kernel spreads new connections over pgtls-w2's two workers
+    (C{SO_REUSEPORT}): C{pgbench -C -S -c 8} on its pass-through route, the
+    connections each worker accepted, and each worker's CPU time.
+    """
+    log("SO_REUSEPORT balance: pgbench -C -S -c 8 on pgtls-w2")
+    proc = b.procs["pgtls-w2"]
+    workers = [pid for pid in tree(proc.pid) if pid != proc.pid]
+    cpu0 = {pid: sum(cpu_seconds(pid)) for pid in workers}
+    before = accepted_by_worker(b)
+    case = Case("connect-S-c8", 8, ("-C", "-S"))
+    target = Target("pgtls-pass-w2", b.ports2["pass"], APP_DB, "pgtls-w2", None, True)
+    run = run_pgbench(b, case, target, 0)
+    after = accepted_by_worker(b)
+    accepted = {w: after.get(w, 0) - before.get(w, 0) for w in sorted(after)}
+    total = sum(accepted.values()) or 1
+    return {
+        "tps": run.tps,
+        "error": run.error,
+        "accepted": accepted,
+        "shares": {w: n / total for w, n in accepted.items()},
+        "worker_cpu_s": [round(sum(cpu_seconds(pid)) - cpu0[pid], 2) for pid in workers],
+    }
 
 
 # -- profiling --------------------------------------------------------------------
@@ -1381,6 +1431,18 @@ def resources_table(b: Bench) -> str:
             )
     if lines:
         lines.append("")
+    balance = b.resources.get("balance")
+    if balance:
+        shares = ", ".join(
+            f"worker {w}: {int(balance['accepted'][w])} ({100 * s:.0f} %)"
+            for w, s in balance["shares"].items()
+        )
+        lines += [
+            "SO_REUSEPORT balance (`pgbench -C -S -c 8` on pgtls-w2's pass-through route):",
+            f"{shares}; workers' CPU seconds {balance['worker_cpu_s']}; "
+            f"{fmt(balance['tps'])} connections/s{'; ' + balance['error'] if balance['error'] else ''}.",
+            "",
+        ]
     slow = [(k, b.resources[k]) for k in ("slow_pgtls", "slow_pgbouncer") if k in b.resources]
     if slow:
         lines += [

@@ -41,6 +41,9 @@ class _Upstream(_Pipe):
             self.transport.loseConnection()
             return
         self.peer, downstream.peer = downstream, self
+        if downstream.early:
+            early, downstream.early = downstream.early, b""
+            downstream.dataReceived(early)
         self.transport.registerProducer(downstream.transport, True)
         downstream.transport.registerProducer(self.transport, True)
         downstream.transport.resumeProducing()
@@ -62,10 +65,17 @@ class _Downstream(_Pipe):
         relay: SlowRelay = self.factory.relay
         relay.accepted += 1
         self.upstreamDelay = relay.upstream_delay
+        #: Read despite the pause: an epoll event of the same poll for an
+        #: earlier socket whose descriptor number this one reuses is
+        #: dispatched to this one (Twisted's epoll reactor). Sent on connect.
+        self.early = b""
         self.transport.pauseProducing()
         relay.reactor.callLater(relay.delay, self._connect)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.peer is None:
+            self.early += data
+            return
         if not self.upstreamDelay:
             super().dataReceived(data)
             return

@@ -340,6 +340,10 @@ class FakePool:
         self.waiting: list[defer.Deferred[PooledServer]] = []
         self.released: list[PooledServer] = []
 
+    def takeIdle(self) -> PooledServer | None:
+        """Nothing is idle here: every server is handed out by L{give}."""
+        return None
+
     def acquire(self) -> defer.Deferred[PooledServer]:
         self.events.append(("pool", "acquire"))
         d: defer.Deferred[PooledServer] = defer.Deferred(
