@@ -995,6 +995,11 @@ def run_resources(b: Bench, which: set[str]) -> None:
     if "idle" in which:
         log(f"idle clients: pgtls transaction-pool route, {counts}")
         b.resources["idle_pgtls"] = idle_clients(b, "pgtls", b.ports["tx"], APP_DB, counts)
+        if b.args.baseline_src:
+            log(f"idle clients: pgtls-base transaction-pool route, {counts}")
+            b.resources["idle_pgtls_base"] = idle_clients(
+                b, "pgtls-base", b.portsBase["tx"], APP_DB, counts
+            )
         log(f"idle clients: pgbouncer transaction mode, {counts}")
         b.resources["idle_pgbouncer"] = idle_clients(
             b, "pgbouncer", b.bouncerPort, APP_DB + "_tx", counts
@@ -1412,6 +1417,7 @@ def resources_table(b: Bench) -> str:
     lines = []
     for key, label in (
         ("idle_pgtls", "pgtls (transaction-pool route)"),
+        ("idle_pgtls_base", "pgtls-base (transaction-pool route)"),
         ("idle_pgbouncer", "PgBouncer (transaction mode)"),
     ):
         r = b.resources.get(key)

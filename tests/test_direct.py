@@ -29,6 +29,8 @@ from twisted.internet import reactor
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
 
+from pgtls_twisted.pool._attachment import Attachment
+from pgtls_twisted.pool._pool import Pool
 from pgtls_twisted.proxy import _direct
 from pgtls_twisted.proxy._direct import DirectLeg
 from pgtls_twisted.proxy._relay import READ_SIZE
@@ -105,6 +107,46 @@ async def test_pooled_legs_go_direct_and_carry_every_transaction(
                 assert client.out is client.direct and isinstance(client.direct, DirectLeg)
             # And they keep working once direct.
             assert await deferToThread(lambda: [work(c, n) for n, c in enumerate(conns)]) == results
+        finally:
+            for conn in conns:
+                await deferToThread(conn.close)
+
+
+@pytest_twisted.ensureDeferred
+async def test_attach_and_detach_make_nothing_new(
+    pki: PKI, pg_tls: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Per transaction, a client takes the idle server connection without a
+    Deferred and with the Attachment the last client left clean: 3 clients
+    x 40 transactions on one connection make no new Attachment after the
+    first, and never queue.
+    """
+    made: list[Any] = []
+    queued: list[Any] = []
+    original = Attachment.__init__
+    monkeypatch.setattr(
+        Attachment, "__init__", lambda self, *a, **k: (made.append(1), original(self, *a, **k))[1]
+    )
+    acquire = Pool.acquire
+    monkeypatch.setattr(Pool, "acquire", lambda self: (queued.append(1), acquire(self))[1])
+    async with running(tmp_path, [pooled_route(pki, pg_tls, max_size=1)]) as proxy:
+        conns = [await deferToThread(_connect, proxy, pki) for _ in range(3)]
+        try:
+            for conn in conns:
+                assert await deferToThread(lambda c=conn: c.execute("SELECT 1").fetchall()) == [
+                    (1,)
+                ]
+            made.clear()
+            queued.clear()
+
+            def work() -> None:
+                for _ in range(40):
+                    for conn in conns:
+                        assert conn.execute("SELECT 2").fetchall() == [(2,)]
+
+            await deferToThread(work)
+            assert made == [] and queued == []
         finally:
             for conn in conns:
                 await deferToThread(conn.close)
