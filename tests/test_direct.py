@@ -213,7 +213,7 @@ async def test_key_update_through_a_direct_client_leg(
             clients = list(proxy.route().clients)
             return bool(clients and clients[0].direct is not None)
 
-        out = await deferToThread(_keyUpdate, proxy.port(), pki.cert("ca"), direct)
+        out = await deferToThread(_keyUpdate, proxy.port(), pki.cert("ca"), direct, True)
     assertKeyUpdateAnswered(out)
 
 

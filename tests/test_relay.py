@@ -137,11 +137,14 @@ async def test_without_its_private_names_the_session_keeps_the_pump(
             await deferToThread(conn.close)
 
 
-def _keyUpdate(port: int, ca: Path, relayRunning: Any) -> bytes:
+def _keyUpdate(port: int, ca: Path, relayRunning: Any, warmUp: bool = False) -> bytes:
     """
     C{openssl s_client} logs in (SCRAM: pgtls asks for the password), sends
     a KeyUpdate asking for a reply (its C{K} command) once the relay runs,
     then a query; its output, with every TLS message (C{-msg}).
+
+    @param warmUp: send a query first (a pooled client's legs go direct at
+        its first transaction).
     """
     proc = subprocess.Popen(
         [
@@ -166,6 +169,8 @@ def _keyUpdate(port: int, ca: Path, relayRunning: Any) -> bytes:
 
         send(wire.encode_startup_message({"user": SCRAM_USER, "database": "postgres"}), 1.0)
         send(wire.message(b"p", SCRAM_PASSWORD.encode() + b"\0"), 1.0)
+        if warmUp:
+            send(wire.message(b"S", b"") + wire.message(b"Q", b"SELECT 1\0"), 1.0)
         for _ in range(50):
             if blockingCallFromThread(reactor, relayRunning):
                 break

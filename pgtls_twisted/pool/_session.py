@@ -161,8 +161,6 @@ class PooledSession(PooledLogin):
             self._fromClient(early)
         elif self._draining and self.transactionMode:
             self._closeForShutdown()
-        if self.phase is not SessionPhase.CLOSED:
-            adoptSoon(client, self.route.reactor, self.route.clock)
 
     def cancelTarget(self) -> CancelTargetInfo | None:
         attachment = self.attachment

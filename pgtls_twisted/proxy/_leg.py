@@ -126,6 +126,30 @@ class Leg(Protocol):
     """
 
     clock: Any
+    # Class-level defaults, set on an instance only once they change: an
+    # idle client's leg costs no memory for them.
+    #: The L{DirectLeg<pgtls_twisted.proxy._direct.DirectLeg>} that reads
+    #: and writes the socket now (and is C{out}), or C{None}.
+    direct: Any = None
+    #: A pending adoption by a direct leg, and how many were tried.
+    adopting: Any = None
+    adoptTries = 0
+    #: What is registered with C{out} as its producer
+    #: (L{pgtls_twisted.proxy._pump.join}), so that a direct leg can take
+    #: it over and give it back.
+    producer: Any = None
+    #: Reading is paused (L{pauseReading}): flow control, or a client not
+    #: to be read yet.
+    readingPaused = False
+    _valve: ReadingValve | None = None
+
+    @property
+    def valve(self) -> ReadingValve:
+        """This leg's reading as a producer (made once: pooled legs are joined per transaction)."""
+        valve = self._valve
+        if valve is None:
+            valve = self._valve = ReadingValve(self)
+        return valve
 
     def __init__(self) -> None:
         self.out: Any = None
@@ -144,22 +168,6 @@ class Leg(Protocol):
         #: to the transport. Called before anything else touches the
         #: connection (a close, a FATAL, an abort).
         self.handBack: Callable[[], None] | None = None
-        #: The L{DirectLeg<pgtls_twisted.proxy._direct.DirectLeg>} that
-        #: reads and writes the socket now (and is C{out}), or C{None}.
-        self.direct: Any = None
-        #: A pending adoption by a direct leg, and how many were tried.
-        self.adopting: Any = None
-        self.adoptTries = 0
-        #: What is registered with C{out} as its producer
-        #: (L{pgtls_twisted.proxy._pump.join}), so that a direct leg can
-        #: take it over and give it back.
-        self.producer: Any = None
-        #: Reading is paused (L{pauseReading}): flow control, or a client
-        #: not to be read yet.
-        self.readingPaused = False
-        #: This leg's reading as a producer (made once: pooled legs are
-        #: joined and separated per transaction).
-        self.valve = ReadingValve(self)
 
     @property
     def reached(self) -> Phase:
