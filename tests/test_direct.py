@@ -14,7 +14,6 @@ C{test_direct_unit.py}.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import pytest_twisted
 from support.dsn import app_dsn
 from support.pooling import admin, pooled_route
 from support.proxy import running
-from test_relay import _keyUpdate, assertKeyUpdateAnswered
+from test_relay import _copyOutSlowly, _keyUpdate, assertKeyUpdateAnswered
 from twisted.internet import reactor
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread
@@ -152,16 +151,6 @@ async def test_attach_and_detach_make_nothing_new(
                 await deferToThread(conn.close)
 
 
-def _copyOutSlowly(conn: psycopg.Connection[Any]) -> int:
-    size = 0
-    with conn.cursor().copy(COPY_OUT) as copy:
-        for block in copy:
-            if not size:
-                time.sleep(1)
-            size += len(block)
-    return size
-
-
 @pytest_twisted.ensureDeferred
 async def test_slow_reader_holds_the_server_back(pki: PKI, pg_tls: Any, tmp_path: Path) -> None:
     """32 MiB to a client that starts reading late: each direct leg holds at most about one read."""
@@ -190,7 +179,7 @@ async def test_slow_reader_holds_the_server_back(pki: PKI, pg_tls: Any, tmp_path
             sampler = LoopingCall(sample)
             sampler.start(0.005)
             try:
-                assert await deferToThread(_copyOutSlowly, conn) == 32 * (MiB + 1)
+                assert await deferToThread(_copyOutSlowly, conn, COPY_OUT) == 32 * (MiB + 1)
             finally:
                 sampler.stop()
             assert paused[0], "the server leg was never held back"

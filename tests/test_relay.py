@@ -55,9 +55,10 @@ async def _relayOf(proxy: Any) -> Any:
     raise AssertionError("no relay took the session over")
 
 
-def _copyOutSlowly(conn: psycopg.Connection[Any]) -> int:
+def _copyOutSlowly(conn: psycopg.Connection[Any], query: str = COPY_OUT) -> int:
+    """C{query}'s COPY out, read after a second's pause: the bytes read."""
     size = 0
-    with conn.cursor().copy(COPY_OUT) as copy:
+    with conn.cursor().copy(query) as copy:
         for block in copy:
             if not size:
                 time.sleep(1)
