@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import pytest_twisted
 from support import rawclient
-from support.admin import Scrape, metrics_port, scrape, show
+from support.admin import Scrape, health, metrics_port, scrape, show
 from support.configfile import write_config
 from support.dsn import admin_dsn, app_dsn, client_dsn
 from support.net import free_port, refused
@@ -525,4 +525,29 @@ async def test_every_protocol_refusal_is_counted(pki, pg_tls, tmp_path):
             == 2
         )
     finally:
+        await proxy.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_turns_unhealthy_when_a_drain_begins(pki, pg_tls, tmp_path):
+    """
+    C{/health} is 200 while the proxy takes clients, and 503 from the start
+    of a graceful shutdown while sessions still run (issue 15: a balancer
+    stops sending new clients), until the process is gone.
+    """
+    proxy = start_proxy([route(pki, pg_tls)], tmp_path, metrics=METRICS, shutdown_timeout="10s")
+    conn = None
+    try:
+        assert await health(proxy) == (200, "ok\n")
+        conn = await in_thread(connect, client_dsn(proxy, pki))
+        stopping = proxy.service.stopService()
+        assert await health(proxy) == (503, "draining\n")
+        # The session already open goes on meanwhile.
+        assert await in_thread(lambda: conn.execute("SELECT 1").fetchone()) == (1,)
+        await in_thread(conn.close)
+        conn = None
+        await stopping
+    finally:
+        if conn is not None:
+            await in_thread(conn.close)
         await proxy.stop()

@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from support.admin import http_get
 from support.configfile import write_config
 from support.net import free_ports
 from support.processes import ProxyProcess
@@ -230,9 +231,16 @@ def test_sigterm_drains_every_worker_and_leaves_no_process(supervised, pki):
     pids = supervised.worker_pids()
     sessions = [session_on(supervised, pki, 0), session_on(supervised, pki, 1)]
     try:
+        assert http_get(supervised.metrics_port, "/health")[::2] == (200, "ok\n")
         stopped_at = time.monotonic()
         supervised.signal(signal.SIGTERM)
-        # Both workers stop accepting at once...
+        # The balancer's health check fails from the start of the drain...
+        eventually(
+            lambda: http_get(supervised.metrics_port, "/health")[::2] == (503, "draining\n"),
+            SHUTDOWN_TIMEOUT / 2,
+            "/health to say draining",
+        )
+        # ...both workers stop accepting at once...
         port = supervised.ports["app"]
 
         def refused() -> bool:

@@ -393,7 +393,9 @@ class ProxyService(MultiService):
         # embedding application) has chosen it.
         from pgtls_twisted.app._metricsweb import MetricsService
 
-        return MetricsService(config.metrics, self.metrics.registry, self.reactor)
+        return MetricsService(
+            config.metrics, self.metrics.registry, self.reactor, lambda: not self.draining
+        )
 
     def _setMetrics(self, config: Config, service: ListeningService | None = None) -> None:
         """Serve C{/metrics} as C{config} says (with C{service}, if already bound)."""

@@ -440,7 +440,9 @@ class Supervisor(MultiService):
 
             registry = CollectorRegistry(auto_describe=False)
             registry.register(_Merged(self))
-            MetricsService(config.metrics, registry, reactor).setServiceParent(self)
+            MetricsService(
+                config.metrics, registry, reactor, lambda: not self._stopping
+            ).setServiceParent(self)
 
     # -- workers ------------------------------------------------------------------
 

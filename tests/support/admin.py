@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -143,13 +144,24 @@ class Scrape:
         return float(found[0].value) if found else default
 
 
-def _fetch(port: int) -> tuple[int, str, str]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        return (
-            response.status,
-            response.headers.get("Content-Type", ""),
-            response.read().decode(),
-        )
+def http_get(port: int, path: str = "/metrics") -> tuple[int, str, str]:
+    """(Blocking.) GET C{path}: status, content type and body, for error statuses too."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return (
+                response.status,
+                response.headers.get("Content-Type", ""),
+                response.read().decode(),
+            )
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers.get("Content-Type", ""), e.read().decode()
+
+
+async def health(proxy: RunningProxy | int) -> tuple[int, str]:
+    """GET C{/health} on the metrics port: status and body."""
+    port = proxy if isinstance(proxy, int) else metrics_port(proxy)
+    status, _, body = await deferToThread(http_get, port, "/health")
+    return status, body
 
 
 async def scrape(proxy: RunningProxy | int) -> Scrape:
@@ -158,7 +170,7 @@ async def scrape(proxy: RunningProxy | int) -> Scrape:
     and parse it with prometheus_client's parser.
     """
     port = proxy if isinstance(proxy, int) else metrics_port(proxy)
-    status, content_type, body = await deferToThread(_fetch, port)
+    status, content_type, body = await deferToThread(http_get, port)
     assert status == 200, (status, body[:500])
     assert content_type.startswith("text/plain"), content_type
     return Scrape(body)
