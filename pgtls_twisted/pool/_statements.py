@@ -85,11 +85,17 @@ _OID = struct.Struct("!I")
 
 
 def _highestParameter(sql: str) -> int:
-    """The highest C{$n} a statement refers to (0 for none), as the lexer reads it."""
+    """
+    The highest C{$n} a statement refers to (0 for none, at most 65535),
+    as the lexer reads it. The digits are the client's: a run longer than
+    any number below the cap never reaches C{int()}, which refuses more
+    than 4300 digits (ValueError) and takes quadratic time below that.
+    """
     highest = 0
     for token in tokens(sql):
         if token.kind == PARAM:
-            highest = max(highest, int(token.text(sql)[1:]))
+            digits = token.text(sql)[1:].lstrip("0")
+            highest = max(highest, int(digits or "0") if len(digits) <= 5 else 65535)
     return min(highest, 65535)
 
 

@@ -123,7 +123,7 @@ class MessageSplitter:
     @ivar maxLength: the largest length field accepted.
     """
 
-    __slots__ = ("_table", "_held", "_remaining", "_type", "_maxHeld", "maxLength")
+    __slots__ = ("_table", "_held", "_need", "_remaining", "_type", "_maxHeld", "maxLength")
 
     def __init__(
         self,
@@ -148,7 +148,9 @@ class MessageSplitter:
         key = (watchKey, tuple(peek.items()) if peek else ())
         table, maxPeek = _cachedTable(*key)
         self._table = table
-        self._held = b""
+        self._held = bytearray()
+        #: How many bytes L{_held} must reach before a scan can get further.
+        self._need = 0
         self._remaining = 0
         self._type = 0
         self._maxHeld = HEADER_SIZE - 1 + maxPeek
@@ -202,9 +204,17 @@ class MessageSplitter:
         """
         events: list[Event] = []
         pos = 0
-        if self._held:
-            data = self._held + data
-            self._held = b""
+        held = self._held
+        if held:
+            if len(held) + len(data) < self._need:
+                # Still short of the header (or the peek) it waits for: the
+                # bytes are kept, not scanned or copied again, so that a
+                # peek sent a byte at a time costs linear time, not one
+                # copy of everything held per byte.
+                held += data
+                return b"", events
+            data = b"".join((held, data))
+            self._held = bytearray()
         elif self._remaining:
             remaining = self._remaining
             if remaining >= len(data):
@@ -219,6 +229,7 @@ class MessageSplitter:
         unpack = _unpackLength
         append = events.append
         mtype = 0
+        need = HEADER_SIZE
         while pos <= limit:
             mtype = data[pos]
             length = unpack(data, pos + 1)[0]
@@ -231,6 +242,7 @@ class MessageSplitter:
                 if size:
                     end = pos + HEADER_SIZE + min(size, length - 4)
                     if end > n:
+                        need = end - pos
                         break
                     append((pos, mtype, length, data[pos + HEADER_SIZE : end]))
                 else:
@@ -242,5 +254,6 @@ class MessageSplitter:
             self._remaining = pos - n
             self._type = mtype
             return data, events
-        self._held = data[pos:]
+        self._held = bytearray(data[pos:])
+        self._need = need
         return data[:pos], events
