@@ -254,6 +254,9 @@ class MessageSplitter:
             self._remaining = pos - n
             self._type = mtype
             return data, events
-        self._held = bytearray(data[pos:])
-        self._need = need
+        if pos < n:
+            # (At a boundary, the empty bytearray already held stays: no
+            # allocation per chunk on the hot path.)
+            self._held = bytearray(data[pos:])
+            self._need = need
         return data[:pos], events
