@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 
 from pgtls_twisted.protocol._scramserver import Verifier as ScramVerifier
@@ -116,6 +117,10 @@ class ListenerConfig:
         briefly for a slot, then get 53300.
     @ivar max_logins_per_address: the most connections logging in (or
         waiting to) from one client address; more get 53300 at once.
+    @ivar proxy_protocol: every connection must begin with a PROXY
+        protocol header (v1 or v2) naming the client, and come from one
+        of C{proxy_trusted}: a load balancer in front of pgtls.
+    @ivar proxy_trusted: the networks a PROXY header is accepted from.
     """
 
     bind_address: str
@@ -137,6 +142,8 @@ class ListenerConfig:
     max_clients: int = 1000
     max_logins: int = 64
     max_logins_per_address: int = 16
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[IPv4Network | IPv6Network, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from pgtls_twisted.config._values import (
     _Invalid,
     _log_level,
     _names,
+    _networks,
     _non_negative_int,
     _Parser,
     _positive_int,
@@ -175,6 +176,8 @@ _LISTENER: dict[str, _Key] = _defaults_from(
         "max_clients": _Key(_positive_int),
         "max_logins": _Key(_positive_int),
         "max_logins_per_address": _Key(_positive_int),
+        "proxy_protocol": _Key(_boolean),
+        "proxy_trusted": _Key(_networks),
     },
 )
 
@@ -284,6 +287,12 @@ def _check_listener(values: dict[str, Any], where: str, report: _Report) -> None
         report.add(
             f"{where}cert_user_match",
             "requires mtls = true (without a verified client certificate there is no CN to match)",
+        )
+    if values["proxy_protocol"] is True and not values["proxy_trusted"]:
+        report.add(
+            f"{where}proxy_trusted",
+            "required when proxy_protocol = true: the load balancers' networks "
+            '(a header from anyone could claim any client address), e.g. ["10.0.0.0/8"]',
         )
     if values["client_crl"] not in (None, _BAD) and values["client_ca"] is None:
         report.add(f"{where}client_crl", "requires client_ca (a CRL needs the CA it belongs to)")

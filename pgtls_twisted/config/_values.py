@@ -21,6 +21,7 @@ import re
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from datetime import date, datetime, time
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,25 @@ def _boolean(value: object, base_dir: Path) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"expected true or false, got {_show(value)}")
     return value
+
+
+def _networks(value: object, base_dir: Path) -> tuple[IPv4Network | IPv6Network, ...]:
+    """
+    A list of networks in CIDR notation (C{"10.0.0.0/8"}, C{"::1/128"}; a
+    bare address is a network of one). Host bits set are an error, as a
+    typo like C{"10.0.0.1/8"} would otherwise widen what is trusted.
+    """
+    if not isinstance(value, list):
+        raise _Invalid(f'expected a list such as ["10.0.0.0/8"], got {_show(value)}')
+    found = []
+    for item in value:
+        if not isinstance(item, str):
+            raise _Invalid(f"expected network strings, got {_show(item)}")
+        try:
+            found.append(ip_network(item.strip(), strict=True))
+        except ValueError as e:
+            raise _Invalid(f"invalid network {_show(item)}: {e}") from None
+    return tuple(found)
 
 
 def _positive_int(value: object, base_dir: Path) -> int:

@@ -275,6 +275,9 @@ class AdminCommands:
                 state, waitingSince = client_state(client)
                 wait = now - waitingSince if waitingSince is not None else 0.0
                 peer, local = _addresses(client.transport)
+                if getattr(client, "peerAddress", None) is not None:
+                    # What a PROXY header said, when there was one.
+                    peer = _hostAndPort(client.peerAddress)
                 rows.append(
                     [
                         "C",
@@ -441,6 +444,10 @@ def _servers(route: Any) -> Iterable[tuple[str, str, str, Any, int | None, int |
         )
 
 
+def _hostAndPort(address: Any) -> tuple[str | None, int | None]:
+    return getattr(address, "host", None), getattr(address, "port", None)
+
+
 def _addresses(
     transport: Any,
 ) -> tuple[tuple[str | None, int | None], tuple[str | None, int | None]]:
@@ -448,10 +455,7 @@ def _addresses(
         peer, host = transport.getPeer(), transport.getHost()
     except Exception:
         return (None, None), (None, None)
-    return (
-        (getattr(peer, "host", None), getattr(peer, "port", None)),
-        (getattr(host, "host", None), getattr(host, "port", None)),
-    )
+    return _hostAndPort(peer), _hostAndPort(host)
 
 
 def tls_text(info: dict[str, Any] | None) -> str:

@@ -68,6 +68,7 @@ REFUSALS = (
     "shutdown",
     "admin_denied",
     "login_limit",
+    "proxy_protocol",
 )
 
 #: The most databases one route labels its series and C{SHOW STATS} rows

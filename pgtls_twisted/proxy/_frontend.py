@@ -21,6 +21,7 @@ console read it.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
@@ -30,6 +31,7 @@ from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import CLOSE_TIMEOUT, Decrypted, Leg, Phase, discard
 from pgtls_twisted.proxy._logins import TicketState, TooManyLogins, address_key
 from pgtls_twisted.proxy._stats import ConnectionStats
+from pgtls_twisted.tls import _private
 from pgtls_twisted.tls._contexts import ALPN_POSTGRESQL, common_name, describe_tls
 
 if TYPE_CHECKING:
@@ -78,6 +80,12 @@ class ClientProtocol(Leg):
         #: duration, and the admin console's C{connect_time}).
         self.connectedAt: float = self.clock.seconds()
         self._tlsStarted = 0.0
+        #: The client's address: the socket's peer, or what a PROXY header
+        #: said (SHOW CLIENTS, the login gate).
+        self.peerAddress: Any = None
+        #: Bytes that followed a PROXY header, read once the login gate
+        #: lets the client in.
+        self._afterHeader = b""
         #: When the client last started a request (pooled sessions set it).
         self.lastRequest: float | None = None
         self.stats = ConnectionStats()
@@ -87,30 +95,109 @@ class ClientProtocol(Leg):
     def connectionMade(self) -> None:
         super().connectionMade()
         peer = self.transport.getPeer()
-        self.peer = f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+        self.peerAddress = peer
+        self.peer = _hostPort(peer)
         self.route.clientOpened(self)
         self.route.metrics.accepted(self.route.name)
+        listener = self.route.config.listener
+        if listener.proxy_protocol:
+            self._awaitProxyHeader(peer, listener.proxy_trusted)
+            return
+        self._admit(peer)
+
+    def _admit(self, peer: Any, via: str | None = None) -> None:
+        """
+        The client is known (its address, from the socket or a PROXY
+        header): log it, and ask the login gate for a slot.
+        """
         self._log.info(
-            "conn={conn} open peer={peer} route={route}",
+            "conn={conn} open peer={peer} route={route}" + (" via={via}" if via else ""),
             conn=self.connId,
             peer=self.peer,
             route=self.route.name,
+            via=via,
         )
         try:
             self._ticket = self.route.logins.arrive(
-                address_key(str(getattr(peer, "host", "?"))), self.resumeReading
+                address_key(str(getattr(peer, "host", "?"))), self._letIn
             )
         except TooManyLogins as e:
             self._refuseEarly(str(e))
             return
-        self._deadline = self.route.clock.callLater(
-            self.route.config.listener.startup_timeout, self._startupExpired
-        )
+        if self._deadline is None:
+            self._deadline = self.route.clock.callLater(
+                self.route.config.listener.startup_timeout, self._startupExpired
+            )
         # The login clock runs from accept, a wait for a login slot included.
         self.startLoginClock()
         if self._ticket.state is TicketState.WAITING:
             # Not a byte is read (nor a handshake done) until it is let in.
             self.pauseReading()
+
+    def _letIn(self) -> None:
+        """The login gate has a slot: read, starting with what followed a PROXY header."""
+        self.resumeReading()
+        early, self._afterHeader = self._afterHeader, b""
+        if early and self.phase is Phase.NEGOTIATING:
+            self.dataReceived(early)
+
+    # -- PROXY protocol (listener.proxy_protocol) ------------------------------
+
+    def _awaitProxyHeader(self, peer: Any, trusted: tuple[Any, ...]) -> None:
+        """
+        Behind a load balancer: the first bytes must be a PROXY header
+        (parsed by Twisted's parsers, L{pgtls_twisted.tls._private}), and
+        only a trusted peer may send one. Until it is whole, nothing else
+        is looked at; the startup deadline runs from accept.
+        """
+        self._deadline = self.route.clock.callLater(
+            self.route.config.listener.startup_timeout, self._startupExpired
+        )
+        if not _trusted(getattr(peer, "host", None), trusted):
+            self._refuseProxy("connection from an address not in listener.proxy_trusted")
+            return
+        self._proxyParser: Any = None
+        self._proxyHead = b""
+        self.dataReceived = self._proxyHeaderData  # type: ignore[method-assign]
+
+    def _proxyHeaderData(self, data: bytes) -> None:
+        parser = self._proxyParser
+        if parser is None:
+            self._proxyHead += data
+            parser = _private.proxyHeaderParser(self._proxyHead)
+            if parser is None:
+                return
+            if parser is False:
+                self._refuseProxy("no PROXY protocol header")
+                return
+            self._proxyParser = parser
+            data, self._proxyHead = self._proxyHead, b""
+        try:
+            info, rest = parser.feed(data)
+        except Exception as e:
+            # InvalidProxyHeader and its kinds, or whatever else the
+            # parser met in bytes it was not meant for.
+            self._refuseProxy(f"invalid PROXY protocol header ({type(e).__name__})")
+            return
+        if info is None:
+            return
+        del self.dataReceived  # the class's own, from here on
+        self._proxyParser = None
+        balancer = self.peer
+        source = info.source
+        if source is not None and getattr(source, "host", None):
+            # Not a LOCAL header (the balancer's own health check).
+            self.peerAddress = source
+            self.peer = _hostPort(source)
+        self._afterHeader = rest or b""
+        self._admit(self.peerAddress, via=balancer)
+        if self.phase is Phase.NEGOTIATING and not self.readingPaused:
+            self._letIn()
+
+    def _refuseProxy(self, text: str) -> None:
+        """A connection the PROXY protocol rules refuse: no channel to speak on, so dropped."""
+        self.refused("proxy_protocol")
+        self.abort(f"pgtls: {text}")
 
     def _refuseEarly(self, text: str) -> None:
         """
@@ -494,3 +581,21 @@ def _tls_error(reason: Failure | None) -> str:
     if args and isinstance(args[0], list) and args[0] and isinstance(args[0][0], tuple):
         return "; ".join(str(item[-1]) for item in args[0])
     return reason.getErrorMessage()
+
+
+def _hostPort(address: Any) -> str:
+    return f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+
+
+def _trusted(host: str | None, networks: tuple[Any, ...]) -> bool:
+    """Whether C{host} (a peer's address) is in one of C{networks}."""
+    if host is None:
+        return False
+    try:
+        address = ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return any(address in network for network in networks)

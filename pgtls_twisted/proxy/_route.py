@@ -27,7 +27,8 @@ from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._frontend import ClientProtocol
 from pgtls_twisted.proxy._leg import Phase
 from pgtls_twisted.proxy._logins import LoginGate
-from pgtls_twisted.tls._contexts import ServerTLS
+from pgtls_twisted.tls import _private
+from pgtls_twisted.tls._contexts import ServerTLS, TLSConfigError
 from pgtls_twisted.tls._lean import Corker, TLSLayer
 
 if TYPE_CHECKING:
@@ -93,6 +94,11 @@ class Route:
         self._held: list[tuple[ClientProtocol, StartupMessage]] = []
         #: Reaps the pools of a retired route that still has sessions.
         self.reaper: Any = None
+        if config.listener.proxy_protocol and not _private.verdict().proxyHeader:
+            raise TLSConfigError(
+                f'route "{config.name}": listener.proxy_protocol = true, but the installed'
+                " Twisted lacks the PROXY protocol parsers pgtls uses (see the warning)"
+            )
         self.serverTLS = ServerTLS(config.listener)
         # Both legs' TLS share one corker: a client's chunk and the write it
         # causes on the server leg leave together (see tls/_lean.py).

@@ -81,6 +81,16 @@ C{_POLL_IN}, C{_POLL_OUT} and C{_POLL_DISCONNECTED}, and an instance's
 C{_poller} and C{_selectables}. Without them it is Twisted's epoll
 reactor as it is.
 
+B{PROXY protocol headers} (feature L{PROXY_HEADER}, L{proxyHeaderParser})
+are parsed by Twisted's own parsers, C{V1Parser} and C{V2Parser} of
+L{twisted.protocols.haproxy}, whose public face is only C{proxyEndpoint}:
+an endpoint wrapper that puts a protocol wrapper between pgtls and its
+TCP transport, which the relay and the direct legs cannot take over (they
+need the TCP transport itself), and which cannot tell trusted peers from
+others before parsing. pgtls relies on their C{feed} and on
+C{InvalidProxyHeader}. Without them there is no fallback: a route with
+C{proxy_protocol = true} refuses to start, naming what is missing.
+
 The first time TLS is set up, L{verdict} checks every name, on real
 objects of the installed Twisted and pyOpenSSL, and logs one warning
 naming whatever is missing. C{tests/test_tls_private.py} fails, naming
@@ -114,6 +124,12 @@ except ImportError:
     _util = None  # type: ignore[assignment]
 
 try:
+    from twisted.protocols.haproxy import _exceptions as _haproxyErrors
+    from twisted.protocols.haproxy import _v1parser, _v2parser
+except ImportError:
+    _haproxyErrors = _v1parser = _v2parser = None  # type: ignore[assignment]
+
+try:
     from twisted.internet.epollreactor import EPollReactor
 except ImportError:  # not Linux
     EPollReactor = None  # type: ignore[assignment, misc]
@@ -123,6 +139,7 @@ LEAN_TLS = "lean TLS protocol"
 GROUPS = "key exchange groups"
 RELAY = "direct relay"
 SHORT_DISPATCH = "short dispatch reactor"
+PROXY_HEADER = "PROXY protocol parser"
 
 #: What each feature becomes without its private names.
 FALLBACKS: Mapping[str, str] = MappingProxyType(
@@ -131,6 +148,7 @@ FALLBACKS: Mapping[str, str] = MappingProxyType(
         GROUPS: "P-256 only",
         RELAY: "the byte pump",
         SHORT_DISPATCH: "Twisted's epoll reactor as it is",
+        PROXY_HEADER: "nothing: routes with proxy_protocol = true refuse to start",
     }
 )
 
@@ -145,6 +163,9 @@ _LIB = "OpenSSL._util.lib"
 _FFI = "OpenSSL._util.ffi"
 _SSL_CONNECTION = "an OpenSSL.SSL.Connection with memory BIOs"
 _SSL_CONTEXT = "an OpenSSL.SSL.Context"
+_V1 = "twisted.protocols.haproxy._v1parser.V1Parser"
+_V2 = "twisted.protocols.haproxy._v2parser.V2Parser"
+_HAPROXY_ERRORS = "twisted.protocols.haproxy._exceptions"
 _EPOLL = "twisted.internet.epollreactor.EPollReactor"
 _EPOLL_INSTANCE = "an EPollReactor"
 
@@ -253,6 +274,9 @@ RELIED_ON: tuple[Reliance, ...] = (
     Reliance(GROUPS, _LIB, "SSL_CTX_set1_curves_list"),
     Reliance(GROUPS, _SSL_CONTEXT, "_context"),
     *(Reliance(SHORT_DISPATCH, _EPOLL, name) for name in _EPOLL_NAMES),
+    Reliance(PROXY_HEADER, _V1, "feed"),
+    Reliance(PROXY_HEADER, _V2, "feed"),
+    Reliance(PROXY_HEADER, _HAPROXY_ERRORS, "InvalidProxyHeader"),
     *(Reliance(SHORT_DISPATCH, _EPOLL_INSTANCE, name) for name in ("_poller", "_selectables")),
 )
 
@@ -325,6 +349,9 @@ SAMPLES: Mapping[str, Callable[[], object]] = MappingProxyType(
         _SSL_CONNECTION: lambda: SSL.Connection(SSL.Context(SSL.TLS_METHOD), None),
         _SSL_CONTEXT: lambda: SSL.Context(SSL.TLS_METHOD),
         _EPOLL: lambda: EPollReactor,  # None (so every name missing) off Linux
+        _V1: lambda: getattr(_v1parser, "V1Parser", None),
+        _V2: lambda: getattr(_v2parser, "V2Parser", None),
+        _HAPROXY_ERRORS: lambda: _haproxyErrors,
         _EPOLL_INSTANCE: _epollReactor,
     }
 )
@@ -375,6 +402,10 @@ class Verdict:
     @property
     def groups(self) -> bool:
         return self.usable(GROUPS)
+
+    @property
+    def proxyHeader(self) -> bool:
+        return self.usable(PROXY_HEADER)
 
     @property
     def shortDispatch(self) -> bool:
@@ -574,3 +605,30 @@ if EPollReactor is not None:
 
 else:  # pragma: no cover - not Linux
     ShortDispatchReactor = None  # type: ignore[assignment, misc]
+
+
+# -- PROXY protocol headers -------------------------------------------------------
+
+#: The PROXY protocol's two signatures (the protocol's own constants).
+PROXY_V1_SIGNATURE = b"PROXY "
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+#: What an invalid header raises, from Twisted's parsers.
+InvalidProxyHeader: type[Exception] = getattr(_haproxyErrors, "InvalidProxyHeader", ValueError)
+
+
+def proxyHeaderParser(head: bytes) -> Any:
+    """
+    A parser (with C{feed(data) -> (info, rest) | (None, None)}) for a
+    PROXY header beginning with C{head}: Twisted's V1 or V2 one. C{None}
+    while C{head} could still be either; C{False} when it is neither.
+    Valid only where L{verdict} says L{PROXY_HEADER} is usable.
+    """
+    for signature, module, name in (
+        (PROXY_V2_SIGNATURE, _v2parser, "V2Parser"),
+        (PROXY_V1_SIGNATURE, _v1parser, "V1Parser"),
+    ):
+        if head[: len(signature)] == signature[: len(head)]:
+            if len(head) < len(signature):
+                return None
+            return getattr(module, name)()
+    return False

@@ -94,9 +94,11 @@ def start_proxy(routes: list[dict[str, Any]], base_dir: Path, **top: Any) -> Run
 
 
 @asynccontextmanager
-async def running(tmp_path: Path, routes: list[dict[str, Any]]) -> AsyncIterator[RunningProxy]:
-    """The proxy for C{routes}, stopped on exit."""
-    proxy = start_proxy(routes, tmp_path)
+async def running(
+    tmp_path: Path, routes: list[dict[str, Any]], **top: Any
+) -> AsyncIterator[RunningProxy]:
+    """The proxy for C{routes} (and top-level keys C{top}), stopped on exit."""
+    proxy = start_proxy(routes, tmp_path, **top)
     try:
         yield proxy
     finally:
