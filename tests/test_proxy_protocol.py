@@ -116,6 +116,14 @@ async def test_a_cancel_request_after_a_header(pki: PKI, pg_tls: Any, tmp_path: 
         try:
             pid = conn.info.backend_pid
             [(minted, _)] = proxy.route().cancels._entries[pid]
+            # The client leg is still the TCP transport's: the relay takes
+            # the session over as without a header.
+            [client] = proxy.route().clients
+            for _ in range(100):
+                if client.session.relay is not None:
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            assert client.session.relay is not None and client.peer == "203.0.113.7:5555"
             sleeping = deferToThread(conn.execute, "SELECT pg_sleep(20)")
             await deferLater(reactor, 0.5, lambda: None)
 
