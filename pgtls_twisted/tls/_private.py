@@ -357,14 +357,16 @@ SAMPLES: Mapping[str, Callable[[], object]] = MappingProxyType(
 )
 
 
-def samples() -> dict[str, object]:
+def samples(owners: set[str] | None = None) -> dict[str, object]:
     """
-    The objects of L{SAMPLES}. One that cannot be made (C{OpenSSL._util}
+    The objects of L{SAMPLES} (only C{owners}, when given). One that cannot be made (C{OpenSSL._util}
     gone, a probe that a new Twisted refuses) is left out, so every name on
     it counts as missing.
     """
     found: dict[str, object] = {}
     for owner, make in SAMPLES.items():
+        if owners is not None and owner not in owners:
+            continue
         try:
             found[owner] = make()
         except Exception:
@@ -547,7 +549,10 @@ SHORT_DISPATCH_TYPES: set[type] = set()
 
 def shortDispatchUsable() -> bool:
     """Whether every name L{ShortDispatchReactor} relies on is there (checked alone, cheaply)."""
-    found = missing(tuple(r for r in RELIED_ON if r.feature == SHORT_DISPATCH))
+    relied = tuple(r for r in RELIED_ON if r.feature == SHORT_DISPATCH)
+    # Only the reactor's own samples: not a TLS protocol or a TCP
+    # connection, made before anything is set up.
+    found = missing(relied, samples({r.owner for r in relied}))
     if found:
         Verdict(found).warn(_log)
     return not found
