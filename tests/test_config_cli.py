@@ -21,6 +21,7 @@ from pgtls_twisted import __main__ as cli
 from pgtls_twisted.config import (
     AdminConfig,
     BackendConfig,
+    ClusterConfig,
     Config,
     ConfigError,
     ListenerConfig,
@@ -174,8 +175,14 @@ def test_sample_parses(tmp_path: Path) -> None:
 def test_sample_shows_every_key(tmp_path: Path) -> None:
     """Every key of the schema appears, uncommented, in at least one route of the sample."""
     data = tomllib.loads(SAMPLE.read_text())
-    top = {f.name for f in fields(Config)} - {"routes", "path", "admin", "metrics"}
+    top = {f.name for f in fields(Config)} - {"routes", "path", "admin", "metrics", "cluster"}
     assert top <= set(data)
+    # A sample that clustered whoever copied it would cost a single instance
+    # 8 bits of every cancel key: [cluster] is shown, but commented out.
+    text = SAMPLE.read_text()
+    assert "cluster" not in data and "\n# [cluster]\n" in text
+    for key in (f.name for f in fields(ClusterConfig)):
+        assert f"\n# {key} = " in text, key
     assert {f.name for f in fields(AdminConfig)} - {"verifiers"} == set(data["admin"])
     assert {"bind_address"} == set(data["metrics"])
     for section, cls in (("listener", ListenerConfig), ("backend", BackendConfig)):

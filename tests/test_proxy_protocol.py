@@ -105,8 +105,10 @@ async def test_a_cancel_request_after_a_header(pki: PKI, pg_tls: Any, tmp_path: 
     A CancelRequest that follows a PROXY header (a new connection through
     the balancer, as libpq's cancel makes one) cancels the session's query.
     The request is sent raw, with the key pgtls minted for the session
-    (libpq's own cancel through this threaded test balancer never returns,
-    with or without PROXY headers: a harness problem not yet understood).
+    (psycopg's C{cancel()} holds the GIL while libpq's PQcancel waits, so
+    it would freeze this in-process balancer and proxy; libpq's own cancels
+    behind a balancer are in L{tests.test_cluster}, through psql and
+    C{cancel_safe()}).
     """
     async with running(tmp_path, [_route(pki, pg_tls)]) as proxy:
         balancer = Forwarder(proxy.port(), lambda _: v2_header(CLIENT, ("127.0.0.1", 5432)))

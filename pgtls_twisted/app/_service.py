@@ -43,6 +43,7 @@ from pgtls_twisted.pool._manager import PoolManager
 from pgtls_twisted.proxy._cancel import CancelRegistry
 from pgtls_twisted.proxy._derivation import DerivationThreads
 from pgtls_twisted.proxy._leg import Phase
+from pgtls_twisted.proxy._peers import PeerCancels
 from pgtls_twisted.proxy._route import Route
 from pgtls_twisted.tls._contexts import TLSConfigError
 
@@ -125,6 +126,11 @@ class ProxyService(MultiService):
         self.worker = worker
         self.draining = False
         self.cancels = CancelRegistry(worker)
+        if config.cluster is not None:
+            self.cancels.instance = config.cluster.instance
+            self.cancels.toPeer = PeerCancels(
+                reactor, config.cluster.instance, config.cluster.peers
+            )
         #: Every route's SCRAM key derivations: one pool of threads.
         self.derivations = DerivationThreads(reactor)
         self.metrics = Metrics(worker, clock=reactor)
@@ -373,6 +379,7 @@ class ProxyService(MultiService):
         for key in ("workers", "log_format"):
             if getattr(config, key) != getattr(self.config, key):
                 notes.append(f"{key} changed: takes effect after a restart")
+        self._applyCluster(config, notes)
         if config.log_level != self.config.log_level:
             if self.logLevels is not None:
                 self.logLevels.setLevel(config.log_level)
@@ -382,6 +389,22 @@ class ProxyService(MultiService):
         if config.metrics != self.config.metrics:
             self._setMetrics(config, metrics)
             notes.append("metrics endpoint changed")
+
+    def _applyCluster(self, config: Config, notes: list[str]) -> None:
+        """
+        A new peers list applies at once; the instance number is in every
+        key minted so far, so joining, leaving or renumbering waits for a
+        restart.
+        """
+        old, new = self.config.cluster, config.cluster
+        if old == new:
+            return
+        if old is None or new is None or old.instance != new.instance:
+            notes.append("[cluster] instance changed: takes effect after a restart")
+            return
+        if isinstance(self.cancels.toPeer, PeerCancels):
+            self.cancels.toPeer.peers = new.peers
+        notes.append("[cluster] peers changed")
 
     # -- metrics ------------------------------------------------------------------
 

@@ -139,6 +139,17 @@ def describe_config(config: Config) -> str:
         lines.append("admin      no console")
     if config.metrics is not None:
         lines.append(f"metrics    http://{config.metrics.bind_address}/metrics")
+    if config.cluster is not None:
+        cluster = config.cluster
+        others = [
+            f"{n} at {address}"
+            for n, address in enumerate(cluster.peers, 1)
+            if n != cluster.instance
+        ]
+        lines.append(
+            f"cluster    instance {cluster.instance};"
+            f" cancels passed to {', '.join(others) if others else 'no peers'}"
+        )
     for route in config.routes:
         lines.append("")
         lines.extend(_describe_route(route))

@@ -26,6 +26,7 @@ __all__ = [
     "LISTENER_TLS_MODES",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "MAX_INSTANCE",
     "MAX_WORKERS",
     "MIN_MAX_SCRAM_ITERATIONS",
     "PINNING_MODES",
@@ -34,6 +35,7 @@ __all__ = [
     "TLS_VERSIONS",
     "AdminConfig",
     "BackendConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "ListenerConfig",
@@ -56,6 +58,9 @@ LOG_FORMATS = ("text", "json")
 #: carries the worker's number, at the cost of log2(workers) of a protocol
 #: 3.0 key's 32 random bits, so at most 6 (see L{pgtls_twisted.proxy._cancel}).
 MAX_WORKERS = 64
+#: The largest C{[cluster] instance}: the instance is the first byte of
+#: every minted cancel key (see L{pgtls_twisted.proxy._cancel}).
+MAX_INSTANCE = 255
 LISTENER_TLS_MODES = ("require", "allow")
 BACKEND_TLS_MODES = ("disable", "prefer", "require", "verify-ca", "verify-full")
 #: PostgreSQL's default is 4096 (its C{scram_iterations}, 16+); 100,000
@@ -317,6 +322,31 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """
+    C{[cluster]}: this process is one of several instances behind a load
+    balancer (absent: it is alone).
+
+    @ivar instance: this instance's number, 1 to L{MAX_INSTANCE}, unique in
+        the cluster: it is carried in every cancel key this instance mints,
+        so that a CancelRequest the balancer sends to another instance can
+        be passed back here.
+    @ivar peers: every instance's client listener address, in instance
+        order (the Nth entry is instance N's); this instance's own entry is
+        not used, so that every instance can be given the same list.
+    """
+
+    instance: int
+    peers: tuple[str, ...] = ()
+
+    def peer(self, instance: int) -> str | None:
+        """The listener address of C{instance}, if the list has one (and it is not this one)."""
+        if instance == self.instance or not 1 <= instance <= len(self.peers):
+            return None
+        return self.peers[instance - 1]
+
+
+@dataclass(frozen=True)
 class Config:
     """
     A whole, validated configuration.
@@ -338,6 +368,7 @@ class Config:
     shutdown_timeout: float = 30.0
     admin: AdminConfig | None = None
     metrics: MetricsConfig | None = None
+    cluster: ClusterConfig | None = None
     path: Path | None = None
 
     def route(self, name: str) -> RouteConfig | None:

@@ -3,7 +3,7 @@ The schema: which keys each table of the configuration file may hold, how
 each value is checked, and the rules between keys, all as data.
 
 The schema is table-driven (L{_TOP_LEVEL}, L{_ROUTE}, L{_LISTENER},
-L{_BACKEND}, L{_POOL}, L{_ADMIN}, L{_METRICS}): adding a key is adding a
+L{_BACKEND}, L{_POOL}, L{_ADMIN}, L{_METRICS}, L{_CLUSTER}): adding a key is adding a
 dataclass field of the same name, with its default, to
 L{pgtls_twisted.config._model}, plus a table entry naming its parser.  The
 default is written only in the field; L{_defaults_from} copies it into the
@@ -36,6 +36,7 @@ from pgtls_twisted.config._model import (
     TLS_VERSIONS,
     AdminConfig,
     BackendConfig,
+    ClusterConfig,
     Config,
     ListenerConfig,
     MetricsConfig,
@@ -48,10 +49,12 @@ from pgtls_twisted.config._values import (
     _boolean,
     _choice,
     _connect_address,
+    _connect_addresses,
     _duration,
     _duration_or_zero,
     _existing_file,
     _first_line,
+    _instance,
     _Invalid,
     _log_level,
     _names,
@@ -247,6 +250,14 @@ _METRICS: dict[str, _Key] = _defaults_from(
     },
 )
 
+_CLUSTER: dict[str, _Key] = _defaults_from(
+    ClusterConfig,
+    {
+        "instance": _Key(_instance, _REQUIRED),
+        "peers": _Key(_connect_addresses),
+    },
+)
+
 _HINTS: dict[tuple[str, str], str] = {
     ("backend", "tls_enabled"): (
         'the Rust pgtls\'s tls_enabled is replaced by tls = "disable", "prefer", "require",'
@@ -402,6 +413,23 @@ def _build_metrics(values: dict[str, Any]) -> MetricsConfig:
     return MetricsConfig(host=host, port=port, **values)
 
 
+def _check_cluster(values: dict[str, Any], where: str, report: _Report) -> None:
+    """The peers list is in instance order: this instance must be in it, if it is given."""
+    instance, peers = values["instance"], values["peers"]
+    if _BAD in (instance, peers) or not peers:
+        return
+    if instance > len(peers):
+        report.add(
+            f"{where}peers",
+            f"lists {len(peers)} instance(s), but this is instance {instance}: the list gives"
+            " every instance's address in instance order (the Nth entry is instance N's)",
+        )
+
+
+def _build_cluster(values: dict[str, Any]) -> ClusterConfig:
+    return ClusterConfig(**values)
+
+
 # ---------------------------------------------------------------------------
 # Sections
 # ---------------------------------------------------------------------------
@@ -445,6 +473,7 @@ table name (C{[proxy.listener]}) and the L{RouteConfig} field it fills.
 _TOP_SECTIONS: dict[str, _Section] = {
     "admin": _Section(_ADMIN, _build_admin, _check_admin, required=False),
     "metrics": _Section(_METRICS, _build_metrics, required=False),
+    "cluster": _Section(_CLUSTER, _build_cluster, _check_cluster, required=False),
 }
 """
 Top-level tables other than C{[[proxy]]}; the key is both the table name

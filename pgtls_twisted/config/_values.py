@@ -27,6 +27,7 @@ from typing import Any
 
 from pgtls_twisted.config._model import (
     LOG_LEVELS,
+    MAX_INSTANCE,
     MAX_WORKERS,
     MIN_MAX_SCRAM_ITERATIONS,
     ScramVerifier,
@@ -288,6 +289,22 @@ def _connect_address(value: object, base_dir: Path) -> str:
     if parse_address(text)[1] == 0:
         raise _Invalid(f"invalid address {_show(text)}: port 0 cannot be connected to")
     return text
+
+
+def _instance(value: object, base_dir: Path) -> int:
+    """A cluster instance number: 1 to L{MAX_INSTANCE} (0 would mean "no cluster")."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected an instance number, got {_show(value)}")
+    if not 1 <= value <= MAX_INSTANCE:
+        raise _Invalid(f"must be between 1 and {MAX_INSTANCE}, got {value}")
+    return value
+
+
+def _connect_addresses(value: object, base_dir: Path) -> tuple[str, ...]:
+    """A list of addresses to connect to (C{["10.0.0.1:6432", "pgtls-2:6432"]})."""
+    if not isinstance(value, list):
+        raise _Invalid(f'expected a list such as ["10.0.0.1:6432"], got {_show(value)}')
+    return tuple(_connect_address(item, base_dir) for item in value)
 
 
 def _server_name(value: object, base_dir: Path) -> str:

@@ -28,6 +28,19 @@ a request is passed on at most once, so a forged key cannot make workers
 bounce it between them. That costs log2(N) bits of a 3.0 key's 32
 (L{key_entropy}): nothing with one process, 1 bit with two, 6 with 64.
 
+Behind a load balancer, the new connection a CancelRequest comes on may
+reach another pgtls instance altogether. With C{[cluster] instance = I},
+the first byte of every minted key is I (1 to 255) and the worker number
+moves to the next three bytes (L{instance_of}, L{worker_of}); a request
+whose key names another instance is passed to that instance's listener
+(C{[cluster] peers}, L{pgtls_twisted.proxy._peers}) as an ordinary
+CancelRequest, which that instance applies as it would its own. The
+receiver never passes such a request on again: a key it receives from a
+peer names the receiver itself, unless the peers are misconfigured, and
+L{pgtls_twisted.proxy._peers} also refuses to forward one request twice
+in a short while. A cluster costs 8 more bits of a 3.0 key (24 random
+bits with one worker).
+
 Keys are secrets: they are compared in constant time and never logged.
 """
 
@@ -42,6 +55,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from pgtls_twisted.config import MAX_INSTANCE
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy._leg import discard
 
@@ -68,24 +82,42 @@ _HEAD_SPAN = 1 << (8 * HEAD_LENGTH)
 MAX_MINTED_PID = 0x7FFFFFFF
 
 
-def worker_of(key: bytes, workers: int) -> int | None:
+def _workerSpan(clustered: bool) -> int:
+    """How many head numbers carry the worker: all four bytes, or the last three."""
+    return _HEAD_SPAN >> 8 if clustered else _HEAD_SPAN
+
+
+def worker_of(key: bytes, workers: int, clustered: bool = False) -> int | None:
     """
     The worker, of C{workers}, that minted C{key}; C{None} for a key too
     short to be one pgtls minted (protocol 3.2 lets a client send 1 to 3
     bytes).
+
+    @param clustered: keys carry an instance number (C{[cluster]}).
     """
     if len(key) < HEAD_LENGTH:
         return None
-    return int.from_bytes(key[:HEAD_LENGTH], "big") % workers
+    return int.from_bytes(key[:HEAD_LENGTH], "big") % _workerSpan(clustered) % workers
 
 
-def key_entropy(workers: int, keyLength: int = HEAD_LENGTH) -> float:
+def instance_of(key: bytes) -> int | None:
+    """
+    The C{[cluster] instance} that minted C{key} (its first byte); C{None}
+    for a key too short to be one pgtls minted.
+    """
+    if len(key) < HEAD_LENGTH:
+        return None
+    return key[0]
+
+
+def key_entropy(workers: int, keyLength: int = HEAD_LENGTH, clustered: bool = False) -> float:
     """
     The random bits in a minted key of C{keyLength} bytes with C{workers}
-    workers: the head is uniform over the numbers below 2**32 that are the
-    worker's number modulo C{workers}.
+    workers: the head is uniform over the numbers below 2**32 (2**24 in a
+    cluster, whose instance takes the first byte) that are the worker's
+    number modulo C{workers}.
     """
-    return math.log2(_HEAD_SPAN // workers) + 8 * (keyLength - HEAD_LENGTH)
+    return math.log2(_workerSpan(clustered) // workers) + 8 * (keyLength - HEAD_LENGTH)
 
 
 class CancelRegistry:
@@ -98,6 +130,12 @@ class CancelRegistry:
         change it).
     @ivar relay: passes a request to another worker: called with the
         worker number and the request; C{None} without workers.
+    @ivar instance: this instance's C{[cluster] instance}, carried in
+        every key; 0 outside a cluster (set before any session, by
+        L{pgtls_twisted.app._service}; a reload cannot change it).
+    @ivar toPeer: passes a request to another instance: called with the
+        instance number, the request, the connection id, the route it came
+        on and the client's address; C{None} outside a cluster.
     """
 
     _log = Logger()
@@ -107,7 +145,11 @@ class CancelRegistry:
         self._entries: dict[int, list[tuple[bytes, CancelTarget]]] = {}
         self.worker = worker
         self.workers = 1
+        self.instance = 0
         self.relay: Callable[[int, wire.CancelRequest, SessionHost | None], None] | None = None
+        self.toPeer: (
+            Callable[[int, wire.CancelRequest, int, SessionHost | None, Any], None] | None
+        ) = None
 
     def __len__(self) -> int:
         return sum(len(entries) for entries in self._entries.values())
@@ -124,6 +166,8 @@ class CancelRegistry:
         """
         if not 0 <= self.worker < self.workers:
             raise ValueError(f"worker {self.worker} of {self.workers}")
+        if not 0 <= self.instance <= MAX_INSTANCE:
+            raise ValueError(f"instance {self.instance}")
         keyLength = max(HEAD_LENGTH, min(keyLength, wire.MAX_CANCEL_KEY_LENGTH))
         if pid is None:
             pid = secrets.randbelow(MAX_MINTED_PID) + 1
@@ -138,8 +182,10 @@ class CancelRegistry:
         return pid, key
 
     def _secret(self, length: int) -> bytes:
-        workers = self.workers
-        head = secrets.randbelow(_HEAD_SPAN // workers) * workers + self.worker
+        workers, instance = self.workers, self.instance
+        span = _workerSpan(instance != 0)
+        head = secrets.randbelow(span // workers) * workers + self.worker
+        head += instance * span
         return head.to_bytes(HEAD_LENGTH, "big") + secrets.token_bytes(length - HEAD_LENGTH)
 
     def forget(self, pid: int, target: CancelTarget) -> None:
@@ -169,6 +215,7 @@ class CancelRegistry:
         conn: int,
         via: SessionHost | None,
         relayed: bool = False,
+        client: Any = None,
     ) -> None:
         """
         Forward C{request} to the backend of the session it names, if any.
@@ -177,12 +224,24 @@ class CancelRegistry:
         @param via: the route it came on (for metrics), if any.
         @param relayed: it was passed on by another worker (and must not
             be passed on again).
+        @param client: the client's address (from a PROXY header, if
+            any), which a request passed to another instance carries.
         """
         target = self.lookup(request)
         where = target.cancelTarget() if target is not None else None
         metrics = via.metrics if via is not None else None
         if where is None:
-            owner = worker_of(request.key, self.workers)
+            clustered = self.instance != 0
+            home = instance_of(request.key) if clustered else None
+            if home is not None and home != self.instance:
+                # Another instance's key (or a forged one): that instance
+                # will look it up, or drop it as unknown.
+                if not relayed and self.toPeer is not None:
+                    self.toPeer(home, request, conn, via, client)
+                    return
+                owner = None
+            else:
+                owner = worker_of(request.key, self.workers, clustered)
             if (
                 not relayed
                 and owner is not None

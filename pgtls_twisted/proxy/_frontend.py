@@ -497,7 +497,7 @@ class ClientProtocol(Leg):
             )
         elif isinstance(packet, wire.CancelRequest):
             self.stats.reason = "cancel request"
-            self.route.cancels.cancel(packet, self.connId, self.route)
+            self.route.cancels.cancel(packet, self.connId, self.route, client=self.peerAddress)
             self.close()
         else:
             self._startupMessage(packet, rest)
