@@ -33,7 +33,7 @@ from support.processes import ProxyProcess, daemon, pid_alive, ran_until_signal,
 from support.proxy import route
 from support.waiting import eventually
 
-from pgtls_twisted.testing.cluster import APP_DB, SCRAM_USER
+from pgtls_twisted.testing.cluster import APP_DB, SCRAM_USER, TRUST_USER
 
 ADMIN_SHUTDOWN = "terminating connection due to administrator command"
 
@@ -216,10 +216,12 @@ def test_sigterm_lets_a_transaction_mode_client_finish_its_transaction(
     assert "shutdown deadline" not in proc.log()
 
 
-def test_a_connection_that_had_not_started_gets_57P03(pki, pg_tls, tmp_path, processes):
+def test_a_connection_that_had_not_started_is_served(pki, pg_tls, tmp_path, processes):
     """
     A client accepted before SIGTERM but still in its startup (TLS done, no
-    StartupMessage yet) is refused with 57P03 when it sends it.
+    StartupMessage yet) is served when it sends it, as the sessions open
+    at SIGTERM are: a balancer that handed it a client can no longer send
+    that client elsewhere. (It was refused with 57P03 before issue 15.)
     """
     port = free_port()
     proc = start(processes, tmp_path, [on_port(route(pki, pg_tls), port)], shutdown_timeout="20s")
@@ -230,13 +232,12 @@ def test_a_connection_that_had_not_started_gets_57P03(pki, pg_tls, tmp_path, pro
     sent = proc.signal(signal.SIGTERM)
     draining(proc, "20s")
     refused_within(port, sent, 1.0)
-    sock.sendall(rawclient.startup_message(SCRAM_USER, "postgres"))
-    fields = rawclient.read_fatal(sock)
+    rawclient.startup_cleartext(sock, TRUST_USER, "")
+    assert rawclient.simple_query(sock, "SELECT 7") == [("7",)]
     sock.close()
-    assert fields["C"] == "57P03", fields
-    assert fields["M"] == "pgtls: the proxy is shutting down"
     code = proc.wait_exit(5)
     assert ran_until_signal(code), proc.log()
+    assert "shutdown deadline" not in proc.log()
 
 
 @pytest.mark.parametrize(

@@ -343,10 +343,42 @@ def test_a_released_servers_late_bytes_never_reach_the_client(scene: Scene) -> N
 # Shutting down
 
 
+#: A draining client's last query: forwarded, answered, the server given
+#: back, and the client let go with 57P01.
+_QUERY_THEN_LET_GO = [
+    ("pooled", "Q"),
+    ("client", "C"),
+    ("client", "Z:I"),
+    ("pool", "release"),
+    ("client", "E:57P01"),
+    ("client", "close"),
+]
+
+
 def test_drain_between_transactions_closes_at_once(scene: Scene) -> None:
     client = login(scene)
+    _, backend = attach(scene, client)
+    backend.send(wire.command_complete("SELECT 1") + wire.ready_for_query(b"I"))
+    scene.events.clear()
     client.proto.drain()
     assert scene.events == [("client", "E:57P01"), ("client", "close")]
+
+
+def test_drain_before_the_first_transaction_lets_it_run(scene: Scene) -> None:
+    """
+    A client that has logged in and had no transaction yet (its first
+    query may be on its way) gets one: a client connecting for one
+    transaction behind a balancer loses nothing to a rolling deploy.
+    """
+    client = login(scene)
+    client.proto.drain()
+    assert scene.events == []
+    _, backend = attach(scene, client)
+    backend.send(wire.command_complete("SELECT 1") + wire.ready_for_query(b"I"))
+    assert scene.events == [
+        ("pool", "acquire"),
+        *_QUERY_THEN_LET_GO,
+    ]
 
 
 def test_drain_inside_a_transaction_waits_for_its_end(scene: Scene) -> None:
@@ -357,14 +389,7 @@ def test_drain_inside_a_transaction_waits_for_its_end(scene: Scene) -> None:
     assert scene.events == []
     client.send(query("commit"))
     backend.send(wire.command_complete("COMMIT") + wire.ready_for_query(b"I"))
-    assert scene.events == [
-        ("pooled", "Q"),
-        ("client", "C"),
-        ("client", "Z:I"),
-        ("pool", "release"),
-        ("client", "E:57P01"),
-        ("client", "close"),
-    ]
+    assert scene.events == _QUERY_THEN_LET_GO
 
 
 # ---------------------------------------------------------------------------

@@ -123,4 +123,37 @@ class RouteService(ListeningService):
 
     def stopService(self) -> defer.Deferred[None]:
         self.route.port = None
+        if self.port is not None:
+            accept_queued(self.port)
         return super().stopService()
+
+
+#: More than any accept queue holds (Linux caps a listen backlog at
+#: C{net.core.somaxconn}, 4096 by default).
+_ACCEPT_ALL = 65536
+
+
+def accept_queued(port: Any) -> None:
+    """
+    Accept every connection the kernel has completed on C{port} (a
+    listening Twisted TCP port about to stop listening), then shut its
+    socket down so that it completes no more.
+
+    Twisted closes a port on the reactor's next turn, and Linux resets the
+    connections still in the accept queue of a listening socket it closes:
+    connections whose connect had succeeded, which a load balancer has
+    already handed a client (and so cannot retry elsewhere). A connect
+    after the shutdown is refused, which a balancer retries on another
+    instance (HAProxy's C{retries} with C{option redispatch}). What this
+    accepts is served as the sessions open when the drain began.
+    """
+    if not getattr(port, "connected", False) or getattr(port, "disconnecting", False):
+        return
+    # doRead accepts up to numberAccepts (Twisted adapts it to the traffic:
+    # as few as one), and stops early when the queue is empty.
+    port.numberAccepts = max(port.numberAccepts, _ACCEPT_ALL)
+    port.doRead()
+    try:
+        port.socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected (never was, or already shut): nothing queued either

@@ -121,8 +121,17 @@ class PooledSession(PooledLogin):
         self._heldBytes = 0
         #: The proxy is shutting down: in transaction mode the client goes
         #: at its next transaction boundary. Not a phase: a draining session
-        #: may be in any of them, and goes on through them until then.
-        self._draining = False
+        #: may be in any of them, and goes on through them until then. A
+        #: session that starts during the drain (its connection was
+        #: accepted before it) is draining from the start.
+        self._draining = bool(route.process is not None and route.process.draining)
+        #: Transaction mode: the client has had a transaction since it
+        #: logged in. A drain lets an idle client go at once only if so:
+        #: one that has not (it logged in during the drain, or its first
+        #: query is on its way) gets its first transaction, so that a
+        #: client which connects for one transaction behind a balancer
+        #: loses nothing to a rolling deploy.
+        self._served = False
         #: Since when the client has waited for a server, while WAITING
         #: (the admin console shows it; the pool wait is timed from it).
         self.waitingSince: float | None = None
@@ -159,8 +168,6 @@ class PooledSession(PooledLogin):
         early = self._clientReader.drain()
         if early:
             self._fromClient(early)
-        elif self._draining and self.transactionMode:
-            self._closeForShutdown()
 
     def cancelTarget(self) -> CancelTargetInfo | None:
         attachment = self.attachment
@@ -462,6 +469,7 @@ class PooledSession(PooledLogin):
             if not attachment.saidFatal:
                 server.spare = attachment
             self.pool.release(server)
+            self._served = True
             if self._draining:
                 self._closeForShutdown()
 
@@ -484,11 +492,12 @@ class PooledSession(PooledLogin):
     def drain(self) -> None:
         """
         The proxy is shutting down: in transaction mode the client is let
-        go at the end of its current transaction (now, if it has none);
-        in session mode its session runs on until the deadline.
+        go at the end of its current transaction (now, if it is between
+        two; at the end of its first if it has had none yet); in session
+        mode its session runs on until the deadline.
         """
         self._draining = True
-        if self.transactionMode and self.phase is SessionPhase.IDLE:
+        if self.transactionMode and self.phase is SessionPhase.IDLE and self._served:
             # Between transactions: no server held, none waited for.
             self._closeForShutdown()
 

@@ -148,8 +148,11 @@ class Route:
         Whether a client that has sent its StartupMessage may go on: the
         SQLSTATE, message and metrics reason of a refusal, or C{None}.
         """
-        if self.process is not None and self.process.draining:
-            return ("57P03", "pgtls: the proxy is shutting down", "shutdown")
+        # No refusal for a drain: the listener closed when it began, so
+        # this connection was accepted before; refusing it now would drop
+        # a client that a balancer can no longer send elsewhere. It is
+        # served as the sessions open at that moment are (until it ends,
+        # or the deadline; in transaction mode, its first transaction).
         limit = self.config.listener.max_clients
         # Connections still waiting for a login slot are not clients yet
         # (they are bounded by the gate): a flood of them from one address
