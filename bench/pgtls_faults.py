@@ -997,10 +997,12 @@ def analyse(tl: Timeline, fault: float, end: float) -> dict[str, Any]:
         gaps, backs = [], []
         for c in persistent:
             oks = [e[0] for e in mine if e[1] == c and e[2] == "ok"]
-            before = [t for t in oks if t <= fault]
-            after = [t for t in oks if t > fault]
-            if before and after:
-                gaps.append(after[0] - before[-1])
+            # The longest wait between two commits, from the last one
+            # before the fault on (a commit can land just after the fault
+            # started: its bytes were through).
+            spans = [y - x for x, y in zip(oks, oks[1:], strict=False) if y > fault]
+            if spans:
+                gaps.append(max(spans))
             later = [t for t in oks if t >= end]
             backs.append(later[0] - end if later else None)
         r["outage_s"] = round(max(gaps), 2) if gaps else None
