@@ -22,7 +22,7 @@ SSLYZE := $(ROOT)/.venv-sslyze/bin/sslyze
 NODE_DRIVERS := tests/drivers/node
 NODE_STAMP := $(NODE_DRIVERS)/node_modules/.installed
 
-.PHONY: venv install test lint demo clean
+.PHONY: venv install test lint demo faults clean
 
 venv: $(BIN)/python
 
@@ -67,6 +67,12 @@ lint: $(DEPS_STAMP)
 
 demo: install
 	$(BIN)/python -m pgtls_twisted.testing.demo
+
+# pgtls under network and process faults (issue 15): network namespaces, a
+# partition, PostgreSQL and a worker killed; needs root, about 5 minutes, and
+# writes bench/FAULTS.md. Not part of `make test`.
+faults: install
+	bench/faults
 
 clean:
 	rm -rf $(VENV) .venv-sslyze build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -49,11 +50,11 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger, eventAsJSON, eventFromJSON, globalLogPublisher
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.reflect import qual
 
-from pgtls_twisted.app._listening import listen_reuseport
 from pgtls_twisted.app._reactor import install, isShortDispatch
 from pgtls_twisted.app._service import ProxyService
 from pgtls_twisted.app._signals import Signals, proxy_signals
@@ -80,9 +81,9 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
     """
     What the workers would find wrong with C{config}, found once, here:
     every route's TLS files are loaded (and, with C{bind}, every listening
-    address is bound and released), so a broken file is reported once and
-    not by each worker, and C{twist} exits non-zero instead of restarting
-    workers that cannot start.
+    address is bound and released, see L{check_bindable}), so a broken file
+    is reported once and not by each worker, and C{twist} exits non-zero
+    instead of restarting workers that cannot start.
 
     @raise ConfigError: naming every problem.
     """
@@ -96,14 +97,32 @@ def check_config(config: Config, reactor: Any, bind: bool = False) -> Config:
         if bind:
             listener = routeConfig.listener
             try:
-                port = listen_reuseport(reactor, listener.host, listener.port, protocol.Factory())
-            except Exception as e:
+                check_bindable(listener.host, listener.port)
+            except CannotListenError as e:
                 problems.append(f'{config.path}: route "{routeConfig.name}": {e}')
-            else:
-                port.stopListening()
     if problems:
         raise ConfigError(problems)
     return config
+
+
+def check_bindable(host: str, port: int) -> None:
+    """
+    Bind C{host:port} as a worker will (C{SO_REUSEPORT}) and close it,
+    without listening. A socket that listened, even for a moment, would join
+    the port's C{SO_REUSEPORT} group: the kernel would hand it connections,
+    those of the pgtls already serving the port in a deploy on the same
+    ports among them, and they would be reset when it closed.
+
+    @raise CannotListenError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+        except OSError as e:
+            raise CannotListenError(host, port, e) from None
 
 
 # -- the worker side ----------------------------------------------------------------
