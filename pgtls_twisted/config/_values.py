@@ -372,10 +372,21 @@ def _log_level(value: object, base_dir: Path) -> str:
     return _log_level_choice(value, base_dir)
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def _workers(value: object, base_dir: Path) -> int:
-    """A process count, or C{"auto"} for one per CPU."""
+    """
+    A process count, or C{"auto"} for one per CPU this process may run on
+    (its affinity mask, which a container's cpuset narrows; the machine's
+    count where there is none).
+    """
     if value == "auto":
-        return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+        return max(1, min(MAX_WORKERS, _usable_cpus()))
     if isinstance(value, bool) or not isinstance(value, int):
         raise _Invalid(f'expected a number of processes or "auto", got {_show(value)}')
     if not 1 <= value <= MAX_WORKERS:
