@@ -88,13 +88,23 @@ async def _readMessage(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 
 async def _openSession(
-    args: argparse.Namespace, ctx: ssl.SSLContext
+    args: argparse.Namespace, ctx: ssl.SSLContext, times: dict[str, float] | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """
+    One session to ReadyForQuery. C{times}, if given, gets the
+    C{time.perf_counter()} at C{start}, C{connected} (TCP), C{tls_start}
+    (the SSLRequest answered), C{tls_done} and C{ready}.
+    """
+    times = {} if times is None else times
+    times["start"] = time.perf_counter()
     reader, writer = await asyncio.open_connection(args.host, args.port)
+    times["connected"] = time.perf_counter()
     writer.write(wire.SSL_REQUEST)
     if await reader.readexactly(1) != b"S":
         raise LoginError("server refused TLS")
+    times["tls_start"] = time.perf_counter()
     await writer.start_tls(ctx, server_hostname=args.server_name)
+    times["tls_done"] = time.perf_counter()
     writer.write(_startup(args.user, args.database))
     auth = _Auth(args.user, args.password)
     while True:
@@ -103,6 +113,7 @@ async def _openSession(
         if reply is not None:
             writer.write(reply)
         if mtype == b"Z":
+            times["ready"] = time.perf_counter()
             return reader, writer
 
 
