@@ -12,8 +12,6 @@ relayed to the one that owns the session: every query is cancelled.
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ from support.admin import http_get
 from support.balancer import HAProxy, make_instance
 from support.dsn import app_dsn
 from support.proxy import route
-from support.supervised import Scrape, run_in_threads
+from support.supervised import Scrape, cancel_all
 from support.waiting import eventually
 
 from pgtls_twisted.testing.pki import PKI
@@ -64,35 +62,7 @@ def test_cancels_reach_the_worker_of_another_instance(
         balancer.wait_status("two", "UP")
         balancer.command("set server pgtls/one state maint")
 
-        def sleep(conn: psycopg.Connection) -> str:
-            try:
-                conn.execute("SELECT pg_sleep(30)")
-            except psycopg.errors.QueryCanceled as e:
-                return str(e)
-            return "not cancelled"
-
-        results: list[Any] = []
-        runner = threading.Thread(
-            target=lambda: results.extend(run_in_threads(sleep, sessions, timeout=25)),
-            daemon=True,
-        )
-        runner.start()
-        eventually(
-            lambda: all(
-                conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
-                for conn in sessions
-            ),
-            10,
-            "every query to be sent",
-        )
-        time.sleep(0.5)  # at the server
-        started = time.monotonic()
-        for conn in sessions:
-            conn.cancel()
-        runner.join(25)
-        assert not runner.is_alive()
-        assert all(isinstance(r, str) and CANCELED in r for r in results), results
-        assert time.monotonic() - started < 10
+        cancel_all(sessions)
 
         def outcomes(instance: Any) -> dict[str, float]:
             found = scrape(instance).find("pgtls_cancel_requests_total")
@@ -109,9 +79,6 @@ def test_cancels_reach_the_worker_of_another_instance(
         assert set(outcomes(one)) <= {"forwarded", "relayed"}, outcomes(one)
         assert one.process.log().count("cancel request forwarded to route=") == SESSIONS
 
-        # The sessions go on.
-        for conn in sessions:
-            assert conn.execute("SELECT 42").fetchone() == (42,)
     finally:
         for conn in sessions:
             conn.close()

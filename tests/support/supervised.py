@@ -353,7 +353,15 @@ def cancel_all(sessions: list[psycopg.Connection]) -> None:
         target=lambda: results.extend(run_in_threads(sleep, sessions, timeout=20)), daemon=True
     )
     runner.start()
-    time.sleep(0.5)
+    eventually(
+        lambda: all(
+            conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE
+            for conn in sessions
+        ),
+        10,
+        "every query to be sent",
+    )
+    time.sleep(0.5)  # and to reach the server
     started = time.monotonic()
     for conn in sessions:
         conn.cancel()
