@@ -396,15 +396,16 @@ class ProxyService(MultiService):
         key minted so far, so joining, leaving or renumbering waits for a
         restart.
         """
-        old, new = self.config.cluster, config.cluster
-        if old == new:
-            return
-        if old is None or new is None or old.instance != new.instance:
+        new = config.cluster
+        # Against what runs, not the last file read: a reload that only
+        # noted an instance change did not apply it.
+        if (new.instance if new is not None else 0) != self.cancels.instance:
             notes.append("[cluster] instance changed: takes effect after a restart")
             return
-        if isinstance(self.cancels.toPeer, PeerCancels):
-            self.cancels.toPeer.peers = new.peers
-        notes.append("[cluster] peers changed")
+        peers = self.cancels.toPeer
+        if new is not None and isinstance(peers, PeerCancels) and peers.peers != new.peers:
+            peers.peers = new.peers
+            notes.append("[cluster] peers changed")
 
     # -- metrics ------------------------------------------------------------------
 
