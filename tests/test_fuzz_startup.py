@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 from support.fakes import connect_client, make_route, sessions
 from support.fuzz import CUTS, FUZZ, peak_allocation, read_messages, split_at
-from support.logcapture import captured
+from support.logcapture import captured, logged_errors
 
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.protocol._wire import ProtocolViolation
@@ -87,16 +86,6 @@ _PACKETS = st.one_of(
 _STREAMS = st.lists(_PACKETS, max_size=4).map(b"".join)
 
 
-def _errors(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        e
-        for e in events
-        if e.get("isError")
-        or "log_failure" in e
-        or str(e.get("log_level")) in ("error", "critical")
-    ]
-
-
 def _answers(stream: bytes, written: bytes) -> None:
     """
     What the leg wrote before TLS, if any: C{N}s, then C{S} or one
@@ -130,7 +119,7 @@ def test_the_client_leg_reads_any_first_bytes(route: Route, stream: bytes, cuts:
             proto.dataReceived(chunk)
             # Held: never more than an incomplete packet may be.
             assert len(proto._buf) < wire.MAX_STARTUP_PACKET_LENGTH
-    assert _errors(events) == []
+    assert logged_errors(events) == []
     _answers(stream, transport.value())
     for _, startup in sessions(route)[started:]:
         assert startup.user and startup.encode().startswith(

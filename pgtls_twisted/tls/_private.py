@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_tls_private -*-
+# -*- test-case-name: tests.test_tls_private,tests.test_fuzz_proxyheader -*-
 """
 Every name pgtls uses that Twisted or pyOpenSSL does not promise to keep,
 in one place, with the check that they are all still there.
@@ -617,6 +617,9 @@ else:  # pragma: no cover - not Linux
 #: The PROXY protocol's two signatures (the protocol's own constants).
 PROXY_V1_SIGNATURE = b"PROXY "
 PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+#: A v2 header's fixed part (signature, version and command, family,
+#: length): Twisted's C{V2Parser} refuses a first feed shorter than this.
+PROXY_V2_FIXED = 16
 #: What an invalid header raises, from Twisted's parsers.
 InvalidProxyHeader: type[Exception] = getattr(_haproxyErrors, "InvalidProxyHeader", ValueError)
 
@@ -625,15 +628,17 @@ def proxyHeaderParser(head: bytes) -> Any:
     """
     A parser (with C{feed(data) -> (info, rest) | (None, None)}) for a
     PROXY header beginning with C{head}: Twisted's V1 or V2 one. C{None}
-    while C{head} could still be either; C{False} when it is neither.
-    Valid only where L{verdict} says L{PROXY_HEADER} is usable.
+    while C{head} could still be either, or is a v2 header's fixed part
+    not yet whole (the first feed must hold all of it: a header whose
+    first 12 to 15 bytes came alone was refused); C{False} when it is
+    neither. Valid only where L{verdict} says L{PROXY_HEADER} is usable.
     """
-    for signature, module, name in (
-        (PROXY_V2_SIGNATURE, _v2parser, "V2Parser"),
-        (PROXY_V1_SIGNATURE, _v1parser, "V1Parser"),
+    for signature, needed, module, name in (
+        (PROXY_V2_SIGNATURE, PROXY_V2_FIXED, _v2parser, "V2Parser"),
+        (PROXY_V1_SIGNATURE, len(PROXY_V1_SIGNATURE), _v1parser, "V1Parser"),
     ):
         if head[: len(signature)] == signature[: len(head)]:
-            if len(head) < len(signature):
+            if len(head) < needed:
                 return None
             return getattr(module, name)()
     return False

@@ -46,3 +46,19 @@ def json_events() -> Iterator[list[dict[str, Any]]]:
         yield records
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+def logged_errors(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """
+    The events of C{events} logged as errors (a failure, C{log.err}, level
+    error or critical): what a fuzz test asserts is empty after each
+    example, so that Hypothesis shrinks to the input that caused one
+    (conftest's C{no_logged_errors} only fails the test as a whole).
+    """
+    return [
+        e
+        for e in events
+        if e.get("isError")
+        or "log_failure" in e
+        or str(e.get("log_level")) in ("error", "critical")
+    ]
