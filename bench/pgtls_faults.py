@@ -1586,6 +1586,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if os.geteuid() != 0:
         raise SystemExit("bench/faults needs root: network namespaces, veth pairs and nftables")
+    if shutil.which("nft") is None:
+        # As bench/run does for PgBouncer: the one tool Debian lacks by default.
+        print("nft not found: apt-get install -y nftables", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "nftables"], check=True)
     for tool in ("ip", "nft", "pgbench"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (nft: apt-get install nftables)")
