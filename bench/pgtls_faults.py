@@ -430,7 +430,12 @@ class Faults:
         )
 
     def config(
-        self, workers: int, ports: dict[str, int], metrics: int, defaults: bool = False
+        self,
+        workers: int,
+        ports: dict[str, int],
+        metrics: int,
+        defaults: bool = False,
+        backendKeys: str = "",
     ) -> str:
         pki = self.pki
         text = f"""workers = {workers}
@@ -465,7 +470,7 @@ address = "{PG_ADDR}:{backend}"
 tls = "verify-full"
 root_ca = "{pki.cert("ca")}"
 server_name = "localhost"
-{connect}[proxy.pool]
+{connect}{backendKeys}[proxy.pool]
 mode = "{mode}"
 service_user = "{POOL_USER}"
 service_password_file = "{self.base / "pool.pw"}"
@@ -474,10 +479,16 @@ max_size = {size}
         return text
 
     def start_pgtls(
-        self, name: str, workers: int, ports: dict[str, int], metrics: int, defaults: bool = False
+        self,
+        name: str,
+        workers: int,
+        ports: dict[str, int],
+        metrics: int,
+        defaults: bool = False,
+        backendKeys: str = "",
     ) -> Pgtls:
         path = self.base / f"pgtls-{name}.toml"
-        path.write_text(self.config(workers, ports, metrics, defaults))
+        path.write_text(self.config(workers, ports, metrics, defaults, backendKeys))
         inst = Pgtls(name, workers, ports, metrics, path, self.base / f"pgtls-{name}.log")
         inst.proc = subprocess.Popen(
             ["ip", "netns", "exec", NS_PX, str(VENV_BIN / "twist"), "--log-format", "text",
@@ -1152,6 +1163,30 @@ def partition_defaults(f: Faults) -> dict[str, Any]:
         f.stop_pgtls("C")
 
 
+#: What scenario 2c sets, the pool's timeouts left at their defaults.
+USER_TIMEOUT = '"5s"'
+
+
+def partition_user_timeout(f: Faults) -> dict[str, Any]:
+    """
+    The same partition, through a pgtls with the default pool timeouts but
+    C{backend.tcp_user_timeout}: the kernel drops a server connection whose
+    data stays unacknowledged that long.
+    """
+    inst = f.start_pgtls(
+        "D",
+        1,
+        {"tx": 8442, "session": 8443},
+        9190,
+        defaults=True,
+        backendKeys=f"tcp_user_timeout = {USER_TIMEOUT}\nkeepalives_idle = {USER_TIMEOUT}\n",
+    )
+    try:
+        return partition(f, inst, "partition-user-timeout")
+    finally:
+        f.stop_pgtls("D")
+
+
 def kill_postgres(f: Faults) -> dict[str, Any]:
     assert f.cluster is not None
     cluster = f.cluster
@@ -1355,6 +1390,9 @@ def report(f: Faults, info: dict[str, str], minutes: float) -> str:
         "partition": f"2. Partition of {f.args.partition:g} s during transactions",
         "partition-defaults": "2b. The same partition through a pgtls with the default timeouts "
         "(no query_timeout, acquire_timeout 30 s, connect_timeout 10 s)",
+        "partition-user-timeout": "2c. The same partition through a pgtls with the default "
+        f"pool timeouts and backend.tcp_user_timeout = {USER_TIMEOUT}, keepalives_idle = "
+        f"{USER_TIMEOUT}",
         "kill-postgres": "3. PostgreSQL killed with SIGKILL and restarted",
         "kill-worker": "4. One worker of a `workers = 2` pgtls killed with SIGKILL",
     }
@@ -1472,10 +1510,10 @@ FINDINGS: list[str] = [
     "transaction-pool connection is held for the whole transaction, so a pool carries at most "
     "`max_size` / (statements x round trip) transactions a second: size pools for the latency "
     "to the server.",
-    "- **A partition (2) is noticed by `pool.query_timeout` alone.** pgtls sets no TCP keepalive "
-    "(nor `TCP_USER_TIMEOUT`) on server connections and runs no check on idle pooled ones, so "
-    "nothing notices an idle pooled connection behind a partition; it simply works again after "
-    "the heal. A request in flight gets the cancel at `query_timeout` (5 s), which cannot reach "
+    "- **A partition (2) is noticed by `pool.query_timeout` alone** with the default backend "
+    "keys: keepalives are on but start after the system's 2 hours of silence, there is no "
+    "`tcp_user_timeout`, and pgtls runs no check on idle pooled connections, so nothing notices "
+    "an idle pooled connection behind a partition; it simply works again after the heal. A request in flight gets the cancel at `query_timeout` (5 s), which cannot reach "
     "the server (`could not forward cancel request ... timeout expired` at `connect_timeout`), "
     "and FATAL 57014 `pgtls: query_timeout` at twice that, with its server connection closed: "
     "the looping clients and pgbench clients whose request the heal did not answer in time lost "
@@ -1490,7 +1528,16 @@ FINDINGS: list[str] = [
     "new server connection (a login, or a pool growing) got 08001 at the 10 s `connect_timeout`. "
     "The other side of it: a server that vanishes for good without a reset (a host that died, a "
     "firewall that drops) keeps such clients waiting until the kernel gives up retransmitting "
-    "(`net.ipv4.tcp_retries2`, about 15 minutes by default), unless `query_timeout` is set.",
+    "(`net.ipv4.tcp_retries2`, about 15 minutes by default), unless `query_timeout` or "
+    "`backend.tcp_user_timeout` is set.",
+    "- **With `backend.tcp_user_timeout` (2c)** the kernel drops a server connection whose data "
+    "stays unacknowledged for that long: each request in flight failed with FATAL 08006 "
+    "`backend closed the connection unexpectedly` about 5 s into the partition, in both modes, "
+    "and clients were served again within about a second of the heal. The other side of it: "
+    "the kernel drops the connection without a FIN the server would ever see, so after the "
+    "heal PostgreSQL still had the abandoned backends, idle, and the check reports them as "
+    "orphans (pgtls itself leaked nothing). They stay until the server's own keepalives end "
+    "them: set PostgreSQL's `tcp_keepalives_idle` (or `tcp_user_timeout`) too.",
     "- **PostgreSQL SIGKILLed (3)** is noticed at once: the kernel closes the backends' sockets. "
     "A client inside a transaction got FATAL 08006 `pgtls pool ...: server connection lost`, or "
     "the server's own 57P01 (`unexpected postmaster exit`) when its backend got to send it "
@@ -1545,7 +1592,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/faults", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--only",
-        help="comma-separated: latency, partition, partition-defaults, kill-postgres, kill-worker",
+        help=(
+            "comma-separated: latency, partition, partition-defaults, partition-user-timeout,"
+            " kill-postgres, kill-worker"
+        ),
     )
     p.add_argument("--duration", type=int, default=10, help="seconds per pgbench run of scenario 1")
     p.add_argument("--partition", type=float, default=12.0, help="seconds the partition lasts")
@@ -1566,6 +1616,7 @@ SCENARIOS = {
     "latency": latency,
     "partition": partition,
     "partition-defaults": partition_defaults,
+    "partition-user-timeout": partition_user_timeout,
     "kill-postgres": kill_postgres,
     "kill-worker": kill_worker,
 }

@@ -76,7 +76,21 @@ def test_describe_defaults(certs: Path) -> None:
     assert "client tls require (plaintext sessions refused); TLS >= 1.2" in text
     assert "tls verify-full (TLS required; certificate chain and host name verified)" in text
     assert "server_name db.internal; TLS >= 1.2; system CAs" in text
-    assert "connect timeout 10s" in text
+    assert (
+        "connect timeout 10s; keepalives after the system's idle;"
+        " unacknowledged data dropped after the system's timeout"
+    ) in text
+
+
+def test_describe_keepalives(certs: Path) -> None:
+    doc = minimal_doc()
+    doc["proxy"][0]["backend"].update(keepalives_idle="1min", tcp_user_timeout="30s")
+    text = describe_config(parse(doc, certs))
+    assert "keepalives after 1m; unacknowledged data dropped after 30s" in text
+    doc["proxy"][0]["backend"].update(keepalives=False)
+    assert "no keepalives; unacknowledged data dropped after 30s" in describe_config(
+        parse(doc, certs)
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -66,7 +66,18 @@ def _describe_route(route: RouteConfig) -> list[str]:
     if be.tls not in ("verify-ca", "verify-full"):
         auth += "; cleartext passwords refused (leg not verified)"
     lines.append(f"             auth {auth}; SCRAM iterations <= {be.max_scram_iterations}")
-    lines.append(f"             connect timeout {format_duration(be.connect_timeout)}")
+    if be.keepalives:
+        idle = format_duration(be.keepalives_idle) if be.keepalives_idle else "the system's idle"
+        alive = f"keepalives after {idle}"
+    else:
+        alive = "no keepalives"
+    unacked = (
+        format_duration(be.tcp_user_timeout) if be.tcp_user_timeout else "the system's timeout"
+    )
+    lines.append(
+        f"             connect timeout {format_duration(be.connect_timeout)};"
+        f" {alive}; unacknowledged data dropped after {unacked}"
+    )
     pool = route.pool
     if pool is None:
         lines.append("  pooling    none (1:1 pass-through)")

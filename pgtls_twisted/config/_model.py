@@ -181,6 +181,14 @@ class BackendConfig:
         allows all of them.
     @ivar max_scram_iterations: the most PBKDF2 iterations a server's SCRAM
         challenge may ask pgtls to compute.
+    @ivar keepalives: TCP keepalives on every server connection (libpq's
+        C{keepalives}, PgBouncer's C{tcp_keepalive}; on by default in both).
+    @ivar keepalives_idle: seconds of silence before the first probe (0:
+        the system's, 2 hours on Linux).
+    @ivar tcp_user_timeout: seconds sent data may stay unacknowledged
+        before the connection is dropped (0: the system's, about 15
+        minutes of retransmissions on Linux); on Linux it also bounds the
+        keepalive probes.
     """
 
     address: str
@@ -195,6 +203,9 @@ class BackendConfig:
     client_key: Path | None = None
     require_auth: str | None = None
     max_scram_iterations: int = DEFAULT_MAX_SCRAM_ITERATIONS
+    keepalives: bool = True
+    keepalives_idle: float = 0.0
+    tcp_user_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.server_name:

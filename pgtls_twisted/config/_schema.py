@@ -197,6 +197,9 @@ _BACKEND: dict[str, _Key] = _defaults_from(
         "client_key": _Key(_secret_file),
         "require_auth": _Key(_require_auth),
         "max_scram_iterations": _Key(_scram_iterations),
+        "keepalives": _Key(_boolean),
+        "keepalives_idle": _Key(_duration_or_zero),
+        "tcp_user_timeout": _Key(_duration_or_zero),
     },
 )
 

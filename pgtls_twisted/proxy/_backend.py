@@ -13,6 +13,7 @@ fit for the client's ErrorResponse.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -83,6 +84,7 @@ class ServerProtocol(Leg):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.connectedAt = self.clock.seconds()
+        keep_alive(self.transport, self.connector.config)
         if self.mode == "disable":
             self._succeed()
             return
@@ -188,6 +190,29 @@ def _openssl_reason(reason: Failure) -> str:
         # pyOpenSSL errors: [(library, function, reason), ...]
         return "; ".join(str(item[-1]) for item in args[0])
     return str(value) or reason.type.__name__
+
+
+def keep_alive(transport: Any, config: BackendConfig) -> None:
+    """
+    Set C{backend.keepalives}, C{keepalives_idle} and C{tcp_user_timeout}
+    on a new server connection's socket (a TCP transport's; in-memory
+    ones in unit tests have none). Options the system lacks are left at
+    its defaults.
+    """
+    if not ITCPTransport.providedBy(transport):
+        return
+    if config.keepalives:
+        transport.setTcpKeepAlive(True)
+    sock = transport.getHandle()
+    options = []
+    if config.keepalives and config.keepalives_idle:
+        options.append(("TCP_KEEPIDLE", max(1, round(config.keepalives_idle))))
+    if config.tcp_user_timeout:
+        options.append(("TCP_USER_TIMEOUT", max(1, round(config.tcp_user_timeout * 1000))))
+    for name, value in options:
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 #: Makes the endpoint of one backend connection: given the host, the port
