@@ -24,7 +24,7 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
-from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.interfaces import IStreamClientEndpoint, ISystemHandle, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
@@ -203,6 +203,8 @@ def keep_alive(transport: Any, config: BackendConfig) -> None:
         return
     if config.keepalives:
         transport.setTcpKeepAlive(True)
+    if not ISystemHandle.providedBy(transport):
+        return  # iosim's FakeTransport: TCP-like, no socket
     sock = transport.getHandle()
     options = []
     if config.keepalives and config.keepalives_idle:
