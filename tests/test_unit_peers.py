@@ -23,7 +23,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.haproxy._v2parser import V2Parser
 
-from pgtls_twisted.config import ConfigError, describe_config
+from pgtls_twisted.config import ClusterConfig, ConfigError, describe_config
 from pgtls_twisted.protocol import _proxyheader
 from pgtls_twisted.protocol import _wire as wire
 from pgtls_twisted.proxy import _peers
@@ -178,7 +178,7 @@ PEERS = ("127.0.0.1:7001", "127.0.0.1:7002", "[::1]:7003")
 def test_a_request_goes_to_the_peer_of_its_number(
     scene: Scene, reactor: MemoryReactorClock
 ) -> None:
-    peers = PeerCancels(reactor, 1, PEERS)
+    peers = PeerCancels(reactor, ClusterConfig(1, PEERS))
     request = wire.CancelRequest(99, b"\x02abc")
     peers(2, request, 5, via(scene, False), CLIENT)
 
@@ -197,7 +197,9 @@ def test_a_request_goes_to_the_peer_of_its_number(
 
 
 def test_a_peer_that_does_not_close_is_closed(scene: Scene, reactor: MemoryReactorClock) -> None:
-    PeerCancels(reactor, 1, PEERS)(2, wire.CancelRequest(1, b"\x02abc"), 5, via(scene, False), None)
+    PeerCancels(reactor, ClusterConfig(1, PEERS))(
+        2, wire.CancelRequest(1, b"\x02abc"), 5, via(scene, False), None
+    )
     _, transport = connect(reactor, IPv4Address("TCP", "127.0.0.1", 7002))
     reactor.advance(_peers.CLOSE_WAIT)
     assert transport.disconnecting or transport.disconnected
@@ -224,7 +226,7 @@ def test_behind_a_header_naming_the_client(
     scene: Scene, reactor: MemoryReactorClock, client: Any, peer: Any, source: Any
 ) -> None:
     request = wire.CancelRequest(99, b"\x02abc")
-    PeerCancels(reactor, 1, PEERS)(2, request, 5, via(scene, True), client)
+    PeerCancels(reactor, ClusterConfig(1, PEERS))(2, request, 5, via(scene, True), client)
     _, transport = connect(reactor, peer)
 
     info, rest = V2Parser().feed(transport.value())
@@ -237,7 +239,7 @@ def test_a_local_header_when_the_client_address_is_unknown(
     scene: Scene, reactor: MemoryReactorClock
 ) -> None:
     request = wire.CancelRequest(99, b"\x02abc")
-    PeerCancels(reactor, 1, PEERS)(2, request, 5, via(scene, True), None)
+    PeerCancels(reactor, ClusterConfig(1, PEERS))(2, request, 5, via(scene, True), None)
     _, transport = connect(reactor, IPv4Address("TCP", "127.0.0.1", 7002))
     info, rest = V2Parser().feed(transport.value())
     assert info is not None and info.source is None
@@ -245,7 +247,7 @@ def test_a_local_header_when_the_client_address_is_unknown(
 
 
 def test_an_unlisted_instance_is_ignored(scene: Scene, reactor: MemoryReactorClock) -> None:
-    peers = PeerCancels(reactor, 1, PEERS)
+    peers = PeerCancels(reactor, ClusterConfig(1, PEERS))
     for home in (1, 4, 255):
         peers(home, wire.CancelRequest(1, bytes([home]) + b"abc"), 5, via(scene, False), None)
     assert reactor.tcpClients == []
@@ -259,7 +261,7 @@ def test_a_request_that_comes_back_is_not_passed_on_again(
     Two instances numbered alike, or peers in the wrong order, would send a
     request round for ever: the second time within MEMORY seconds, it stops.
     """
-    peers = PeerCancels(reactor, 1, PEERS)
+    peers = PeerCancels(reactor, ClusterConfig(1, PEERS))
     request = wire.CancelRequest(99, b"\x02abc")
     peers(2, request, 5, via(scene, False), None)
     peers(2, request, 6, via(scene, False), None)
@@ -276,7 +278,7 @@ def test_the_memory_is_bounded(
     scene: Scene, reactor: MemoryReactorClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(_peers, "MEMORY_SIZE", 8)
-    peers = PeerCancels(reactor, 1, PEERS)
+    peers = PeerCancels(reactor, ClusterConfig(1, PEERS))
     for n in range(50):
         peers(2, wire.CancelRequest(n, b"\x02abc"), 5, via(scene, False), None)
     assert len(peers._passed) <= 8

@@ -264,14 +264,14 @@ def test_cluster_peers_change_at_once_and_the_instance_after_a_restart(
     moved = {**cluster, "peers": ["127.0.0.1:7001", "10.0.0.2:7002"]}
     notes = service.reload(routes.config(routes.table("a", 1), cluster=moved))
     assert notes == ["[cluster] peers changed"]
-    assert service.cancels.toPeer.peers == ("127.0.0.1:7001", "10.0.0.2:7002")
+    assert service.cancels.toPeer.cluster.peers == ("127.0.0.1:7001", "10.0.0.2:7002")
 
     for changed in ({**moved, "instance": 2}, None):
         top = {} if changed is None else {"cluster": changed}
         notes = service.reload(routes.config(routes.table("a", 1), **top))
         assert notes == ["[cluster] instance changed: takes effect after a restart"]
         assert service.cancels.instance == 1
-        assert service.cancels.toPeer.peers == ("127.0.0.1:7001", "10.0.0.2:7002")
+        assert service.cancels.toPeer.cluster.peers == ("127.0.0.1:7001", "10.0.0.2:7002")
 
 
 # ---------------------------------------------------------------------------

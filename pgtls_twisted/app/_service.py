@@ -128,9 +128,7 @@ class ProxyService(MultiService):
         self.cancels = CancelRegistry(worker)
         if config.cluster is not None:
             self.cancels.instance = config.cluster.instance
-            self.cancels.toPeer = PeerCancels(
-                reactor, config.cluster.instance, config.cluster.peers
-            )
+            self.cancels.toPeer = PeerCancels(reactor, config.cluster)
         #: Every route's SCRAM key derivations: one pool of threads.
         self.derivations = DerivationThreads(reactor)
         self.metrics = Metrics(worker, clock=reactor)
@@ -403,8 +401,8 @@ class ProxyService(MultiService):
             notes.append("[cluster] instance changed: takes effect after a restart")
             return
         peers = self.cancels.toPeer
-        if new is not None and isinstance(peers, PeerCancels) and peers.peers != new.peers:
-            peers.peers = new.peers
+        if new is not None and isinstance(peers, PeerCancels) and peers.cluster != new:
+            peers.cluster = new
             notes.append("[cluster] peers changed")
 
     # -- metrics ------------------------------------------------------------------

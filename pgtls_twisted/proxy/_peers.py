@@ -33,14 +33,13 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import secrets
-from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import endpoints
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from pgtls_twisted.config import parse_address
+from pgtls_twisted.config import ClusterConfig, parse_address
 from pgtls_twisted.protocol import _proxyheader
 from pgtls_twisted.protocol import _wire as wire
 
@@ -62,16 +61,15 @@ class PeerCancels:
     Passes CancelRequests whose keys name another instance to it; set as
     L{pgtls_twisted.proxy._cancel.CancelRegistry.toPeer}.
 
-    @ivar peers: every instance's listener address, in instance order (a
-        reload replaces it).
+    @ivar cluster: this instance's C{[cluster]}, which says where each
+        instance listens (a reload replaces it).
     """
 
     _log = Logger()
 
-    def __init__(self, reactor: Any, instance: int, peers: Sequence[str]) -> None:
+    def __init__(self, reactor: Any, cluster: ClusterConfig) -> None:
         self.reactor = reactor
-        self.instance = instance
-        self.peers = tuple(peers)
+        self.cluster = cluster
         self._salt = secrets.token_bytes(16)
         #: Digest of a request passed on, to when it may be passed on again.
         self._passed: dict[bytes, float] = {}
@@ -83,8 +81,8 @@ class PeerCancels:
         Pass C{request}, which arrived on connection C{conn} of route
         C{via} from C{client}, to instance C{home}.
         """
-        address = self.peers[home - 1] if 1 <= home <= len(self.peers) else None
-        if address is None or home == self.instance:
+        address = self.cluster.peer(home)
+        if address is None:
             self._log.info(
                 "conn={conn} cancel request for instance {home}, which [cluster] peers"
                 " does not list, ignored",
